@@ -1,0 +1,21 @@
+"""Typed user-facing errors: each names the key, file or layer at fault and how to fix it."""
+
+
+class DemucsLoRAError(Exception):
+    """Base class of every error a user can cause (bad config, data, adapter)."""
+
+
+class ConfigError(DemucsLoRAError, ValueError):
+    """A config key has a bad value (names the key and the allowed values)."""
+
+
+class DatasetError(DemucsLoRAError):
+    """The dataset cannot be used for training (lists every problem by file)."""
+
+
+class AdapterMismatch(DemucsLoRAError):
+    """An adapter file does not fit the model it is loaded on (keys, shapes or base)."""
+
+
+class ModelLoadError(DemucsLoRAError):
+    """A base model or exported package could not be found or loaded."""

@@ -1,0 +1,37 @@
+"""demucs-lora: LoRA adaptation of HTDemucs with Hydra + Dora."""
+from setuptools import find_packages, setup
+
+setup(
+    name="demucs-lora",
+    version="0.1.0",
+    description="LoRA fine-tuning of HTDemucs (Hybrid Transformer Demucs)",
+    packages=find_packages(include=["demucs_lora", "demucs_lora.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch==2.13.0",
+        "demucs>=4.0",
+        "dora-search>=0.1.12",
+        "hydra-core>=1.3",
+        "omegaconf>=2.3",
+        "einops",
+        "julius",
+        "soundfile",
+        "safetensors",
+        "tensorboard",
+        "tqdm",
+        "numpy",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "pytest-timeout", "peft>=0.13", "matplotlib"],
+        "audio": ["torchaudio"],
+        "xformers": ["xformers"],
+    },
+    entry_points={
+        "console_scripts": [
+            "demucs-lora=demucs_lora.separate:main",
+            "demucs-lora-export=demucs_lora.export:main",
+            "demucs-lora-verify=demucs_lora.data.verify:main",
+            "demucs-lora-test=demucs_lora.evaluate:main",
+        ],
+    },
+)
