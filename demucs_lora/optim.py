@@ -1,0 +1,63 @@
+"""Optimizer over trainable parameters only, warmup + decay schedule, EMA of trainables.
+
+The EMA tracks only trainable tensors (LoRA factors, heads): demucs' ModelEMA copies the
+whole state dict, which for a LoRA run would duplicate the frozen base for nothing.
+"""
+from __future__ import annotations
+
+import math
+import typing as tp
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+
+def build_optimizer(model: nn.Module, cfg: DictConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise RuntimeError("no trainable parameter: check htdemucs.lora_* and train_heads")
+    klass = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[cfg.optim]
+    return klass(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+
+
+def lr_lambda(schedule: str, warmup: int, total: int) -> tp.Callable[[int], float]:
+    """Linear warmup over `warmup` steps, then cosine / linear decay to 0, or constant."""
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant" or total <= warmup:
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0 - progress
+    return factor
+
+
+def build_scheduler(optimizer, cfg: DictConfig, total_steps: int):
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(cfg.schedule, cfg.warmup_steps, total_steps))
+
+
+class TrainableEMA:
+    """Exponential moving average of the trainable parameters of a model."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {n: p.detach().clone() for n, p in model.named_parameters()
+                       if p.requires_grad}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for name, param in model.named_parameters():
+            if name in self.shadow:
+                self.shadow[name].mul_(self.decay).add_(param.detach(), alpha=1 - self.decay)
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "shadow": self.shadow}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.decay = state["decay"]
+        for name, value in state["shadow"].items():
+            self.shadow[name].copy_(value)

@@ -1,0 +1,241 @@
+"""Train / valid loop with exact resume, Dora history, tensorboard and checkpoints.
+
+Stateful parts (trainable tensors, optimizer, scheduler, EMA, RNG, history) are saved
+together in checkpoint.th at the end of every epoch, so a run killed at any point
+restarts the interrupted epoch from the same state and reproduces the same history.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+import typing as tp
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import tqdm
+from demucs.apply import apply_model
+from dora import distrib, get_xp
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from . import checkpoint as ckpt
+from .metrics import nsdr
+from .optim import TrainableEMA, build_optimizer, build_scheduler
+
+logger = logging.getLogger(__name__)
+
+
+class Solver:
+    def __init__(self, cfg: DictConfig, model: nn.Module, report: dict, loaders: dict,
+                 augment: nn.Module, device: torch.device):
+        self.cfg = cfg
+        self.device = device
+        self.model = model.to(device)
+        self.report = report
+        self.loaders = loaders
+        self.augment = augment.to(device)
+        self.xp = get_xp()
+        self.folder = Path(self.xp.folder)
+        self.is_master = distrib.is_master()
+        self.dmodel = distrib.wrap(self.model) if distrib.world_size() > 1 else self.model
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        steps = len(loaders["train"])
+        self.steps_per_epoch = steps if cfg.max_batches is None else min(steps, cfg.max_batches)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim,
+                                         self.steps_per_epoch * cfg.epochs)
+        self.ema = TrainableEMA(self.model, cfg.optim.ema) if cfg.optim.ema > 0 else None
+        self.history: tp.List[dict] = []
+        self.best_state = None
+        self.best_nsdr = -float("inf")
+        self.writer = None
+        if self.is_master:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(self.folder / "tensorboard"))
+        weights = cfg.weights or [1.0] * len(cfg.sources)
+        self.weights = torch.tensor(list(weights), dtype=torch.float32, device=device)
+
+    # ---------------------------------------------------------------- state
+    def _state(self) -> dict:
+        return {"model": ckpt.trainable_state(self.model),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "ema": self.ema.state_dict() if self.ema else None,
+                "rng": ckpt.rng_state(), "epoch": len(self.history),
+                "history": self.history, "best_state": self.best_state,
+                "best_nsdr": self.best_nsdr}
+
+    def restore(self) -> bool:
+        path = self.folder / "checkpoint.th"
+        if not path.exists():
+            return False
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt.load_trainable_state(self.model, state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.ema and state["ema"]:
+            self.ema.load_state_dict(state["ema"])
+        ckpt.set_rng_state(state["rng"])
+        self.history = state["history"]
+        self.best_state, self.best_nsdr = state["best_state"], state["best_nsdr"]
+        self.xp.link.update_history(self.history)
+        logger.info("Resumed from %s at epoch %d", path, len(self.history))
+        return True
+
+    # ---------------------------------------------------------------- loops
+    def _autocast(self):
+        mp = self.cfg.mixed_precision
+        if not mp:
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if mp == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def _loss(self, estimate: torch.Tensor, sources: torch.Tensor) -> tp.Tuple[torch.Tensor,
+                                                                                torch.Tensor]:
+        fn = F.l1_loss if self.cfg.optim.loss == "l1" else F.mse_loss
+        per_source = fn(estimate.float(), sources, reduction="none").mean(dim=(0, 2, 3))
+        return (per_source * self.weights).sum() / self.weights.sum(), per_source
+
+    def train_epoch(self, epoch: int) -> dict:
+        self.dmodel.train()
+        loader = self.loaders["train"]
+        if hasattr(loader.sampler, "set_epoch"):
+            loader.sampler.set_epoch(epoch)
+        total, count, grad_norm = 0.0, 0, 0.0
+        bar = tqdm.tqdm(loader, total=self.steps_per_epoch, desc=f"train {epoch + 1}",
+                        leave=False, disable=not self.is_master, mininterval=1.0)
+        profiler = self._profiler() if self.cfg.enable_profiling and epoch == 0 else None
+        start = time.time()
+        for idx, batch in enumerate(bar):
+            if idx >= self.steps_per_epoch:
+                break
+            stems = self.augment(batch[:, 1:].to(self.device))
+            mix = stems.sum(dim=1)
+            with self._autocast():
+                estimate = self.dmodel(mix)
+            loss, _ = self._loss(estimate, stems)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            clip = self.cfg.optim.clip_grad or float("inf")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+            self.optimizer.step()
+            self.scheduler.step()
+            if self.ema:
+                self.ema.update(self.model)
+            if profiler is not None:
+                profiler.step()
+            total += loss.item()
+            count += 1
+            bar.set_postfix(loss=f"{total / count:.4f}",
+                            it_s=f"{count / (time.time() - start):.2f}")
+            if self.is_master and (idx + 1) % max(1, self.steps_per_epoch //
+                                                  max(1, self.cfg.misc.num_prints)) == 0:
+                logger.info("epoch %d step %d/%d loss %.4f", epoch + 1, idx + 1,
+                            self.steps_per_epoch, total / count)
+        if profiler is not None:
+            profiler.stop()
+        loss = torch.tensor([total, count], dtype=torch.float64)
+        if distrib.world_size() > 1:
+            torch.distributed.all_reduce(loss)
+        return {"loss": float(loss[0] / max(loss[1], 1)), "grad_norm": grad_norm,
+                "lr": self.optimizer.param_groups[0]["lr"],
+                "seconds": time.time() - start}
+
+    def _profiler(self):
+        from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA]
+                                               if self.device.type == "cuda" else [])
+        prof = profile(activities=activities, schedule=schedule(wait=1, warmup=1, active=3),
+                       on_trace_ready=tensorboard_trace_handler(str(self.folder / "profile")))
+        prof.start()
+        return prof
+
+    @torch.no_grad()
+    def validate(self, epoch: int) -> dict:
+        """Separate whole valid tracks with apply_model; nSDR per source and mean."""
+        model = self.model
+        swap = None
+        if self.ema:
+            swap = ckpt.trainable_state(model)
+            ckpt.load_trainable_state(model, self.ema.shadow)
+        model.eval()
+        dataset = self.loaders["valid"].dataset
+        indices = list(range(distrib.rank(), len(dataset), distrib.world_size()))
+        sums = torch.zeros(len(self.cfg.sources) + 1, dtype=torch.float64)
+        for index in tqdm.tqdm(indices, desc=f"valid {epoch + 1}", leave=False,
+                               disable=not self.is_master):
+            track = dataset[index].to(self.device)
+            mix, ref = track[0], track[1:]
+            est = apply_model(model, mix[None], shifts=self.cfg.test.shifts,
+                              split=self.cfg.test.split, overlap=self.cfg.test.overlap,
+                              progress=False, num_workers=0)[0]
+            sums[:-1] += nsdr(est.cpu()[None], ref.cpu()[None])[0].double()
+            sums[-1] += 1
+        if distrib.world_size() > 1:
+            torch.distributed.all_reduce(sums)
+        if swap is not None:
+            ckpt.load_trainable_state(model, swap)
+        per_source = (sums[:-1] / sums[-1].clamp(min=1)).tolist()
+        metrics = {f"nsdr_{name}": value for name, value in zip(self.cfg.sources, per_source)}
+        metrics["nsdr"] = sum(per_source) / len(per_source)
+        return metrics
+
+    # ---------------------------------------------------------------- run
+    def _log_epoch(self, epoch: int, metrics: dict) -> None:
+        if self.writer:
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)):
+                    self.writer.add_scalar(key.replace("_", "/", 1), value, epoch + 1)
+            self.writer.flush()
+        text = " | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                          for k, v in metrics.items())
+        logger.info("Epoch %d/%d: %s", epoch + 1, self.cfg.epochs, text)
+
+    def _save_epoch(self, epoch: int, metrics: dict) -> None:
+        folder = self.folder
+        (folder / "validation").mkdir(exist_ok=True)
+        (folder / "validation" / f"epoch_{epoch + 1:03d}.json").write_text(
+            json.dumps(metrics, indent=2))
+        header = {"targets": list(self.cfg.htdemucs.lora_targets),
+                  "rank_mode": self.cfg.htdemucs.lora_rank_mode,
+                  "source_init": OmegaConf.to_container(self.cfg.source_init)
+                  if self.cfg.source_init is not None else None,
+                  "xp": self.xp.sig}
+        state = self.ema.shadow if self.ema else None
+        ckpt.save_adapter_with_state(self.model, state, folder / "lora_last", **header)
+        if metrics.get("is_best"):
+            ckpt.save_best_model(self.model, self.best_state, self.cfg, folder / "best.th")
+            ckpt.save_adapter_with_state(self.model, self.best_state, folder / "lora_best",
+                                         **header)
+        ckpt.atomic_torch_save(self._state(), folder / "checkpoint.th")
+
+    def run(self) -> tp.List[dict]:
+        self.restore()
+        for epoch in range(len(self.history), self.cfg.epochs):
+            metrics = {"epoch": epoch + 1}
+            metrics.update({f"train_{k}" if k != "loss" else "train_loss": v
+                            for k, v in self.train_epoch(epoch).items()})
+            validate = (epoch + 1) % self.cfg.test.every == 0 or epoch + 1 == self.cfg.epochs
+            if validate:
+                metrics.update({f"valid_{k}": v for k, v in self.validate(epoch).items()})
+            score = metrics.get("valid_nsdr", -float("inf"))
+            is_best = score > self.best_nsdr or self.best_state is None or not self.cfg.test.best
+            if is_best:
+                self.best_nsdr = max(score, self.best_nsdr)
+                self.best_state = {k: v.clone() for k, v in
+                                   (self.ema.shadow if self.ema else
+                                    ckpt.trainable_state(self.model)).items()}
+            metrics["best_nsdr"] = self.best_nsdr
+            self.history.append(metrics)
+            if self.is_master:
+                self._log_epoch(epoch, metrics)
+                self._save_epoch(epoch, dict(metrics, is_best=is_best))
+                self.xp.link.push_metrics(metrics)
+            if distrib.world_size() > 1:
+                torch.distributed.barrier()
+        if self.writer:
+            self.writer.close()
+        return self.history

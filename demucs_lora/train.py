@@ -1,0 +1,151 @@
+"""Hydra + Dora entry point: `dora run [overrides]` finds this module's `main`.
+
+Order matters: check the config, verify the data (one report of every problem), and
+only then build the model and hand over to the solver, so bad input costs no compute.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import typing as tp
+from pathlib import Path
+
+import torch
+from dora import distrib, get_xp, hydra_main
+from omegaconf import DictConfig, OmegaConf
+
+from .config_check import check_config, resolve_paths
+from .errors import DatasetError, DemucsLoRAError
+
+logger = logging.getLogger("demucs_lora")
+
+
+def _setup_logging(folder: Path) -> None:
+    fmt = logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s",
+                            "%m-%d %H:%M:%S")
+    handler = logging.FileHandler(folder / "train.log")
+    handler.setFormatter(fmt)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+
+
+def pick_device(cfg: DictConfig) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise DemucsLoRAError("device=cuda but no CUDA device is visible; use device=cpu")
+    return torch.device(cfg.device)
+
+
+def verify_or_raise(cfg: DictConfig) -> Path:
+    """Run the dataset checks shared with tools.verify_dataset; raise with the report."""
+    from .data.synth import ensure_synth
+    from .data.verify import verify_dataset
+    root = Path(cfg.dset.wav) if cfg.dset.wav else ensure_synth(cfg.dset, list(cfg.sources))
+    report = verify_dataset(root, list(cfg.sources), cfg.dset.samplerate, cfg.dset.channels,
+                            cfg.dset.metadata, sum_tolerance=cfg.dset.sum_tolerance,
+                            residual_source=cfg.residual_source, progress=distrib.is_master())
+    if not report.ok:
+        raise DatasetError(f"dataset {root} cannot be used for training:\n{report.format()}")
+    return root
+
+
+def build_loaders(cfg: DictConfig) -> tp.Tuple[dict, torch.nn.Module]:
+    from torch.utils.data import DataLoader
+    from torch.utils.data.distributed import DistributedSampler
+    from .data.stems import build_augment, get_datasets
+    train_set, valid_set, test_set = get_datasets(cfg, list(cfg.sources))
+    world = distrib.world_size()
+    if cfg.batch_size % world:
+        raise DemucsLoRAError(f"batch_size={cfg.batch_size} must be divisible by the number "
+                              f"of processes ({world})")
+    sampler = DistributedSampler(train_set, shuffle=True, seed=cfg.seed) if world > 1 else None
+    workers = cfg.misc.num_workers
+    train = DataLoader(train_set, batch_size=cfg.batch_size // world, shuffle=sampler is None,
+                       sampler=sampler, drop_last=True, num_workers=workers,
+                       pin_memory=cfg.misc.pin_memory,
+                       prefetch_factor=cfg.misc.prefetch_factor if workers else None,
+                       persistent_workers=False)
+    if len(train) == 0:
+        raise DatasetError(f"the train split gives no batch of {cfg.batch_size} segments of "
+                           f"{cfg.dset.segment}s: add tracks or lower batch_size/dset.segment")
+    loaders = {"train": train, "valid": DataLoader(valid_set, batch_size=1),
+               "test": DataLoader(test_set, batch_size=1)}
+    augment = build_augment(cfg.dset.augment, cfg.dset.samplerate, cfg.dset.segment)
+    return loaders, augment
+
+
+def _calibration(loaders: dict, augment) -> tp.Callable[[], tp.Iterable]:
+    def batches():
+        for batch in loaders["train"]:
+            stems = augment(batch[:, 1:])
+            yield stems.sum(dim=1), stems
+    return batches
+
+
+def enable_checkpointing(model: torch.nn.Module) -> None:
+    """Activation checkpointing per encoder/decoder/transformer layer (memory for time)."""
+    from torch.utils.checkpoint import checkpoint
+    layers = [*model.encoder, *model.decoder, *getattr(model, "tencoder", []),
+              *getattr(model, "tdecoder", [])]
+    if getattr(model, "crosstransformer", None) is not None:
+        layers += [*model.crosstransformer.layers, *model.crosstransformer.layers_t]
+    for layer in layers:
+        forward = layer.forward
+
+        def wrapped(*args, _forward=forward, **kwargs):
+            if not torch.is_grad_enabled():
+                return _forward(*args, **kwargs)
+            return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+        layer.forward = wrapped
+
+
+def run(cfg: DictConfig) -> tp.List[dict]:
+    from .lora.inject import format_report
+    from .model import build_model
+    from .solver import Solver
+    xp = get_xp()
+    folder = Path(xp.folder)
+    check_config(cfg)
+    cfg = resolve_paths(cfg)
+    distrib.init(backend="nccl" if torch.cuda.is_available() and cfg.device != "cpu"
+                 else "gloo")
+    if distrib.is_master():
+        _setup_logging(folder)
+        (folder / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    logger.info("XP %s in %s", xp.sig, folder)
+    verify_or_raise(cfg)
+    torch.manual_seed(cfg.seed)
+    loaders, augment = build_loaders(cfg)
+    model, report = build_model(cfg, calibration=_calibration(loaders, augment))
+    if report.get("rank_table") is not None:
+        logger.info("LoRA ranks (%s mode):\n%s", cfg.htdemucs.lora_rank_mode,
+                    format_report(report["layers"]))
+        if distrib.is_master():
+            (folder / "ranks.json").write_text(json.dumps(
+                {"mode": cfg.htdemucs.lora_rank_mode, "ranks": report["ranks"],
+                 "layers": report["layers"]}, indent=2))
+    t = report["trainable"]
+    logger.info("Trainable parameters: %d / %d (%.2f%%)%s", t["trainable"], t["total"],
+                t["percent"], f", heads trained fully: {report['train_heads']}"
+                if report["train_heads"] else "")
+    if cfg.misc.show:
+        print(model)
+        return []
+    if cfg.enable_checkpointing:
+        enable_checkpointing(model)
+    solver = Solver(cfg, model, report, loaders, augment, pick_device(cfg))
+    return solver.run()
+
+
+@hydra_main(config_path="../conf", config_name="config", version_base="1.1")
+def main(cfg: DictConfig):
+    try:
+        return run(cfg)
+    except DemucsLoRAError as exc:
+        logger.error("%s: %s", type(exc).__name__, exc)
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        sys.exit(1)
+
