@@ -1,0 +1,56 @@
+"""What `dora grid NAME` prints per XP: rank mode, budget, trainable params, metrics."""
+from __future__ import annotations
+
+import json
+import typing as tp
+from pathlib import Path
+
+import treetable as tt
+from dora import Explorer
+
+DEFAULT_SOURCES = ("drums", "bass", "other", "vocals")
+
+
+def _trainable(folder: Path) -> tp.Optional[int]:
+    ranks = folder / "ranks.json"
+    if ranks.exists():
+        return sum(row["trainable"] for row in json.loads(ranks.read_text())["layers"])
+    return None
+
+
+class RankModesExplorer(Explorer):
+    """Columns: mode, rank, trainable LoRA params; train epoch/loss; valid nSDR per source."""
+
+    sources: tp.Sequence[str] = DEFAULT_SOURCES
+
+    def get_grid_meta(self):
+        return [tt.leaf("index", align=">"), tt.leaf("name"), tt.leaf("state"),
+                tt.leaf("sig", align=">"), tt.leaf("mode"), tt.leaf("rank", align=">"),
+                tt.leaf("params", align=">")]
+
+    def get_grid_metrics(self):
+        return [
+            tt.group("train", [tt.leaf("epoch"), tt.leaf("loss", ".4f")], align=">"),
+            tt.group("valid", [tt.leaf(name, ".2f") for name in self.sources]
+                     + [tt.leaf("nsdr", ".2f"), tt.leaf("best", ".2f")], align=">"),
+        ]
+
+    def process_sheep(self, sheep, history: tp.List[dict]) -> dict:
+        cfg = sheep.xp.cfg
+        rank = cfg.htdemucs.lora_rank
+        mode = cfg.htdemucs.lora_rank_mode if rank > 0 else "full"
+        params = _trainable(Path(sheep.xp.folder))
+        out = {"mode": mode, "rank": rank, "params": params if params is not None else "-"}
+        if not history:
+            return out
+        last = history[-1]
+        out["train"] = {"epoch": len(history), "loss": last.get("train_loss")}
+        valid = {name: last.get(f"valid_nsdr_{name}") for name in self.sources}
+        valid["nsdr"] = last.get("valid_nsdr")
+        valid["best"] = max((h.get("valid_nsdr", float("-inf")) for h in history),
+                            default=None)
+        out["valid"] = {k: v for k, v in valid.items() if v is not None}
+        return out
+
+    def process_history(self, history):  # pragma: no cover - process_sheep wins
+        return {}

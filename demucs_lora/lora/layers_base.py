@@ -1,0 +1,139 @@
+"""Common machinery of the LoRA wrappers: the frozen base, scaling, dropout, merge.
+
+A wrapper holds the original module as ``self.base`` (frozen) and registers its
+trainable low-rank factors directly on itself under names starting with ``lora_``.
+Concrete layers live in :mod:`demucs_lora.lora.layers`.
+"""
+from __future__ import annotations
+
+import math
+import typing as tp
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+
+BIAS_MODES = ("none", "lora_only", "all")
+
+
+def _check_args(base: nn.Module, r, alpha, dropout, bias) -> None:
+    name = type(base).__name__
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ConfigError(
+            f"lora rank for {name} must be an integer >= 1, got {r!r} "
+            "(rank 0 means: do not wrap this layer)")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:
+        raise ConfigError(f"lora_alpha must be a positive number, got {alpha!r}")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) \
+            or not 0.0 <= dropout < 1.0:
+        raise ConfigError(f"lora_dropout must be in [0, 1), got {dropout!r}")
+    if bias not in BIAS_MODES:
+        raise ConfigError(f"lora_bias must be one of {BIAS_MODES}, got {bias!r}")
+
+
+def factor_dtype(base_dtype: torch.dtype) -> torch.dtype:
+    """Adapter factors are kept in float32 when the base is half precision."""
+    if base_dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return base_dtype
+
+
+class LoRALayer(nn.Module):
+    """Base of every wrapper: ``base`` frozen, ``lora_*`` factors trainable.
+
+    Subclasses create their factors (B or its equivalent at zero, so the wrapped
+    layer starts as exactly the base), implement ``forward`` and ``delta_weight``.
+    """
+
+    def __init__(self, base: nn.Module, r: int, alpha: float = 16,
+                 dropout: float = 0.0, rslora: bool = False, bias: str = "none"):
+        _check_args(base, r, alpha, dropout, bias)
+        if isinstance(base, LoRALayer):
+            raise ConfigError(f"{type(base).__name__} is already a LoRA wrapper; "
+                              "unwrap it before wrapping again")
+        super().__init__()
+        self.base = base
+        self.r = r
+        self.alpha = alpha
+        self.rslora = bool(rslora)
+        self.bias_mode = bias
+        self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+        self._freeze_base()
+        self.train(base.training)  # a wrapper made in an eval model stays in eval
+
+    # -- parameters -------------------------------------------------------------
+    def _freeze_base(self) -> None:
+        train_bias = self.bias_mode != "none"
+        for name, param in self.base.named_parameters():
+            is_bias = name.split(".")[-1] in ("bias", "in_proj_bias")
+            param.requires_grad_(train_bias and is_bias)
+
+    def _new_factor(self, *shape: int, like: torch.Tensor) -> nn.Parameter:
+        return nn.Parameter(torch.zeros(*shape, device=like.device,
+                                        dtype=factor_dtype(like.dtype)))
+
+    def lora_parameters(self) -> tp.Iterator[nn.Parameter]:
+        """The adapter factors (every ``lora_*`` parameter of this wrapper)."""
+        for name, param in self._parameters.items():
+            if name.startswith("lora_") and param is not None:
+                yield param
+
+    def lora_named_parameters(self) -> tp.Iterator[tp.Tuple[str, nn.Parameter]]:
+        for name, param in self._parameters.items():
+            if name.startswith("lora_") and param is not None:
+                yield name, param
+
+    # -- forward helpers --------------------------------------------------------
+    @staticmethod
+    def _cast(factor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return factor if factor.dtype == dtype else factor.to(dtype)
+
+    @staticmethod
+    def _add(result: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+        return result + update.to(result.dtype)
+
+    # -- merge ------------------------------------------------------------------
+    def delta_weight(self):
+        """Dense ``scaling * delta`` in the layout of the base weight."""
+        raise NotImplementedError
+
+    def _apply_delta(self, sign: float) -> None:
+        weight = self.base.weight
+        weight.add_(self.delta_weight().to(weight.dtype), alpha=sign)
+
+    def merge(self) -> None:
+        """Fold the adapter into the base weight; a no-op when already merged."""
+        if self.merged:
+            return
+        with torch.no_grad():
+            self._apply_delta(1.0)
+        self.merged = True
+
+    def unmerge(self) -> None:
+        """Take the adapter back out of the base weight; a no-op when not merged."""
+        if not self.merged:
+            return
+        with torch.no_grad():
+            self._apply_delta(-1.0)
+        self.merged = False
+
+    def unwrap(self) -> nn.Module:
+        """Merge and hand back the plain base module (weights include the adapter)."""
+        self.merge()
+        return self.base
+
+    # -- introspection ----------------------------------------------------------
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base" or name.startswith("__"):
+                raise
+            return getattr(self.base, name)
+
+    def extra_repr(self) -> str:
+        return (f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:.4g}, "
+                f"rslora={self.rslora}, bias={self.bias_mode!r}, merged={self.merged}")

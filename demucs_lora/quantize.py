@@ -1,0 +1,154 @@
+"""Weight-only int8 quantization of demucs models into plain-tensor packages.
+
+``quantize(model)`` returns a demucs-style package::
+
+    {klass, args, kwargs, training_args: {}, state,
+     quantized: {bits, scheme: 'per_channel_symmetric', scale_suffix: '::scale', ...}}
+
+Every floating parameter with >= 2 dims (conv, conv-transpose, linear, attention and
+embedding weights) is stored as an int8 tensor ``q`` plus a float32 tensor
+``state[name + '::scale']`` shaped to broadcast against it, one scale per output
+channel: ``w ~= q * scale`` with ``scale = max|w| / (2^(bits-1) - 1)`` over the other
+dims (axis 0 for Conv/Linear/attention/embedding weights, axis 1 for ConvTranspose,
+whose weight is (in, out, ...)). Biases, norms and layer scales stay float32. The
+package holds only tensors and builtins (plus the demucs ``klass``), so it opens with
+``torch.load(weights_only=True)`` and the allowlist of ``demucs_lora.safe_load``:
+``safe_load.load_model_file`` sees the ``quantized`` key and dequantizes, as does
+``load_quantized``. The stock demucs loader cannot read these files: its strict
+``load_state_dict`` rejects the ``::scale`` entries (a loud failure, not silent garbage);
+dequantize and re-save with ``demucs.states.serialize_model`` for the stock CLI.
+
+Quantize a plain model: merge LoRA adapters first (the state must match what
+``klass(*args, **kwargs)`` builds, which is checked).
+"""
+from __future__ import annotations
+
+import os
+import typing as tp
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import ConfigError, ModelLoadError
+
+SCHEME = "per_channel_symmetric"
+SCALE_SUFFIX = "::scale"
+
+
+def _channel_axis(module: nn.Module) -> int:
+    """Axis of the output channels in ``module.weight``."""
+    return 1 if isinstance(module, nn.modules.conv._ConvTransposeNd) else 0
+
+
+def quantize_tensor(weight: torch.Tensor, axis: int = 0, bits: int = 8
+                    ) -> tp.Tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-channel quantization along ``axis``: returns (int8 q, float32 scale)."""
+    qmax = 2 ** (bits - 1) - 1
+    w = weight.detach().float().cpu()
+    other = [d for d in range(w.dim()) if d != axis]
+    scale = w.abs().amax(dim=other, keepdim=True) / qmax
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round(w / scale).clamp(-qmax, qmax).to(torch.int8)
+    return q.contiguous(), scale.contiguous()
+
+
+def _init_args(model: nn.Module) -> tp.Tuple[tuple, dict]:
+    try:
+        return model._init_args_kwargs  # type: ignore[attr-defined,return-value]
+    except AttributeError:
+        raise TypeError(f"{type(model).__name__} does not record its constructor arguments "
+                        "(demucs.states.capture_init); it cannot be serialized") from None
+
+
+def _check_plain(model: nn.Module, args: tuple, kwargs: dict) -> None:
+    """The model's state keys must be those of a fresh ``klass(*args, **kwargs)``."""
+    with torch.random.fork_rng(devices=[]):  # a CPU build (meta has a 1.6 s first-use cost)
+        fresh = type(model)(*args, **kwargs)
+    extra = sorted(set(model.state_dict()) - set(fresh.state_dict()))
+    missing = sorted(set(fresh.state_dict()) - set(model.state_dict()))
+    if extra or missing:
+        raise ConfigError(
+            f"model state does not match {type(model).__name__}(**kwargs): extra keys "
+            f"{extra[:5]}, missing {missing[:5]}; merge LoRA adapters (and remove "
+            "wrappers) before quantizing")
+
+
+def quantize_state(model: nn.Module, bits: int = 8) -> tp.Tuple[tp.Dict[str, torch.Tensor], int]:
+    """(quantized state dict, number of quantized tensors) of ``model``."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    state: tp.Dict[str, torch.Tensor] = {}
+    count = 0
+    for name, value in model.state_dict().items():
+        if name in params and value.is_floating_point() and value.dim() >= 2:
+            owner = model.get_submodule(name.rpartition(".")[0])
+            q, scale = quantize_tensor(value, _channel_axis(owner), bits)
+            state[name], state[name + SCALE_SUFFIX] = q, scale
+            count += 1
+        else:
+            value = value.detach().cpu()
+            state[name] = (value.float() if value.is_floating_point() else value).clone()
+    return state, count
+
+
+def quantize(model: nn.Module, bits: int = 8,
+             training_args: tp.Optional[tp.Dict[str, tp.Any]] = None) -> tp.Dict[str, tp.Any]:
+    """Serialized, weight-quantized package of a demucs model (see module docstring)."""
+    if not isinstance(bits, int) or not 2 <= bits <= 8:
+        raise ConfigError(f"quantize bits={bits!r}: choose an integer from 2 to 8 "
+                          "(values are stored as int8)")
+    args, kwargs = _init_args(model)
+    _check_plain(model, args, kwargs)
+    state, count = quantize_state(model, bits)
+    return {
+        "klass": type(model),
+        "args": args,
+        "kwargs": kwargs,
+        "state": state,
+        "training_args": dict(training_args or {}),
+        "quantized": {"bits": bits, "scheme": SCHEME, "scale_suffix": SCALE_SUFFIX,
+                      "num_quantized": count},
+    }
+
+
+def dequantize_state(state: tp.Mapping[str, torch.Tensor]) -> tp.Dict[str, torch.Tensor]:
+    """Float32 state dict from a quantized one (``q * scale`` for every scaled entry)."""
+    out: tp.Dict[str, torch.Tensor] = {}
+    for name, value in state.items():
+        if name.endswith(SCALE_SUFFIX):
+            continue
+        scale = state.get(name + SCALE_SUFFIX)
+        if scale is None:
+            out[name] = value.float() if value.is_floating_point() else value
+        elif value.dtype != torch.int8 or scale.dim() != value.dim():
+            raise ModelLoadError(f"quantized entry {name}: expected int8 values and a "
+                                 f"broadcastable scale, got {value.dtype} and shape "
+                                 f"{tuple(scale.shape)}")
+        else:
+            out[name] = value.float() * scale.float()
+    orphans = [n for n in state if n.endswith(SCALE_SUFFIX) and n[:-len(SCALE_SUFFIX)] not in state]
+    if orphans:
+        raise ModelLoadError(f"quantized state has scales without values: {orphans[:5]}")
+    return out
+
+
+def save_quantized(model: nn.Module, path: tp.Union[str, Path], bits: int = 8,
+                   training_args: tp.Optional[tp.Dict[str, tp.Any]] = None) -> Path:
+    """Write ``quantize(model)`` to ``path`` atomically (temporary file, then os.replace)."""
+    path = Path(path)
+    package = quantize(model, bits, training_args)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        torch.save(package, tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def load_quantized(path: tp.Union[str, Path], trust_remote_code: bool = False) -> nn.Module:
+    """Float model from a quantized file (same as ``safe_load.load_model_file``)."""
+    from .safe_load import load_model_file
+    return load_model_file(path, trust_remote_code=trust_remote_code)
