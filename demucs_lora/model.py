@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from .errors import ConfigError, ModelLoadError
+from .lora.targets import head_names
 
 logger = logging.getLogger(__name__)
 
@@ -162,14 +163,6 @@ def source_plan(base_sources: tp.Sequence[str], sources: tp.Sequence[str],
                           f"from zero (set source_init={{{name}: <one of {list(base_sources)}>}})")
             plan.append([])
     return plan
-
-
-def head_names(model: HTDemucs) -> tp.List[str]:
-    """The output layers whose shape depends on the number of sources."""
-    names = [f"decoder.{len(model.decoder) - 1}.conv_tr"]
-    if getattr(model, "tdecoder", None) is not None and len(model.tdecoder):
-        names.append(f"tdecoder.{len(model.tdecoder) - 1}.conv_tr")
-    return names
 
 
 def remap_sources(model: HTDemucs, sources: tp.Sequence[str],

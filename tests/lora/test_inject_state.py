@@ -1,0 +1,138 @@
+"""Injection on a whole tiny HTDemucs, removal back to plain demucs, adapter files."""
+import json
+
+import pytest
+import torch
+from demucs.htdemucs import HTDemucs
+from demucs.pretrained import get_model
+from demucs.states import serialize_model
+from omegaconf import OmegaConf
+from safetensors import safe_open
+
+from demucs_lora.errors import AdapterMismatch, ConfigError
+from demucs_lora.lora.inject import (inject_lora, iter_lora_layers, merge_lora, remove_lora,
+                                     unmerge_lora)
+from demucs_lora.lora.state import get_lora_state, load_lora_weights, save_adapter
+from demucs_lora.lora.targets import lora_target_names
+
+ALL = ["encoder", "decoder", "transformer", "freq_emb"]
+
+
+def tiny(seed=0):
+    torch.manual_seed(seed)
+    return HTDemucs(sources=["drums", "bass", "other", "vocals"], channels=8, t_layers=2,
+                    depth=4, segment=1).train()
+
+
+def randomize_b(model, seed=3):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+
+
+@pytest.fixture(scope="module")
+def mix():
+    return torch.randn(1, 2, 44100, generator=torch.Generator().manual_seed(1))
+
+
+def run(model, x):
+    with torch.no_grad():
+        return model(x)
+
+
+def test_whole_model_identity_merge_and_remove(mix, tmp_path):
+    model = tiny()
+    ref = run(model, mix)
+    names = lora_target_names(model, ALL)
+    report = inject_lora(model, {n: 4 for n in names})
+    assert len(report) == len(names) == len(list(iter_lora_layers(model)))
+    assert run(model, mix).sub(ref).abs().max() == 0
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_" in n for n in trainable)
+    randomize_b(model)
+    unmerged = run(model, mix)
+    assert (unmerged - ref).abs().max() > 1e-4  # the adapter does something
+    merge_lora(model)
+    merge_lora(model)  # idempotent: never a double add
+    merged = run(model, mix)
+    assert ((merged - unmerged).abs().max() / unmerged.abs().max()) < 1e-4
+    unmerge_lora(model)
+    assert ((run(model, mix) - unmerged).abs().max() / unmerged.abs().max()) < 1e-5
+    plain = remove_lora(model)
+    assert not list(iter_lora_layers(plain))
+    assert all(type(m).__name__.find("LoRA") < 0 for m in plain.modules())
+    out = run(plain, mix)
+    assert ((out - merged).abs().max() / merged.abs().max()) < 1e-5
+    torch.save(serialize_model(plain, OmegaConf.create({}), half=False), tmp_path / "mine.th")
+    reloaded = get_model("mine", repo=tmp_path)  # what the stock demucs CLI does
+    assert isinstance(reloaded, HTDemucs)
+    reloaded.train()
+    assert ((run(reloaded, mix) - out).abs().max() / out.abs().max()) < 1e-5
+
+
+def test_adapter_round_trip_and_header(mix, tmp_path):
+    model = tiny()
+    inject_lora(model, {n: 2 for n in lora_target_names(model, ["encoder", "transformer"])},
+                alpha=8, train_extra=["decoder.3.conv_tr"])
+    randomize_b(model)
+    with torch.no_grad():
+        model.decoder[3].conv_tr.weight.mul_(1.5)  # a "trained" head
+    expected = run(model, mix)
+    tensors, header = save_adapter(model, tmp_path / "ad", note="x")
+    meta = json.loads(header.read_text())
+    assert meta["alpha"] == 8 and meta["note"] == "x" and meta["sources"] == model.sources
+    assert set(meta["ranks"].values()) == {2}
+    with safe_open(str(tensors), "pt") as f:
+        keys = set(f.keys())
+        assert "demucs_lora" in f.metadata()
+    assert keys == set(get_lora_state(model))
+    assert "decoder.3.conv_tr.weight" in keys
+    fresh = load_lora_weights(tiny(), tmp_path / "ad")
+    assert (run(fresh, mix) - expected).abs().max() == 0
+
+
+def test_adapter_on_other_base_or_shape_is_mismatch(tmp_path):
+    model = tiny()
+    inject_lora(model, {n: 2 for n in lora_target_names(model, ["transformer"])})
+    save_adapter(model, tmp_path / "ad")
+    with pytest.raises(AdapterMismatch, match="different base"):
+        load_lora_weights(tiny(seed=5), tmp_path / "ad")
+    other = tiny()
+    inject_lora(other, {n: 3 for n in lora_target_names(other, ["transformer"])})
+    with pytest.raises(AdapterMismatch, match="shape"):
+        load_lora_weights(other, tmp_path / "ad")
+    with pytest.raises(AdapterMismatch, match="does not exist"):
+        load_lora_weights(tiny(), tmp_path / "nothing")
+
+
+def test_hot_swap_on_one_base(mix, tmp_path):
+    model = tiny()
+    base_out = run(model, mix)
+    inject_lora(model, {n: 2 for n in lora_target_names(model, ["decoder"])})
+    randomize_b(model, seed=1)
+    out_a = run(model, mix)
+    save_adapter(model, tmp_path / "a")
+    randomize_b(model, seed=2)
+    out_b = run(model, mix)
+    save_adapter(model, tmp_path / "b")
+    merge_lora(model)
+    assert (load_lora_weights(model, tmp_path / "a") is model)
+    assert ((run(model, mix) - out_a).abs().max() / out_a.abs().max()) < 1e-5
+    unmerge_lora(model)
+    load_lora_weights(model, tmp_path / "b")
+    assert ((run(model, mix) - out_b).abs().max() / out_b.abs().max()) < 1e-5
+    assert (out_a - base_out).abs().max() > 1e-5 and (out_a - out_b).abs().max() > 1e-5
+
+
+def test_inject_errors():
+    model = tiny()
+    with pytest.raises(ConfigError, match="close names"):
+        inject_lora(model, {"encoder.9.conv": 4})
+    with pytest.raises(ConfigError, match="lora_bias"):
+        inject_lora(model, {"encoder.1.conv": 4}, bias="some")
+    inject_lora(model, {"encoder.1.conv": 4}, bias="all")
+    assert model.encoder[2].conv.bias.requires_grad  # bias=all: every bias trains
+    with pytest.raises(ConfigError, match="already has LoRA"):
+        inject_lora(model, {"encoder.2.conv": 4})
