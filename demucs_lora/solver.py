@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from . import checkpoint as ckpt
+from .data.stems import augment_batch
 from .metrics import nsdr
 from .optim import TrainableEMA, build_optimizer, build_scheduler
 
@@ -111,8 +112,8 @@ class Solver:
         for idx, batch in enumerate(bar):
             if idx >= self.steps_per_epoch:
                 break
-            stems = self.augment(batch[:, 1:].to(self.device))
-            mix = stems.sum(dim=1)
+            batch = augment_batch(self.augment, batch.to(self.device))
+            mix, stems = batch[:, 0], batch[:, 1:]
             with self._autocast():
                 estimate = self.dmodel(mix)
             loss, _ = self._loss(estimate, stems)
@@ -190,7 +191,7 @@ class Solver:
                 if isinstance(value, (int, float)):
                     self.writer.add_scalar(key.replace("_", "/", 1), value, epoch + 1)
             self.writer.flush()
-        text = " | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+        text = " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                           for k, v in metrics.items())
         logger.info("Epoch %d/%d: %s", epoch + 1, self.cfg.epochs, text)
 

@@ -39,17 +39,14 @@ def pick_device(cfg: DictConfig) -> torch.device:
     return torch.device(cfg.device)
 
 
-def verify_or_raise(cfg: DictConfig) -> Path:
+def verify_or_raise(cfg: DictConfig) -> None:
     """Run the dataset checks shared with tools.verify_dataset; raise with the report."""
-    from .data.synth import ensure_synth
-    from .data.verify import verify_dataset
-    root = Path(cfg.dset.wav) if cfg.dset.wav else ensure_synth(cfg.dset, list(cfg.sources))
-    report = verify_dataset(root, list(cfg.sources), cfg.dset.samplerate, cfg.dset.channels,
-                            cfg.dset.metadata, sum_tolerance=cfg.dset.sum_tolerance,
-                            residual_source=cfg.residual_source, progress=distrib.is_master())
+    from .data.verify import verify_config
+    report = verify_config(cfg, progress=distrib.is_master())
     if not report.ok:
-        raise DatasetError(f"dataset {root} cannot be used for training:\n{report.format()}")
-    return root
+        raise DatasetError(f"the dataset cannot be used for training (nothing was trained):"
+                           f"\n{report.format()}")
+    logger.info("Dataset OK:\n%s", report.format())
 
 
 def build_loaders(cfg: DictConfig) -> tp.Tuple[dict, torch.nn.Module]:
@@ -78,10 +75,11 @@ def build_loaders(cfg: DictConfig) -> tp.Tuple[dict, torch.nn.Module]:
 
 
 def _calibration(loaders: dict, augment) -> tp.Callable[[], tp.Iterable]:
+    from .data.stems import augment_batch
     def batches():
         for batch in loaders["train"]:
-            stems = augment(batch[:, 1:])
-            yield stems.sum(dim=1), stems
+            batch = augment_batch(augment, batch)
+            yield batch[:, 0], batch[:, 1:]
     return batches
 
 
@@ -140,7 +138,7 @@ def run(cfg: DictConfig) -> tp.List[dict]:
     return solver.run()
 
 
-@hydra_main(config_path="../conf", config_name="config", version_base="1.1")
+@hydra_main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig):
     try:
         return run(cfg)
