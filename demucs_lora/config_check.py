@@ -6,7 +6,9 @@ are made absolute once, against the directory the user ran the command from.
 """
 from __future__ import annotations
 
+import json
 import os
+import re
 import typing as tp
 from pathlib import Path
 
@@ -101,4 +103,35 @@ def resolve_paths(cfg: DictConfig, cwd: tp.Optional[Path] = None) -> DictConfig:
     if isinstance(cont, str) and (cont.endswith(".th") or "/" in cont):
         path = Path(cont).expanduser()
         out.continue_from = str(path if path.is_absolute() else cwd / path)
+    return out
+
+
+_DICT_OVERRIDE = re.compile(r"^([+~]*[\w.]+)=(\{.*\})$")
+
+
+def _hydra_dict(value: dict) -> str:
+    def item(v):
+        if isinstance(v, dict):
+            return _hydra_dict(v)
+        if isinstance(v, list):
+            return "[" + ",".join(item(x) for x in v) + "]"
+        return "null" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
+    return "{" + ",".join(f"{k}:{item(v)}" for k, v in value.items()) + "}"
+
+
+def normalize_overrides(argv: tp.Sequence[str]) -> tp.List[str]:
+    """Accept JSON-style dict overrides (`htdemucs.layer_ranks='{"encoder.0.*":4}'`, as the
+    demucs LoRA guides write them): Hydra's grammar has no quoted dict keys, so they are
+    rewritten to its own form `{encoder.0.*:4}`. Everything else is left as is."""
+    out = []
+    for arg in argv:
+        match = _DICT_OVERRIDE.match(arg)
+        if match and '"' in match.group(2):
+            try:
+                value = json.loads(match.group(2))
+            except json.JSONDecodeError:
+                out.append(arg)
+                continue
+            arg = f"{match.group(1)}={_hydra_dict(value)}"
+        out.append(arg)
     return out

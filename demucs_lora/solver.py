@@ -213,10 +213,25 @@ class Solver:
                                          **header)
         ckpt.atomic_torch_save(self._state(), folder / "checkpoint.th")
 
+    def _initial_validation(self) -> dict:
+        """nSDR of the model before any training step (the base, for an adaptation)."""
+        path = self.folder / "validation" / "epoch_000.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        metrics = {f"valid_initial_{k}": v for k, v in self.validate(-1).items()}
+        if self.is_master:
+            path.parent.mkdir(exist_ok=True)
+            path.write_text(json.dumps(metrics, indent=2))
+            self._log_epoch(-1, metrics)
+        return metrics
+
     def run(self) -> tp.List[dict]:
         self.restore()
+        initial = self._initial_validation() if self.cfg.test.initial else {}
+        if not self.history:  # same RNG stream whether or not the initial valid was cached
+            torch.manual_seed(self.cfg.seed + 1)
         for epoch in range(len(self.history), self.cfg.epochs):
-            metrics = {"epoch": epoch + 1}
+            metrics = {"epoch": epoch + 1, **(initial if epoch == 0 else {})}
             metrics.update({f"train_{k}" if k != "loss" else "train_loss": v
                             for k, v in self.train_epoch(epoch).items()})
             validate = (epoch + 1) % self.cfg.test.every == 0 or epoch + 1 == self.cfg.epochs

@@ -12,23 +12,14 @@ import typing as tp
 from pathlib import Path
 
 import torch
-from dora import distrib, get_xp, hydra_main
+from dora import distrib, get_xp
+from dora.hydra import HydraMain
 from omegaconf import DictConfig, OmegaConf
 
-from .config_check import check_config, resolve_paths
+from .config_check import check_config, normalize_overrides, resolve_paths
 from .errors import DatasetError, DemucsLoRAError
 
 logger = logging.getLogger("demucs_lora")
-
-
-def _setup_logging(folder: Path) -> None:
-    fmt = logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s",
-                            "%m-%d %H:%M:%S")
-    handler = logging.FileHandler(folder / "train.log")
-    handler.setFormatter(fmt)
-    root = logging.getLogger()
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
 
 
 def pick_device(cfg: DictConfig) -> torch.device:
@@ -110,8 +101,7 @@ def run(cfg: DictConfig) -> tp.List[dict]:
     cfg = resolve_paths(cfg)
     distrib.init(backend="nccl" if torch.cuda.is_available() and cfg.device != "cpu"
                  else "gloo")
-    if distrib.is_master():
-        _setup_logging(folder)
+    if distrib.is_master():  # Hydra's job logging already writes folder/train.log
         (folder / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     logger.info("XP %s in %s", xp.sig, folder)
     verify_or_raise(cfg)
@@ -138,12 +128,25 @@ def run(cfg: DictConfig) -> tp.List[dict]:
     return solver.run()
 
 
-@hydra_main(config_path="../conf", config_name="config", version_base="1.3")
-def main(cfg: DictConfig):
+class _LoRAHydraMain(HydraMain):
+    """Dora's Hydra main, reading JSON-style dict overrides too (normalize_overrides)."""
+
+    def get_xp(self, argv: tp.Sequence[str]):
+        return super().get_xp(normalize_overrides(argv))
+
+    def _get_argv(self) -> tp.List[str]:
+        sys.argv[1:] = normalize_overrides(sys.argv[1:])
+        return sys.argv[1:]
+
+
+def _main(cfg: DictConfig):
     try:
         return run(cfg)
     except DemucsLoRAError as exc:
         logger.error("%s: %s", type(exc).__name__, exc)
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
         sys.exit(1)
+
+
+main = _LoRAHydraMain(_main, config_name="config", config_path="../conf", version_base="1.3")
 
