@@ -41,7 +41,11 @@ class Solver:
         self.xp = get_xp()
         self.folder = Path(self.xp.folder)
         self.is_master = distrib.is_master()
-        self.dmodel = distrib.wrap(self.model) if distrib.world_size() > 1 else self.model
+        self.dmodel = self.model
+        if distrib.world_size() > 1:  # DDP all-reduces the trainable parameters only
+            from torch.nn.parallel import DistributedDataParallel
+            ids = [device.index or 0] if device.type == "cuda" else None
+            self.dmodel = DistributedDataParallel(self.model, device_ids=ids)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         steps = len(loaders["train"])
         self.steps_per_epoch = steps if cfg.max_batches is None else min(steps, cfg.max_batches)
@@ -101,6 +105,8 @@ class Solver:
 
     def train_epoch(self, epoch: int) -> dict:
         self.dmodel.train()
+        # Per epoch and rank: a resumed epoch replays exactly, in every process.
+        torch.manual_seed(self.cfg.seed + 1000 * (epoch + 1) + distrib.rank())
         loader = self.loaders["train"]
         if hasattr(loader.sampler, "set_epoch"):
             loader.sampler.set_epoch(epoch)
@@ -228,8 +234,6 @@ class Solver:
     def run(self) -> tp.List[dict]:
         self.restore()
         initial = self._initial_validation() if self.cfg.test.initial else {}
-        if not self.history:  # same RNG stream whether or not the initial valid was cached
-            torch.manual_seed(self.cfg.seed + 1)
         for epoch in range(len(self.history), self.cfg.epochs):
             metrics = {"epoch": epoch + 1, **(initial if epoch == 0 else {})}
             metrics.update({f"train_{k}" if k != "loss" else "train_loss": v

@@ -101,10 +101,17 @@ def run(cfg: DictConfig) -> tp.List[dict]:
     cfg = resolve_paths(cfg)
     distrib.init(backend="nccl" if torch.cuda.is_available() and cfg.device != "cpu"
                  else "gloo")
-    if distrib.is_master():  # Hydra's job logging already writes folder/train.log
+    if not distrib.is_master():  # one train.log, written by rank 0 (Hydra's job logging)
+        root = logging.getLogger()
+        for handler in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
+            root.removeHandler(handler)
+    else:
         (folder / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     logger.info("XP %s in %s", xp.sig, folder)
-    verify_or_raise(cfg)
+    if distrib.is_master():  # generates synthetic data and the caches once
+        verify_or_raise(cfg)
+    if distrib.world_size() > 1:
+        torch.distributed.barrier()
     torch.manual_seed(cfg.seed)
     loaders, augment = build_loaders(cfg)
     model, report = build_model(cfg, calibration=_calibration(loaders, augment))

@@ -259,11 +259,14 @@ class SegmentShift(daug.Shift):
     """demucs' Shift that crops the batch to `length` samples: random per-source offsets in
     training (all the same with `same`), the first `length` samples in eval."""
 
-    def __init__(self, length, same=False):
+    def __init__(self, length, same=False, random=True):
         super().__init__(shift=0, same=same)
         self.length = int(length)
+        self.random = random
 
     def forward(self, wav):
+        if not self.random:
+            return wav[..., :self.length]
         self.shift = max(0, wav.shape[-1] - self.length)
         return super().forward(wav)
 
@@ -281,12 +284,14 @@ def build_augment(cfg_augment, samplerate, segment):
     """nn.Sequential of demucs.augment modules for a batch of stems (B, S, C, T).
 
     First crops to `segment` seconds with a random time shift per source (demucs' Shift;
-    give it examples longer than `segment`, see `train_segment`), then FlipChannels +
+    give it examples longer than `segment`, see `train_segment`; `time_shift: false` crops
+    the first `segment` seconds instead), then FlipChannels +
     FlipSign (`flip`), Scale (`scale: [min, max]`), Remix (`remix`: shuffle stems across
     the batch). Recompute the mixture as the sum of the stems: `augment_batch` does it.
     """
     cfg = dict(cfg_augment or {})
-    mods = [SegmentShift(int(segment * samplerate), same=bool(cfg.get("shift_same", False)))]
+    mods = [SegmentShift(int(segment * samplerate), same=bool(cfg.get("shift_same", False)),
+                         random=bool(cfg.get("time_shift", True)))]
     if cfg.get("flip", False):
         mods += [daug.FlipChannels(), daug.FlipSign()]
     scale = cfg.get("scale")

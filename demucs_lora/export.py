@@ -1,0 +1,288 @@
+"""Export trained XPs as plain demucs models (``demucs-lora-export``).
+
+    python -m tools.export SIG [SIG ...] [-o release_models] [--name NAME] [--force]
+        [--adapter best|last] [--include-lora] [--half | --quantize 8]
+
+Why: an XP holds a LoRA adapter and a merged ``best.th``; users of the stock CLI need one
+file in demucs' own ``serialize_model`` format, found by name in a folder::
+
+    python -m demucs --repo release_models -n NAME song.wav
+
+So ``OUT/NAME.th`` is a plain HTDemucs with the adapter merged in (``--adapter best``:
+the XP's ``best.th``; ``last``: its base + ``lora_last``, merged). NAME defaults to the
+signature and may not contain '-' (demucs reads ``NAME-CHECKSUM.th``).
+
+- ``--half``: float16 weights (``serialize_model(half=True)``), half the size; the stock
+  CLI loads it (demucs itself ships half models).
+- ``--quantize 8``: weight-only int8 (``quantize.save_quantized``), about a quarter of the
+  size. Load it with ``demucs_lora.get_model(NAME, repo=OUT)`` or ``demucs-lora --base``;
+  the stock demucs CLI cannot read it (it fails loudly). The export prints the size ratio
+  and the nSDR change on a few valid tracks of the XP's config (float vs int8).
+- ``--include-lora``: also ``NAME.lora.safetensors`` + ``NAME.lora.json``, the XP's
+  adapter, for use on the base with ``load_lora_weights``; prints its size vs the model.
+
+Nothing is overwritten without ``--force``, and every output of every XP is checked
+before the first file is written; each file is written atomically (temp + rename).
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import re
+import shutil
+import sys
+import tempfile
+import typing as tp
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ConfigError, DemucsLoRAError, ModelLoadError
+
+if tp.TYPE_CHECKING:  # pragma: no cover
+    from omegaconf import DictConfig
+    from torch import nn
+
+NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.]*$")
+EVAL_TRACKS = 2
+
+
+class OutputExists(DemucsLoRAError, FileExistsError):
+    """An export target exists already (names the file; --force overwrites)."""
+
+
+@dataclass
+class Job:
+    """One XP to export and the files it will write."""
+    sig: str
+    folder: Path
+    name: str
+    model_path: Path
+    lora_src: tp.Optional[Path] = None
+    lora_dst: tp.List[Path] = field(default_factory=list)
+
+    @property
+    def outputs(self) -> tp.List[Path]:
+        return [self.model_path, *self.lora_dst]
+
+
+def check_name(name: str) -> str:
+    """A model name demucs' LocalRepo reads back as itself."""
+    if "-" in name:
+        raise ConfigError(f"--name {name!r} contains '-': demucs reads NAME-CHECKSUM.th and "
+                          f"would look for {name.split('-')[0]!r}; use '_' instead "
+                          f"(e.g. {name.replace('-', '_')!r})")
+    if not NAME_RE.match(name):
+        raise ConfigError(f"--name {name!r}: use letters, digits, '_' and '.' only (it "
+                          "becomes the file name NAME.th)")
+    return name
+
+
+def find_xp(sig: str, root: Path) -> Path:
+    """outputs/xps/SIG, or ModelLoadError listing the 5 most recent XPs."""
+    from .api import recent_xps, xp_folder, xps_root
+    folder = xp_folder(sig, root)
+    if folder is None:
+        recent = recent_xps(root)
+        listing = (f"most recent XPs: {', '.join(recent)}" if recent
+                   else f"{xps_root(root)} holds no XP (run from the folder with outputs/)")
+        raise ModelLoadError(f"unknown XP signature {sig!r}: no folder {xps_root(root) / sig}"
+                             f"; {listing}")
+    if not (folder / "config.yaml").is_file():
+        raise ModelLoadError(f"XP {folder} has no config.yaml (was it started by "
+                             "demucs_lora.train?)")
+    return folder
+
+
+def plan(sigs: tp.Sequence[str], out: Path, name: tp.Optional[str], which: str,
+         include_lora: bool, force: bool, root: Path) -> tp.List[Job]:
+    """Resolve every XP and output path; refuse existing files (unless force) up front."""
+    if name is not None and len(sigs) != 1:
+        raise ConfigError(f"--name {name!r} needs exactly one signature (got {len(sigs)}): "
+                          "several XPs are exported under their signatures")
+    jobs = []
+    for sig in dict.fromkeys(sigs):  # a signature given twice is exported once
+        folder = find_xp(sig, root)
+        job = Job(sig, folder, check_name(name or sig), out / f"{name or sig}.th")
+        adapter = folder / f"lora_{which}"
+        if include_lora or which == "last":
+            if not (adapter.with_suffix(".safetensors").is_file()
+                    and adapter.with_suffix(".json").is_file()):
+                raise ModelLoadError(
+                    f"XP {folder} has no adapter lora_{which}.safetensors/.json (a full "
+                    "fine-tune, or no epoch done yet): export without --include-lora"
+                    + (" and with --adapter best" if which == "last" else ""))
+        if include_lora:
+            job.lora_src = adapter
+            job.lora_dst = [out / f"{job.name}.lora.safetensors", out / f"{job.name}.lora.json"]
+        jobs.append(job)
+    existing, clashes = [], []
+    for job in jobs:
+        existing += [str(p) for p in job.outputs if p.exists()]
+        if out.is_dir():  # demucs refuses a repo where two files give the same name
+            clashes += [str(p) for p in out.glob(f"{job.name}-*.th")]
+    if clashes:
+        raise OutputExists(f"{', '.join(clashes)} already hold model(s) of the same name for "
+                           "demucs (NAME-CHECKSUM.th): remove them or choose another --name")
+    if existing and not force:
+        raise OutputExists(f"refusing to overwrite {', '.join(existing)}: pass --force, or "
+                           "choose another --name / -o")
+    return jobs
+
+
+def load_xp_model(folder: Path, which: str = "best", trust_remote_code: bool = False,
+                  root: tp.Optional[Path] = None) -> tp.Tuple["nn.Module", "DictConfig"]:
+    """(plain merged HTDemucs, config) of an XP: best.th, or base + lora_last merged."""
+    from omegaconf import OmegaConf
+    from .lora.inject import remove_lora
+    from .lora.state import load_lora_weights
+    from .model import _load_single_model, load_base
+    cfg = OmegaConf.load(folder / "config.yaml")
+    if which == "best":
+        best = folder / "best.th"
+        if not best.is_file():
+            raise ModelLoadError(f"XP {folder} has no best.th yet (no epoch finished?)")
+        return _load_single_model(best, trust_remote_code).eval(), cfg
+    base = load_base(cfg.get("continue_from"), cfg.get("pretrained_repo"),
+                     trust_remote_code, root)
+    if base is None:
+        raise ModelLoadError(f"XP {folder} trained from a random init (continue_from=null): "
+                             "its base cannot be rebuilt, export --adapter best")
+    model = load_lora_weights(base, folder / "lora_last")
+    return remove_lora(model).eval(), cfg
+
+
+def _atomic(path: Path, write: tp.Callable[[str], None]) -> None:
+    """``write(tmp)`` then rename over ``path``; permissions follow the umask (release
+    files are meant to be shared, mkstemp alone would leave them 0600)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _package_bytes(package: dict) -> int:
+    import torch
+    buf = io.BytesIO()
+    torch.save(package, buf)
+    return buf.tell()
+
+
+def _nsdr_cost(model: "nn.Module", quantized_path: Path, cfg: "DictConfig",
+               tracks: int) -> str:
+    """nSDR of float vs int8 on the first ``tracks`` valid tracks (shifts 0): one line."""
+    from .errors import DatasetError
+    from .evaluate import build_dataset, evaluate_model
+    from .safe_load import load_model_file
+    try:
+        data = build_dataset(cfg, list(model.sources), "valid", model.samplerate,
+                             model.audio_channels, progress=False)
+    except (DatasetError, ConfigError, OSError) as exc:
+        return f"nSDR change not measured (valid set unavailable: {exc})"
+    settings = dict(shifts=0, overlap=float(cfg.test.overlap), split=bool(cfg.test.split),
+                    metrics=("nsdr",), max_tracks=tracks, progress=False)
+    ref = evaluate_model(model, data, **settings)["summary"]["nsdr"]
+    quant = load_model_file(quantized_path).eval()
+    got = evaluate_model(quant, data, **settings)["summary"]["nsdr"]
+    count = min(tracks, len(data.metadata))
+    return (f"nSDR on {count} valid track(s): float {ref:.3f} dB, int8 {got:.3f} dB, "
+            f"change {got - ref:+.3f} dB")
+
+
+def export_one(job: Job, args: argparse.Namespace, root: Path) -> tp.List[str]:
+    """Write the files of one job; returns the lines to print."""
+    import torch
+    from demucs.states import serialize_model
+    from .quantize import save_quantized
+    model, cfg = load_xp_model(job.folder, args.adapter, args.trust_remote_code, root)
+    lines = []
+    float_size = _package_bytes(serialize_model(model, cfg, half=False))
+    if args.quantize:
+        save_quantized(model, job.model_path, bits=args.quantize,
+                       training_args=_plain(cfg))
+        size = job.model_path.stat().st_size
+        lines.append(f"wrote {job.model_path} ({size:,} bytes, int{args.quantize}: "
+                     f"{size / float_size:.2f}x the float32 model's {float_size:,}; load "
+                     "with demucs_lora.get_model, the stock demucs CLI cannot read it)")
+        if not args.no_eval:
+            lines.append("  " + _nsdr_cost(model, job.model_path, cfg, args.eval_tracks))
+    else:
+        package = serialize_model(model, cfg, half=args.half)
+        _atomic(job.model_path, lambda tmp: torch.save(package, tmp))
+        size = job.model_path.stat().st_size
+        kind = f"float16, {size / float_size:.2f}x float32" if args.half else "float32"
+        lines.append(f"wrote {job.model_path} ({size:,} bytes, {kind}); stock CLI: python -m "
+                     f"demucs --repo {job.model_path.parent} -n {job.name} TRACK")
+    if job.lora_src is not None:
+        for ext, dst in zip((".safetensors", ".json"), job.lora_dst):
+            _atomic(dst, lambda tmp, src=job.lora_src.with_suffix(ext): shutil.copyfile(src, tmp))
+        lsize = job.lora_dst[0].stat().st_size
+        lines.append(f"wrote {job.lora_dst[0]} + .json (adapter lora_{args.adapter}: "
+                     f"{lsize:,} bytes = {100 * lsize / size:.2f}% of {job.model_path.name}, "
+                     f"{100 * lsize / float_size:.2f}% of the float32 model)")
+    return lines
+
+
+def _plain(cfg: "DictConfig") -> dict:
+    from omegaconf import OmegaConf
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def get_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="demucs-lora-export", description="Export XPs as demucs model files "
+        "(adapters merged) that `python -m demucs --repo OUT -n NAME` loads.")
+    parser.add_argument("sigs", nargs="+", metavar="SIG", help="XP signatures (outputs/xps/SIG)")
+    parser.add_argument("-o", "--out", type=Path, default=Path("release_models"),
+                        help="output folder (default: release_models)")
+    parser.add_argument("--name", help="model name (one SIG only; default: the signature)")
+    parser.add_argument("--adapter", choices=["best", "last"], default="best",
+                        help="best: the XP's best.th; last: base + lora_last merged")
+    parser.add_argument("--include-lora", action="store_true",
+                        help="also write NAME.lora.safetensors + NAME.lora.json")
+    enc = parser.add_mutually_exclusive_group()
+    enc.add_argument("--half", action="store_true", help="store float16 weights")
+    enc.add_argument("--quantize", type=int, choices=[8], default=None,
+                     help="store int8 weights (demucs_lora.get_model only)")
+    parser.add_argument("--no-eval", action="store_true",
+                        help="with --quantize: skip the nSDR comparison")
+    parser.add_argument("--eval-tracks", type=int, default=EVAL_TRACKS,
+                        help=f"valid tracks for the nSDR comparison (default {EVAL_TRACKS})")
+    parser.add_argument("--force", action="store_true", help="overwrite existing files")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="allow full unpickling of model files (they are code!)")
+    return parser
+
+
+def run(args: argparse.Namespace, root: tp.Optional[Path] = None) -> tp.List[Job]:
+    """Plan every export (all checks first), then write; returns the jobs done."""
+    root = Path(root or Path.cwd())
+    out = args.out if args.out.is_absolute() else root / args.out
+    jobs = plan(args.sigs, out, args.name, args.adapter, args.include_lora, args.force, root)
+    for job in jobs:
+        print(f"exporting XP {job.sig} as {job.name}")
+        for line in export_one(job, args, root):
+            print(line)
+    return jobs
+
+
+def main(argv: tp.Optional[tp.Sequence[str]] = None) -> None:
+    """Console script ``demucs-lora-export``; exits 1 with a message on user errors."""
+    args = get_parser().parse_args(argv)
+    try:
+        run(args)
+    except DemucsLoRAError as exc:
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""tools.test_pretrained: the printed table is the JSON, configs come from the XP."""
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from test_export import REPO, make_xp
+
+
+@pytest.fixture(scope="module")
+def xp(tmp_path_factory):
+    return make_xp(tmp_path_factory.mktemp("eval"))
+
+
+def parse_table(text):
+    """{row: {column: float or None}} from the printed table (header line 'source ...')."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.split()[:1] == ["source"])
+    header = lines[start].split()[1:]
+    rows = {}
+    for line in lines[start + 1:]:
+        cells = line.split()
+        if len(cells) != len(header) + 1:
+            break
+        rows[cells[0]] = {h: (None if c == "-" else float(c)) for h, c in zip(header, cells[1:])}
+    return rows
+
+
+def check_table_matches_json(printed, results):
+    table = parse_table(printed)
+    assert list(table) == [*results["sources"], "mean"]
+    summary = results["summary"]
+    for metric in results["metrics"]:
+        for source in results["sources"]:
+            assert table[source][metric] == summary[f"{metric}_{source}"], (metric, source)
+        assert table["mean"][metric] == summary[metric], metric
+    return table
+
+
+def test_xp_with_shifts_prints_table_equal_to_json(xp, monkeypatch, capsys):
+    from demucs_lora.evaluate import main
+    monkeypatch.chdir(xp.root)
+    main(["-n", xp.sig, "test.shifts=2", "--no-progress"])
+    printed = capsys.readouterr().out
+    results = json.loads((xp.folder / "test_results.json").read_text())
+    assert results["settings"]["shifts"] == 2 and results["xp"] == xp.sig
+    assert results["metrics"] == ["nsdr", "si_sdr", "l1_freq", "bleedless", "fullness"]
+    table = check_table_matches_json(printed, results)
+    assert all(v is not None and math.isfinite(v) for row in table.values() for v in row.values())
+    assert 0 < table["mean"]["bleedless"] <= 100 and 0 < table["mean"]["fullness"] <= 100
+    assert len(results["tracks"]) == 1
+    track = next(iter(results["tracks"].values()))
+    assert sorted(track) == sorted(results["sources"])
+
+
+def test_base_plus_adapter_equals_xp_and_json_option(xp, tmp_path, monkeypatch, capsys):
+    """best.th is base + lora_best merged: both routes give the same scores (shifts 0);
+    the adapter's header names the XP, so its config (dataset) is used."""
+    from demucs_lora.evaluate import main
+    monkeypatch.chdir(xp.root)
+    out_a, out_b = tmp_path / "a.json", tmp_path / "b.json"
+    main(["-n", xp.sig, "--split", "valid", "--json", str(out_a), "--no-progress"])
+    main(["-n", str(xp.base_path), "--adapter", str(xp.folder / "lora_best"), "--split",
+          "valid", "--json", str(out_b), "--no-progress", "seed=3"])
+    printed = capsys.readouterr().out
+    a, b = json.loads(out_a.read_text()), json.loads(out_b.read_text())
+    assert b["xp"] == xp.sig and b["settings"]["seed"] == 3 and a["settings"]["seed"] == 42
+    check_table_matches_json(printed.split(str(xp.base_path))[-1], b)
+    assert list(a["tracks"]) == list(b["tracks"])
+    assert a["summary"]["nsdr"] == pytest.approx(b["summary"]["nsdr"], abs=2e-3)
+    assert not (xp.folder / "valid_results.json").exists()  # --json given: only there
+
+
+def test_xp_config_overrides(xp):
+    from demucs_lora.errors import ConfigError
+    from demucs_lora.evaluate import xp_config
+    file = xp.folder / "config.yaml"
+    cfg = xp_config(file, ["test.shifts=3", "optim=adamw", "dset.wav=/elsewhere"])
+    saved = OmegaConf.load(file)
+    assert cfg.test.shifts == 3 and cfg.dset.wav == "/elsewhere"
+    assert cfg.optim.optim == "adamw"                        # the group's delta applied
+    assert cfg.htdemucs.channels == saved.htdemucs.channels  # the rest kept from the XP
+    assert list(cfg.sources) == list(saved.sources)
+    with pytest.raises(ConfigError, match="test.shfts"):
+        xp_config(file, ["test.shfts=2"])
+
+
+def test_unknown_model_exits_with_message(xp, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "tools.test_pretrained", "-n", "nothing",
+                           "--no-progress"], cwd=xp.root, capture_output=True, text=True,
+                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}, timeout=300)
+    assert proc.returncode == 1
+    assert "'nothing' not found" in proc.stderr and xp.sig in proc.stderr
+
+
+def test_dataset_gives_raw_audio(xp):
+    """Metrics are on the original scale: the test set is read un-normalized (the mixture
+    is normalized per track in separate_tensor, like the demucs CLI)."""
+    import soundfile as sf
+    from demucs_lora.evaluate import build_dataset
+    data = build_dataset(xp.cfg, ["drums", "bass", "other", "vocals"], "test", 44100, 2,
+                         progress=False)
+    item = data[0]
+    mix, _ = sf.read(str(xp.data / "test" / next(iter(data.metadata)) / "mixture.wav"),
+                     dtype="float32")
+    assert torch.equal(item[0], torch.from_numpy(mix.T.copy()))
+    assert torch.allclose(item[1:].sum(0), item[0], atol=1e-5)

@@ -1,0 +1,237 @@
+"""tools.export: the stock demucs CLI loads what we write, and it separates like the
+unmerged adapter; half / int8 sizes; refusals (overwrite, bad name, unknown XP).
+
+`make_xp` builds an XP folder by hand (nothing trained: LoRA with random B on a tiny
+base), the way the solver lays it out; the other test modules import it from here.
+"""
+import copy
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import soundfile as sf
+import torch
+from demucs.htdemucs import HTDemucs
+from demucs.states import serialize_model
+from omegaconf import OmegaConf
+
+REPO = Path(__file__).resolve().parents[1]
+SOURCES = ["drums", "bass", "other", "vocals"]
+TARGETS = ["encoder", "decoder", "transformer"]
+
+
+def tiny_base(seed=0):
+    torch.manual_seed(seed)
+    return HTDemucs(sources=list(SOURCES), channels=8, t_layers=1, depth=4, segment=1).eval()
+
+
+def lora_model(base, seed, rank=2, alpha=16.0):
+    """A copy of `base` with LoRA on every target and random B (so it changes the output)."""
+    from demucs_lora.lora.inject import inject_lora
+    from demucs_lora.lora.targets import lora_target_names
+    model = copy.deepcopy(base)
+    inject_lora(model, {n: rank for n in lora_target_names(model, TARGETS)}, alpha=alpha)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    return model.eval()
+
+
+def tiny_config(root, base_path, data):
+    from demucs_lora.evaluate import compose
+    return compose(["model=htdemucs_tiny", "variant=debug", "htdemucs.t_layers=1",
+                    "htdemucs.lora_rank=2", f"dset.wav={data}",
+                    f"dset.metadata={root / 'metadata'}", f"continue_from={base_path}"])
+
+
+def make_data(root):
+    from demucs_lora.data.synth import generate_dataset
+    data = root / "data"
+    if not (data / "synth.json").exists():
+        generate_dataset(data, seconds=0.6, splits={"train": 1, "valid": 1, "test": 1})
+    return data
+
+
+def make_xp(root, seed=1, sig=None):
+    """outputs/xps/SIG/{config.yaml, best.th, lora_best.*, lora_last.*, history.json,
+    ranks.json} under `root`, with its base at root/base.th and data at root/data."""
+    from demucs_lora.checkpoint import save_best_model
+    from demucs_lora.lora.inject import lora_config
+    from demucs_lora.lora.state import save_adapter
+    root = Path(root)
+    sig = sig or uuid.uuid4().hex[:8]
+    base_path = root / "base.th"
+    base = tiny_base()
+    data = make_data(root)
+    cfg = tiny_config(root, base_path, data)
+    if not base_path.exists():
+        torch.save(serialize_model(base, cfg, half=False), base_path)
+    folder = root / "outputs" / "xps" / sig
+    folder.mkdir(parents=True)
+    model = lora_model(base, seed)
+    save_best_model(model, None, cfg, folder / "best.th")
+    save_adapter(model, folder / "lora_best", xp=sig, source_init=None)
+    save_adapter(lora_model(base, seed + 100), folder / "lora_last", xp=sig, source_init=None)
+    (folder / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    (folder / "history.json").write_text(json.dumps([{"epoch": 1, "valid_nsdr": 0.0}]))
+    (folder / "ranks.json").write_text(json.dumps({"ranks": lora_config(model)["ranks"]}))
+    return SimpleNamespace(sig=sig, folder=folder, base_path=base_path, data=data, cfg=cfg,
+                           root=root)
+
+
+def write_mix(path, seconds=0.6, seed=0, samplerate=44100, channels=2):
+    """A float wav of small band-limited noise (stays well inside [-1, 1])."""
+    gen = torch.Generator().manual_seed(seed)
+    wav = torch.randn(channels, int(seconds * samplerate), generator=gen)
+    wav = torch.nn.functional.avg_pool1d(wav[None], 5, 1, 2)[0] * 0.1
+    sf.write(str(path), wav.T.numpy(), samplerate, subtype="FLOAT")
+    return wav
+
+
+def our_stems(model, path):
+    from demucs_lora.separate import read_audio, separate_tensor
+    wav = read_audio(path, model.samplerate, model.audio_channels)
+    return separate_tensor(model, wav, shifts=0)
+
+
+def export(*argv):
+    from demucs_lora.export import main
+    main([str(a) for a in argv])
+
+
+@pytest.fixture(scope="module")
+def xp(tmp_path_factory):
+    return make_xp(tmp_path_factory.mktemp("xp"))
+
+
+@pytest.fixture
+def in_root(xp, monkeypatch):
+    monkeypatch.chdir(xp.root)
+    return xp.root
+
+
+def test_stock_cli_matches_unmerged_adapter_and_lora_files_reload(xp, in_root, tmp_path,
+                                                                  capsys):
+    from demucs_lora import get_model, load_lora_weights
+    out = tmp_path / "release"
+    export(xp.sig, "--name", "tinyf32", "-o", out, "--include-lora")
+    printed = capsys.readouterr().out
+    assert (out / "tinyf32.th").is_file()
+    assert "tinyf32.lora.safetensors" in printed and "% of tinyf32.th" in printed
+    mix = tmp_path / "mix.wav"
+    write_mix(mix)
+    sep = tmp_path / "sep"
+    proc = subprocess.run([sys.executable, "-m", "demucs", "--repo", str(out), "-n", "tinyf32",
+                           str(mix), "-o", str(sep), "--shifts", "0", "--float32",
+                           "--clip-mode", "none", "-d", "cpu"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    unmerged = get_model(xp.base_path, adapter=xp.folder / "lora_best")
+    ours = our_stems(unmerged, mix)
+    assert ours.abs().max() < 0.9  # float wav clamps to [-1, 1]: stay clear of it
+    base, best = get_model(xp.base_path).state_dict(), get_model(xp.sig).state_dict()
+    assert max((base[k] - best[k]).abs().max() for k in base) > 1e-3  # adapter merged in
+    for i, source in enumerate(unmerged.sources):
+        data, sr = sf.read(str(sep / "tinyf32" / "mix" / f"{source}.wav"), dtype="float32")
+        stock = torch.from_numpy(data.T.copy())
+        assert sr == 44100 and stock.shape == ours[i].shape
+        assert (stock - ours[i]).abs().max() < 1e-4, source
+    reloaded = load_lora_weights(get_model(xp.base_path), out / "tinyf32.lora")
+    assert (our_stems(reloaded, mix) - ours).abs().max() < 1e-6
+
+
+def test_half_and_int8_sizes_and_loading(xp, in_root, tmp_path, capsys):
+    from demucs_lora import get_model
+    out = tmp_path / "rel"
+    export(xp.sig, "--name", "f32", "-o", out)
+    export(xp.sig, "--name", "f16", "-o", out, "--half")
+    capsys.readouterr()
+    export(xp.sig, "--name", "q8", "-o", out, "--quantize", "8")
+    printed = capsys.readouterr().out
+    size = {n: (out / f"{n}.th").stat().st_size for n in ("f32", "f16", "q8")}
+    assert 0.4 < size["f16"] / size["f32"] < 0.6
+    assert size["q8"] / size["f32"] < 0.35
+    assert "nSDR on 1 valid track(s)" in printed and "change" in printed
+    assert "cannot read it" in printed
+    ref = get_model("f32", repo=out).state_dict()
+    for name, tol in (("f16", 1e-3), ("q8", 1e-2)):  # relative to each tensor's peak
+        state = get_model(name, repo=out).state_dict()
+        assert all(state[k].dtype == ref[k].dtype for k in ref)  # loaded back as float32
+        err = max(((state[k] - ref[k]).abs().max() / ref[k].abs().max().clamp(min=1e-8)).item()
+                  for k in ref if ref[k].is_floating_point())
+        assert 0 < err < tol, (name, err)
+
+
+def test_adapter_last_is_base_plus_lora_last_merged(xp, in_root, tmp_path):
+    """Same weights, same outputs: compared on the weights (no forward needed)."""
+    from demucs_lora import get_model, remove_lora
+    out = tmp_path / "rel"
+    export(xp.sig, "--name", "last", "-o", out, "--adapter", "last")
+    got = get_model("last", repo=out).state_dict()
+    want = remove_lora(get_model(xp.base_path, adapter=xp.folder / "lora_last")).state_dict()
+    best = get_model(xp.sig).state_dict()
+    assert got.keys() == want.keys()
+    assert max((got[k] - want[k]).abs().max() for k in got) < 1e-6
+    assert max((got[k] - best[k]).abs().max() for k in got) > 1e-3
+
+
+def test_overwrite_refused_without_force_and_nothing_written(xp, in_root, tmp_path):
+    out = tmp_path / "rel"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    export(xp.sig, "--name", "once", "-o", out)
+    info = (out / "once.th").stat()
+    stamp = (info.st_ino, info.st_mtime_ns)
+    cmd = [sys.executable, "-m", "tools.export", xp.sig, "--name", "once", "-o", str(out),
+           "--include-lora"]
+    again = subprocess.run(cmd, capture_output=True, text=True,
+                           cwd=in_root, env=env, timeout=300)
+    assert again.returncode != 0
+    assert str(out / "once.th") in again.stderr and "--force" in again.stderr
+    info = (out / "once.th").stat()
+    assert (info.st_ino, info.st_mtime_ns) == stamp
+    assert not (out / "once.lora.safetensors").exists()  # all outputs checked first
+    export(xp.sig, "--name", "once", "-o", out, "--force")
+    assert (out / "once.th").stat().st_ino != stamp[0]  # replaced (atomically)
+
+
+def test_several_sigs_checked_before_any_write(xp, in_root, tmp_path, capsys):
+    other = make_xp(xp.root, seed=7)
+    out = tmp_path / "rel"
+    out.mkdir()
+    (out / f"{other.sig}.th").write_bytes(b"keep")
+    with pytest.raises(SystemExit) as exc:
+        export(xp.sig, other.sig, "-o", out)
+    assert exc.value.code == 1
+    assert f"{other.sig}.th" in capsys.readouterr().err
+    assert not (out / f"{xp.sig}.th").exists()
+    export(xp.sig, other.sig, "-o", out, "--force")
+    assert (out / f"{xp.sig}.th").stat().st_size > 1000
+    assert (out / f"{other.sig}.th").stat().st_size > 1000
+
+
+def test_unknown_sig_lists_recent_xps(xp, in_root, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        export("deadbeef", "-o", tmp_path / "rel")
+    err = capsys.readouterr().err
+    assert exc.value.code == 1
+    assert "unknown XP signature 'deadbeef'" in err and xp.sig in err
+    listed = err.split("most recent XPs: ")[1].strip().split(", ")
+    assert 1 <= len(listed) <= 5
+
+
+@pytest.mark.parametrize("name", ["my-model", "a/b"])
+def test_bad_names_refused(xp, in_root, tmp_path, capsys, name):
+    with pytest.raises(SystemExit):
+        export(xp.sig, "--name", name, "-o", tmp_path / "rel")
+    err = capsys.readouterr().err
+    assert repr(name) in err
+    if "-" in name:
+        assert "NAME-CHECKSUM" in err and "my_model" in err
+    assert not (tmp_path / "rel").exists()

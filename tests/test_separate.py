@@ -1,0 +1,108 @@
+"""demucs-lora (separate): one folder per adapter, stems of the right shape, adapters that
+differ give different stems, --merge equals unmerged, mono/other-rate input, mp3."""
+import subprocess
+import sys
+
+import pytest
+import soundfile as sf
+import torch
+
+from test_export import REPO, lora_model, make_xp, our_stems, tiny_base, write_mix
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """An XP (its lora_best) plus a second adapter on the same base, and a stereo mix."""
+    from demucs_lora import save_adapter
+    xp = make_xp(tmp_path_factory.mktemp("sep"))
+    save_adapter(lora_model(tiny_base(), 33), xp.root / "adapters" / "second")
+    mix = xp.root / "song.wav"
+    write_mix(mix)
+    return xp
+
+
+def read(path):
+    data, sr = sf.read(str(path), dtype="float32", always_2d=True)
+    return torch.from_numpy(data.T.copy()), sr
+
+
+def separate(*argv):
+    from demucs_lora.separate import main
+    main([str(a) for a in argv])
+
+
+def stems_of(folder):
+    return torch.stack([read(folder / f"{s}.wav")[0] for s in ("drums", "bass", "other",
+                                                                "vocals")])
+
+
+def test_one_folder_per_adapter_different_stems_and_merge(setup, tmp_path, monkeypatch, capsys):
+    from demucs_lora import get_model
+    xp = setup
+    monkeypatch.chdir(xp.root)
+    out = tmp_path / "sep"
+    separate("song.wav", "--base", xp.base_path, "--adapter", xp.sig,
+             "--adapter", "adapters/second", "-o", out, "--shifts", "0", "--merge")
+    assert "wrote 8 files" in capsys.readouterr().out
+    folders = sorted(p.name for p in out.iterdir())
+    assert folders == [f"base_{xp.sig}", "base_second"]
+    mix, _ = read("song.wav")
+    stems = {}
+    for folder in folders:
+        files = sorted(p.name for p in (out / folder / "song").iterdir())
+        assert files == sorted(f"{s}.wav" for s in ("drums", "bass", "other", "vocals"))
+        stems[folder] = stems_of(out / folder / "song")
+        assert stems[folder].shape == (4, *mix.shape)
+    assert (stems[folders[0]] - stems[folders[1]]).abs().max() > 1e-3
+    # the XP's adapter merged on the fly == the XP's best.th (base + adapter merged)
+    want = our_stems(get_model(xp.sig), xp.root / "song.wav")
+    assert (stems[f"base_{xp.sig}"] - want).abs().max() < 1e-4
+    # unmerged (the default) gives the same stems up to float error
+    separate("song.wav", "--base", xp.base_path, "--adapter", "adapters/second",
+             "-o", tmp_path / "unmerged", "--shifts", "0")
+    unmerged = stems_of(tmp_path / "unmerged" / "base_second" / "song")
+    assert 0 < (unmerged - stems["base_second"]).abs().max() < 1e-4
+
+
+def test_base_alone_mono_input_at_another_rate_and_mp3(setup, tmp_path, monkeypatch):
+    xp = setup
+    monkeypatch.chdir(xp.root)
+    mono = tmp_path / "mono.wav"
+    write_mix(mono, seconds=0.5, samplerate=22050, channels=1)
+    separate(mono, "--base", xp.sig, "-o", tmp_path / "o", "--shifts", "0", "--mp3")
+    files = sorted((tmp_path / "o" / xp.sig / "mono").iterdir())
+    assert [p.name for p in files] == ["bass.mp3", "drums.mp3", "other.mp3", "vocals.mp3"]
+    assert all(p.stat().st_size > 500 for p in files)
+    separate(mono, "--base", xp.sig, "-o", tmp_path / "w", "--shifts", "0")
+    stem, sr = read(tmp_path / "w" / xp.sig / "mono" / "drums.wav")
+    assert sr == 44100 and stem.shape == (2, 22050)  # stereo at the model rate
+
+
+def test_errors_exit_1_with_message(setup, tmp_path, monkeypatch, capsys):
+    xp = setup
+    monkeypatch.chdir(xp.root)
+    with pytest.raises(SystemExit) as exc:
+        separate("song.wav", "--base", xp.base_path, "--adapter", "no/such/adapter",
+                 "-o", tmp_path)
+    assert exc.value.code == 1 and "adapter no/such/adapter" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        separate("missing.wav", "--base", xp.base_path, "-o", tmp_path)
+    assert exc.value.code == 1 and "missing.wav" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_module_entry_point_help():
+    proc = subprocess.run([sys.executable, "-m", "demucs_lora.separate", "--help"],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 0
+    for flag in ("--base", "--repo", "--adapter", "--merge", "--mp3", "--shifts", "--overlap"):
+        assert flag in proc.stdout
+
+
+def test_adapter_folder_names_are_unique_and_readable():
+    from pathlib import Path
+    from demucs_lora.separate import adapter_names
+    paths = [Path("/o/outputs/xps/a1/lora_best"), Path("/r/demo.lora"),
+             Path("/o/outputs/xps/b2/lora_best"), Path("/p/outputs/xps/c3/lora_best")]
+    given = ["a1", "r/demo.lora.safetensors", "outputs/xps/b2/lora_best", "c3/lora_best"]
+    assert adapter_names(paths, given) == ["a1", "demo", "b2_lora_best", "c3_lora_best"]

@@ -1,0 +1,8 @@
+"""Evaluate a model: `python -m tools.test_pretrained -n NAME_OR_SIG [options] [overrides]`.
+
+Thin entry point; the logic (and `--help`) lives in demucs_lora.evaluate.
+"""
+from demucs_lora.evaluate import main
+
+if __name__ == "__main__":
+    main()
