@@ -7,9 +7,7 @@ EMA, RNG, epoch, history); the frozen base is rebuilt from the config on resume.
 from __future__ import annotations
 
 import copy
-import os
 import random
-import tempfile
 import typing as tp
 from pathlib import Path
 
@@ -19,22 +17,14 @@ from demucs.states import serialize_model
 from omegaconf import DictConfig
 from torch import nn
 
+from .utils import atomic_write
 from .lora.inject import has_lora, remove_lora
 from .lora.state import save_adapter
 
 
 def atomic_torch_save(obj, path: Path) -> None:
     """torch.save to a temp file in the same folder, then rename over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def trainable_state(model: nn.Module) -> tp.Dict[str, torch.Tensor]:

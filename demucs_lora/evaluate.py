@@ -28,6 +28,7 @@ import sys
 import typing as tp
 from pathlib import Path
 
+from .utils import atomic_write_text
 from .errors import ConfigError, DemucsLoRAError
 
 if tp.TYPE_CHECKING:  # pragma: no cover
@@ -247,11 +248,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    import os
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2))
 
 
 def main(argv: tp.Optional[tp.Sequence[str]] = None) -> None:

@@ -28,15 +28,14 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
 import re
 import shutil
 import sys
-import tempfile
 import typing as tp
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .utils import atomic_write
 from .errors import ConfigError, DemucsLoRAError, ModelLoadError
 
 if tp.TYPE_CHECKING:  # pragma: no cover
@@ -152,21 +151,7 @@ def load_xp_model(folder: Path, which: str = "best", trust_remote_code: bool = F
     return remove_lora(model).eval(), cfg
 
 
-def _atomic(path: Path, write: tp.Callable[[str], None]) -> None:
-    """``write(tmp)`` then rename over ``path``; permissions follow the umask (release
-    files are meant to be shared, mkstemp alone would leave them 0600)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+_atomic = atomic_write
 
 
 def _package_bytes(package: dict) -> int:

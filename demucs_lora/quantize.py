@@ -23,13 +23,13 @@ Quantize a plain model: merge LoRA adapters first (the state must match what
 """
 from __future__ import annotations
 
-import os
 import typing as tp
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .utils import atomic_write
 from .errors import ConfigError, ModelLoadError
 
 SCHEME = "per_channel_symmetric"
@@ -137,14 +137,7 @@ def save_quantized(model: nn.Module, path: tp.Union[str, Path], bits: int = 8,
     """Write ``quantize(model)`` to ``path`` atomically (temporary file, then os.replace)."""
     path = Path(path)
     package = quantize(model, bits, training_args)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        torch.save(package, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    atomic_write(path, lambda tmp: torch.save(package, tmp))
     return path
 
 

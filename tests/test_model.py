@@ -1,5 +1,4 @@
 """Base loading and source remapping (demucs_lora.model)."""
-from pathlib import Path
 
 import pytest
 import torch

@@ -22,6 +22,7 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.nn import functional as F
 
+from ..utils import atomic_write_text
 from ..errors import ConfigError, DatasetError
 
 logger = logging.getLogger(__name__)
@@ -58,12 +59,8 @@ def load_cache(path):
 
 def save_cache(path, root, tracks):
     """Atomic write (temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"version": CACHE_VERSION, "root": str(Path(root).resolve()),
-                               "tracks": tracks}))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps({"version": CACHE_VERSION,
+                                        "root": str(Path(root).resolve()), "tracks": tracks}))
 
 
 def list_tracks(split_dir):

@@ -53,7 +53,7 @@ class LoRALinear(LoRALayer):
         if self.merged:
             return result
         h = F.linear(self.lora_dropout(x), self._cast(self.lora_A, x.dtype))
-        return self._add(result, F.linear(h, self._cast(self.lora_B, h.dtype)) * self.scaling)
+        return self._addmm(result, h, self.lora_B)
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B @ self.lora_A) * self.scaling
@@ -88,8 +88,7 @@ class _LoRAConvNd(LoRALayer):
             return result
         # _conv_forward applies the base stride/padding/dilation and padding_mode.
         h = self.base._conv_forward(self.lora_dropout(x), self._cast(self.lora_A, x.dtype), None)
-        update = type(self)._conv(h, self._cast(self.lora_B, h.dtype))
-        return self._add(result, update * self.scaling)
+        return self._add(result, type(self)._conv(h, self._scaled(self.lora_B, h.dtype)))
 
     def delta_weight(self) -> torch.Tensor:
         delta = self.lora_B.flatten(1) @ self.lora_A.flatten(1)
@@ -133,9 +132,9 @@ class _LoRAConvTransposeNd(LoRALayer):
         output_padding = base._output_padding(
             x, output_size, base.stride, base.padding, base.kernel_size,
             self._ndim, base.dilation)
-        update = type(self)._conv_tr(h, self._cast(self.lora_B, h.dtype), None, base.stride,
+        update = type(self)._conv_tr(h, self._scaled(self.lora_B, h.dtype), None, base.stride,
                                      base.padding, output_padding, 1, base.dilation)
-        return self._add(result, update * self.scaling)
+        return self._add(result, update)
 
     def delta_weight(self) -> torch.Tensor:
         delta = self.lora_A.t() @ self.lora_B.flatten(1)

@@ -73,10 +73,11 @@ class LoRAMultiheadAttention(LoRALayer):
     def _enabled(self) -> tp.List[str]:
         return [p for p, on in zip(_PROJ, self.enable_qkv) if on] + ["o"]
 
-    def _lora(self, x: torch.Tensor, name: str) -> torch.Tensor:
+    def _lora_add(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+        """``result + scaling * B_name A_name dropout(x)`` (one addmm, see LoRALayer._addmm)."""
         a = self._cast(getattr(self, f"lora_A_{name}"), x.dtype)
         h = F.linear(self.lora_dropout(x), a)
-        return F.linear(h, self._cast(getattr(self, f"lora_B_{name}"), h.dtype)) * self.scaling
+        return self._addmm(result, h, getattr(self, f"lora_B_{name}"))
 
     def delta_weight(self) -> tp.Dict[str, torch.Tensor]:
         dim = self.base.embed_dim
@@ -118,7 +119,7 @@ class LoRAMultiheadAttention(LoRALayer):
                        zip((query, key, value), w.chunk(3), bs))
         out = []
         for name, proj, x, on in zip(_PROJ, (q, k, v), (query, key, value), self.enable_qkv):
-            out.append(self._add(proj, self._lora(x, name)) if on else proj)
+            out.append(self._lora_add(proj, x, name) if on else proj)
         return out
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -197,5 +198,5 @@ class LoRAMultiheadAttention(LoRALayer):
             out = out.permute(2, 0, 1, 3).contiguous().view(bsz * tgt_len, dim)
             weights = None
         out_proj = base.out_proj
-        out = self._add(F.linear(out, out_proj.weight, out_proj.bias), self._lora(out, "o"))
+        out = self._lora_add(F.linear(out, out_proj.weight, out_proj.bias), out, "o")
         return out.view(tgt_len, bsz, dim), weights

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import typing as tp
 from pathlib import Path
 
@@ -20,6 +18,7 @@ from torch import nn
 
 from .. import __version__
 from ..errors import AdapterMismatch
+from ..utils import atomic_write
 from .inject import has_lora, inject_lora, iter_lora_layers, lora_config
 
 FORMAT = "demucs-lora-adapter/1"
@@ -97,16 +96,7 @@ def fingerprints_match(a: dict, b: dict, rtol: float = 2e-2, atol: float = 1e-4)
     return bool(torch.allclose(ta, tb, rtol=rtol, atol=atol))
 
 
-def _atomic_write(path: Path, write: tp.Callable[[str], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+_atomic_write = atomic_write
 
 
 def adapter_header(model: nn.Module, **extra) -> dict:
@@ -155,6 +145,18 @@ def read_adapter(path: tp.Union[str, Path]) -> tp.Tuple[dict, tp.Dict[str, torch
     return header, load_file(str(tensors_path))
 
 
+def _check_same_layout(config: dict, header: dict, path) -> None:
+    """Swapping tensors is only right when the layers were built the same way."""
+    keys = ("ranks", "alpha", "rslora", "bias", "enable_qkv", "train_extra")
+    diff = [k for k in keys if config[k] != header[k]]
+    if diff:
+        raise AdapterMismatch(
+            f"{path}: the model's LoRA layers differ from this adapter in {diff} "
+            f"(model: {[config[k] for k in diff if k != 'ranks']}, adapter: "
+            f"{[header[k] for k in diff if k != 'ranks']}); load it on the plain base model "
+            "(remove_lora first) instead of swapping")
+
+
 def load_lora_weights(model: nn.Module, path: tp.Union[str, Path],
                       check_base: bool = True) -> nn.Module:
     """Load an adapter strictly, injecting the LoRA layers first when the model has none.
@@ -176,6 +178,8 @@ def load_lora_weights(model: nn.Module, path: tp.Union[str, Path],
         inject_lora(model, header["ranks"], alpha=header["alpha"], dropout=header["dropout"],
                     rslora=header["rslora"], bias=header["bias"],
                     enable_qkv=header["enable_qkv"], train_extra=header["train_extra"])
+    else:
+        _check_same_layout(lora_config(model), header, path)
     expected = get_lora_state(model)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))

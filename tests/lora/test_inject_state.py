@@ -101,8 +101,16 @@ def test_adapter_on_other_base_or_shape_is_mismatch(tmp_path):
         load_lora_weights(tiny(seed=5), tmp_path / "ad")
     other = tiny()
     inject_lora(other, {n: 3 for n in lora_target_names(other, ["transformer"])})
-    with pytest.raises(AdapterMismatch, match="shape"):
+    with pytest.raises(AdapterMismatch, match="ranks"):
         load_lora_weights(other, tmp_path / "ad")
+    wider = HTDemucs(sources=["drums", "bass", "other", "vocals"], channels=16, t_layers=2,
+                     depth=4, segment=1)
+    with pytest.raises(AdapterMismatch, match="shape mismatches"):
+        load_lora_weights(wider, tmp_path / "ad")
+    scaled = tiny()
+    inject_lora(scaled, {n: 2 for n in lora_target_names(scaled, ["transformer"])}, alpha=4)
+    with pytest.raises(AdapterMismatch, match="alpha"):
+        load_lora_weights(scaled, tmp_path / "ad")  # same shapes, other scaling: refused
     with pytest.raises(AdapterMismatch, match="does not exist"):
         load_lora_weights(tiny(), tmp_path / "nothing")
 
