@@ -146,7 +146,7 @@ class _LoRAHydraMain(HydraMain):
         return sys.argv[1:]
 
 
-def _main(cfg: DictConfig):
+def main(cfg: DictConfig):
     try:
         return run(cfg)
     except DemucsLoRAError as exc:
@@ -155,5 +155,6 @@ def _main(cfg: DictConfig):
         sys.exit(1)
 
 
-main = _LoRAHydraMain(_main, config_name="config", config_path="../conf", version_base="1.3")
+# Same name as the function: Dora pickles the main as "module.function_name".
+main = _LoRAHydraMain(main, config_name="config", config_path="../conf", version_base="1.3")
 

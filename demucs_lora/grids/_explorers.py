@@ -25,11 +25,12 @@ class RankModesExplorer(Explorer):
 
     def get_grid_meta(self):
         return [tt.leaf("index", align=">"), tt.leaf("name"), tt.leaf("state"),
-                tt.leaf("sig", align=">"), tt.leaf("mode"), tt.leaf("rank", align=">"),
-                tt.leaf("params", align=">")]
+                tt.leaf("sig", align=">")]
 
     def get_grid_metrics(self):
         return [
+            tt.group("lora", [tt.leaf("mode"), tt.leaf("rank", align=">"),
+                              tt.leaf("params", align=">")]),
             tt.group("train", [tt.leaf("epoch"), tt.leaf("loss", ".4f")], align=">"),
             tt.group("valid", [tt.leaf(name, ".2f") for name in self.sources]
                      + [tt.leaf("nsdr", ".2f"), tt.leaf("best", ".2f")], align=">"),
@@ -40,7 +41,8 @@ class RankModesExplorer(Explorer):
         rank = cfg.htdemucs.lora_rank
         mode = cfg.htdemucs.lora_rank_mode if rank > 0 else "full"
         params = _trainable(Path(sheep.xp.folder))
-        out = {"mode": mode, "rank": rank, "params": params if params is not None else "-"}
+        out = {"lora": {"mode": mode, "rank": rank,
+                        "params": params if params is not None else "-"}}
         if not history:
             return out
         last = history[-1]

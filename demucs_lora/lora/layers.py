@@ -88,7 +88,7 @@ class _LoRAConvNd(LoRALayer):
             return result
         # _conv_forward applies the base stride/padding/dilation and padding_mode.
         h = self.base._conv_forward(self.lora_dropout(x), self._cast(self.lora_A, x.dtype), None)
-        return self._add(result, type(self)._conv(h, self._scaled(self.lora_B, h.dtype)))
+        return self._add_(result, type(self)._conv(h, self._scaled(self.lora_B, h.dtype)))
 
     def delta_weight(self) -> torch.Tensor:
         delta = self.lora_B.flatten(1) @ self.lora_A.flatten(1)
@@ -134,7 +134,7 @@ class _LoRAConvTransposeNd(LoRALayer):
             self._ndim, base.dilation)
         update = type(self)._conv_tr(h, self._scaled(self.lora_B, h.dtype), None, base.stride,
                                      base.padding, output_padding, 1, base.dilation)
-        return self._add(result, update)
+        return self._add_(result, update)
 
     def delta_weight(self) -> torch.Tensor:
         delta = self.lora_A.t() @ self.lora_B.flatten(1)
