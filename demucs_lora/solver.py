@@ -201,16 +201,19 @@ class Solver:
                           for k, v in metrics.items())
         logger.info("Epoch %d/%d: %s", epoch + 1, self.cfg.epochs, text)
 
+    def _adapter_header(self) -> dict:
+        return {"targets": list(self.cfg.htdemucs.lora_targets),
+                "rank_mode": self.cfg.htdemucs.lora_rank_mode,
+                "source_init": OmegaConf.to_container(self.cfg.source_init)
+                if self.cfg.source_init is not None else None,
+                "xp": self.xp.sig}
+
     def _save_epoch(self, epoch: int, metrics: dict) -> None:
         folder = self.folder
         (folder / "validation").mkdir(exist_ok=True)
         (folder / "validation" / f"epoch_{epoch + 1:03d}.json").write_text(
             json.dumps(metrics, indent=2))
-        header = {"targets": list(self.cfg.htdemucs.lora_targets),
-                  "rank_mode": self.cfg.htdemucs.lora_rank_mode,
-                  "source_init": OmegaConf.to_container(self.cfg.source_init)
-                  if self.cfg.source_init is not None else None,
-                  "xp": self.xp.sig}
+        header = self._adapter_header()
         state = self.ema.shadow if self.ema else None
         ckpt.save_adapter_with_state(self.model, state, folder / "lora_last", **header)
         if metrics.get("is_best"):
@@ -232,7 +235,9 @@ class Solver:
         return metrics
 
     def run(self) -> tp.List[dict]:
-        self.restore()
+        if not self.restore() and self.is_master:  # the starting point, to compare with
+            ckpt.save_adapter_with_state(self.model, None, self.folder / "lora_init",
+                                         **self._adapter_header())
         initial = self._initial_validation() if self.cfg.test.initial else {}
         for epoch in range(len(self.history), self.cfg.epochs):
             metrics = {"epoch": epoch + 1, **(initial if epoch == 0 else {})}

@@ -10,7 +10,7 @@ from .dora_helpers import BASE_ASSET, QUICK, dora, history, xps
 
 XP_FILES = ["config.yaml", "train.log", "history.json", "checkpoint.th", "best.th",
             "lora_best.safetensors", "lora_best.json", "lora_last.safetensors",
-            "lora_last.json", "ranks.json", "tensorboard", "validation", ".argv.json"]
+            "lora_last.json", "lora_init.safetensors", "ranks.json", "tensorboard", "validation", ".argv.json"]
 
 
 def test_full_finetune_then_continue_from_sig(tmp_path):
