@@ -52,6 +52,8 @@ class Solver:
         self.scheduler = build_scheduler(self.optimizer, cfg.optim,
                                          self.steps_per_epoch * cfg.epochs)
         self.ema = TrainableEMA(self.model, cfg.optim.ema) if cfg.optim.ema > 0 else None
+        # fp16 needs loss scaling (bf16 has float32's range and does not).
+        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision == "fp16")
         self.history: tp.List[dict] = []
         self.best_state = None
         self.best_nsdr = -float("inf")
@@ -67,6 +69,7 @@ class Solver:
         return {"model": ckpt.trainable_state(self.model),
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(),
                 "ema": self.ema.state_dict() if self.ema else None,
                 "rng": ckpt.rng_state(), "epoch": len(self.history),
                 "history": self.history, "best_state": self.best_state,
@@ -80,6 +83,8 @@ class Solver:
         ckpt.load_trainable_state(self.model, state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         if self.ema and state["ema"]:
             self.ema.load_state_dict(state["ema"])
         ckpt.set_rng_state(state["rng"])
@@ -124,11 +129,13 @@ class Solver:
                 estimate = self.dmodel(mix)
             loss, _ = self._loss(estimate, stems)
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
             params = [p for p in self.model.parameters() if p.requires_grad]
             clip = self.cfg.optim.clip_grad or float("inf")
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
-            self.optimizer.step()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
             self.scheduler.step()
             if self.ema:
                 self.ema.update(self.model)
@@ -234,6 +241,12 @@ class Solver:
             self._log_epoch(-1, metrics)
         return metrics
 
+    def _over_budget(self) -> bool:
+        """Equal wall-clock comparisons: stop once the train time spent exceeds the budget."""
+        budget = self.cfg.train_budget_seconds
+        return budget is not None and sum(h.get("train_seconds", 0.0)
+                                          for h in self.history) >= budget
+
     def run(self) -> tp.List[dict]:
         if not self.restore() and self.is_master:  # the starting point, to compare with
             ckpt.save_adapter_with_state(self.model, None, self.folder / "lora_init",
@@ -261,6 +274,10 @@ class Solver:
                 self.xp.link.push_metrics(metrics)
             if distrib.world_size() > 1:
                 torch.distributed.barrier()
+            if self._over_budget():
+                logger.info("Stopping after epoch %d: train_budget_seconds=%s spent",
+                            epoch + 1, self.cfg.train_budget_seconds)
+                break
         if self.writer:
             self.writer.close()
         return self.history

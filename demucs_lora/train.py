@@ -23,11 +23,13 @@ logger = logging.getLogger("demucs_lora")
 
 
 def pick_device(cfg: DictConfig) -> torch.device:
-    if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise DemucsLoRAError("device=cuda but no CUDA device is visible; use device=cpu")
-    return torch.device(cfg.device)
+    cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if cfg.mixed_precision == "fp16" and not cuda:
+        raise DemucsLoRAError("mixed_precision=fp16 needs a CUDA device; use "
+                              "mixed_precision=bf16 on CPU")
+    return torch.device("cuda" if cuda else "cpu")
 
 
 def verify_or_raise(cfg: DictConfig) -> None:
@@ -99,8 +101,8 @@ def run(cfg: DictConfig) -> tp.List[dict]:
     folder = Path(xp.folder)
     check_config(cfg)
     cfg = resolve_paths(cfg)
-    distrib.init(backend="nccl" if torch.cuda.is_available() and cfg.device != "cpu"
-                 else "gloo")
+    device = pick_device(cfg)
+    distrib.init(backend="nccl" if device.type == "cuda" else "gloo")
     if not distrib.is_master():  # one train.log, written by rank 0 (Hydra's job logging)
         root = logging.getLogger()
         for handler in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
@@ -131,7 +133,7 @@ def run(cfg: DictConfig) -> tp.List[dict]:
         return []
     if cfg.enable_checkpointing:
         enable_checkpointing(model)
-    solver = Solver(cfg, model, report, loaders, augment, pick_device(cfg))
+    solver = Solver(cfg, model, report, loaders, augment, device)
     return solver.run()
 
 

@@ -66,8 +66,33 @@ def _check_groups(base: nn.Module) -> None:
             f"{base.groups}; leave this layer out of lora_targets or give it rank 0")
 
 
+def _channel_matmul(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A 1x1 conv as one batched GEMM: weight (o, c) on x (N, c, *spatial).
+
+    Used for the A factor of a 1x1 base conv: on CPU, oneDNN's conv with few (r) output
+    channels was up to 2x slower than bmm over the flattened spatial dims (fwd + bwd,
+    HTDemucs shapes). For B, conv + in-place add measured faster end to end than an
+    in-place baddbmm (whose backward through the view copies the full-size gradient).
+    """
+    n, c = x.shape[:2]
+    out = torch.bmm(weight.expand(n, -1, -1), x.reshape(n, c, -1))
+    return out.view(n, weight.shape[0], *x.shape[2:])
+
+
+def _is_pointwise(base: nn.Module) -> bool:
+    """A 1x1, stride-1, unpadded conv: its A factor can run as a matmul."""
+    padding = base.padding
+    return (all(k == 1 for k in base.kernel_size) and all(s == 1 for s in base.stride)
+            and (isinstance(padding, str) or all(p == 0 for p in padding)))
+
+
 class _LoRAConvNd(LoRALayer):
-    """A: conv with the base geometry (in -> r); B: 1x1 conv (r -> out)."""
+    """A: conv with the base geometry (in -> r); B: 1x1 conv (r -> out).
+
+    The scaling rides on B, the update is added in place to the base output, and A runs
+    as a bmm when the base is itself 1x1 (see `_channel_matmul`). Measured on full
+    HTDemucs (uniform r=8, CPU): -7% step time, peak memory 1.07x -> 0.86x of full FT.
+    """
 
     _ndim = 0
     _conv = None
@@ -86,8 +111,13 @@ class _LoRAConvNd(LoRALayer):
         result = self.base(x)
         if self.merged:
             return result
-        # _conv_forward applies the base stride/padding/dilation and padding_mode.
-        h = self.base._conv_forward(self.lora_dropout(x), self._cast(self.lora_A, x.dtype), None)
+        x = self.lora_dropout(x)
+        a = self._cast(self.lora_A, x.dtype)
+        batched = x.dim() == self._ndim + 2
+        if batched and _is_pointwise(self.base):
+            h = _channel_matmul(a.flatten(1), x)
+        else:  # _conv_forward applies the base stride/padding/dilation and padding_mode
+            h = self.base._conv_forward(x, a, None)
         return self._add_(result, type(self)._conv(h, self._scaled(self.lora_B, h.dtype)))
 
     def delta_weight(self) -> torch.Tensor:

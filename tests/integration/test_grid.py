@@ -1,9 +1,7 @@
 """`dora grid rank_modes` on a real local Slurm, plus what changes a signature."""
 import json
-import os
 import subprocess
 
-import pytest
 
 from .dora_helpers import BASE_ASSET, DORA, env, xps
 
@@ -39,6 +37,12 @@ def test_signatures_follow_semantic_keys_only():
               ['htdemucs.layer_ranks={"encoder.0.*":4}']]
     sigs = {main.get_xp(base + other).sig for other in others}
     assert sig not in sigs and len(sigs) == len(others)
+    # The dict keys users fill on the command line (null defaults, not {}).
+    xp = main.get_xp(base + ["sources=[other,kick,vocals,bass,hihat]",
+                             "source_init={kick:drums,hihat:drums}",
+                             "htdemucs.layer_ranks={encoder.0.*:4,transformer.*:16}"])
+    assert dict(xp.cfg.source_init) == {"kick": "drums", "hihat": "drums"}
+    assert dict(xp.cfg.htdemucs.layer_ranks) == {"encoder.0.*": 4, "transformer.*": 16}
     # JSON-style and Hydra-style dict overrides are the same experiment.
     assert main.get_xp(base + ["htdemucs.layer_ranks={encoder.0.*:4}"]).sig == \
         main.get_xp(base + ['htdemucs.layer_ranks={"encoder.0.*":4}']).sig

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from .dora_helpers import BASE_ASSET, QUICK, dora, history, xps
+from .dora_helpers import BASE_ASSET, QUICK, dora, history, tool, xps
 
 XP_FILES = ["config.yaml", "train.log", "history.json", "checkpoint.th", "best.th",
             "lora_best.safetensors", "lora_best.json", "lora_last.safetensors",
@@ -48,6 +48,15 @@ def test_lora_adaptation_to_domain_b_gains_nsdr(tmp_path):
     header = json.loads((xp / "lora_best.json").read_text())
     assert header["ranks"] == ranks["ranks"]
     assert sorted((xp / "validation").iterdir())[0].name == "epoch_000.json"
+    # The trained XP exports, and the stock demucs CLI separates with the exported model.
+    tool(tmp_path, "tools.export", xp.name, "--include-lora", "-o", "release", "--no-eval")
+    assert (tmp_path / "release" / f"{xp.name}.th").exists()
+    assert (tmp_path / "release" / f"{xp.name}.lora.safetensors").exists()
+    mix = sorted(tmp_path.glob("metadata/synth/*/test/*/mixture.wav"))[0]
+    tool(tmp_path, "demucs", "--repo", "release", "-n", xp.name, str(mix), "-o", "sep",
+         "--shifts", "0")
+    stems = sorted(p.name for p in tmp_path.glob(f"sep/{xp.name}/*/*.wav"))
+    assert stems == ["bass.wav", "drums.wav", "other.wav", "vocals.wav"]
 
 
 def test_five_stem_variant_from_four_stem_base(tmp_path):
@@ -121,3 +130,16 @@ def test_kill_9_then_resume_equals_uninterrupted(tmp_path):
         for key in ref:
             assert res[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-7), key
     assert "Resumed from" in (xp / "train.log").read_text()
+
+
+def test_ema_amp_checkpointing_profiling_budget(tmp_path):
+    dora(tmp_path, "run", *QUICK, f"continue_from={BASE_ASSET}", "htdemucs.lora_rank=4",
+         "optim.ema=0.9", "mixed_precision=bf16", "enable_checkpointing=true",
+         "enable_profiling=true", "test.initial=false", "max_batches=5", "epochs=3",
+         "train_budget_seconds=0.001")
+    (xp,) = xps(tmp_path)
+    hist = history(xp)
+    assert len(hist) == 1  # the budget stopped it after the first epoch
+    assert all(map(lambda v: v == v, (hist[0]["train_loss"], hist[0]["valid_nsdr"])))
+    assert list((xp / "profile").iterdir()), "enable_profiling wrote no trace"
+    assert "train_budget_seconds" in (xp / "train.log").read_text()
