@@ -95,6 +95,18 @@ class LoRALayer(nn.Module):
     def _add(result: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
         return result + update.to(result.dtype)
 
+    def _fold(self) -> bool:
+        """True when no gradient is recorded and dropout is inactive: the adapter can
+        then ride on the weight, ``base_op(x, W + delta_weight())``, which costs the base
+        op plus a tiny matmul (the merged forward, without touching the base weights).
+        Measured on full HTDemucs inference, uniform r=8: 1.24x -> ~1.0x of the base."""
+        return not torch.is_grad_enabled() and \
+            (not self.training or isinstance(self.lora_dropout, nn.Identity))
+
+    def _folded_weight(self) -> torch.Tensor:
+        weight = self.base.weight
+        return weight + self.delta_weight().to(weight.dtype)
+
     @staticmethod
     def _add_(result: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
         """In-place ``result += update`` on the fresh output of a frozen conv (autograd
