@@ -42,7 +42,7 @@ def _step(title: str) -> None:
 
 def _run(*args: str) -> subprocess.CompletedProcess:
     """Run a CLI as the user would, from the repository root; stop the demo if it fails."""
-    print("$ " + " ".join(args), flush=True)
+    print("$ " + " ".join(("python",) + args if args[0] == "-m" else args), flush=True)
     proc = subprocess.run([sys.executable, *args] if args[0] == "-m" else list(args),
                           cwd=REPO)
     if proc.returncode != 0:
