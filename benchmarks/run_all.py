@@ -18,7 +18,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-BENCHMARKS = ("train_step", "inference", "size", "data_loading")
+BENCHMARKS = ("train_step", "inference", "size", "data_loading", "quality")
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 
@@ -117,6 +117,26 @@ def _data_table(r: dict) -> tp.List[str]:
             f"{r['ratio']:.0f}x | {_target_cell(r, *_verdicts(r))} |"]
 
 
+def _quality_table(r: dict) -> tp.List[str]:
+    s = r["settings"]
+    lines = [f"**Quality** (synthetic domain A -> B from the shipped base, equal training "
+             f"budget {s['budget_seconds']:.0f} s each; LoRA lr {s['lora_lr']}, full FT lr "
+             f"{s['full_lr']}; nSDR gain on valid B, dB)", "",
+             "| run | trainable params | epochs | " + " | ".join(
+                 k for k in next(iter(r["runs"].values()))["gain"]) + " |",
+             "|---|---|---|" + "---|" * len(next(iter(r["runs"].values()))["gain"])]
+    for run in r["runs"].values():
+        lines.append(f"| {run['label']} | {run['params']:,} | {run['epochs']} | " +
+                     " | ".join(f"{v:+.2f}" for v in run["gain"].values()) + " |")
+    lines.append("")
+    for t in r.get("targets", []):
+        lines.append(f"- {t['name']}: {t['value']:.2f} (target {t['op']} {t['target']}): "
+                     f"**{'PASS' if t['pass'] else 'MISS'}**")
+    lines.append("\n![gain vs params](benchmarks/results/quality_gain_vs_params.png) "
+                 "![ranks per layer](benchmarks/results/quality_ranks.png)")
+    return lines
+
+
 def make_table(results: tp.Mapping[str, dict]) -> str:
     """Markdown of all results (whatever subset exists)."""
     if not results:
@@ -126,7 +146,8 @@ def make_table(results: tp.Mapping[str, dict]) -> str:
     lines = [f"Measured on {format_machine(machine)}; `python -m benchmarks.run_all` "
              "regenerates this table (raw numbers in benchmarks/results/*.json).", ""]
     for name, fn in (("train_step", _train_table), ("inference", _inference_table),
-                     ("size", _size_table), ("data_loading", _data_table)):
+                     ("size", _size_table), ("data_loading", _data_table),
+                     ("quality", _quality_table)):
         if name in results:
             lines += fn(results[name]) + [""]
     return "\n".join(lines).rstrip() + "\n"
@@ -172,7 +193,7 @@ def main(argv=None) -> int:
         extra = ["--device", args.device] + (["--smoke"] if args.smoke else []) + \
             (["--out", str(folder)] if args.out else [])
         for name in names:
-            if run_benchmark(name, extra if name not in ("size", "data_loading")
+            if run_benchmark(name, extra if name not in ("size", "data_loading", "quality")
                              else [e for e in extra if e not in ("--device", args.device)]):
                 failed.append(name)
     table = make_table(load_results(folder, smoke=args.smoke))

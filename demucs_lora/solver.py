@@ -253,6 +253,10 @@ class Solver:
                                          **self._adapter_header())
         initial = self._initial_validation() if self.cfg.test.initial else {}
         for epoch in range(len(self.history), self.cfg.epochs):
+            if self._over_budget():  # checked first, so a resumed run stops at once too
+                logger.info("Stopping before epoch %d: train_budget_seconds=%s spent",
+                            epoch + 1, self.cfg.train_budget_seconds)
+                break
             metrics = {"epoch": epoch + 1, **(initial if epoch == 0 else {})}
             metrics.update({f"train_{k}" if k != "loss" else "train_loss": v
                             for k, v in self.train_epoch(epoch).items()})
@@ -274,10 +278,6 @@ class Solver:
                 self.xp.link.push_metrics(metrics)
             if distrib.world_size() > 1:
                 torch.distributed.barrier()
-            if self._over_budget():
-                logger.info("Stopping after epoch %d: train_budget_seconds=%s spent",
-                            epoch + 1, self.cfg.train_budget_seconds)
-                break
         if self.writer:
             self.writer.close()
         return self.history
