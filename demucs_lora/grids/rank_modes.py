@@ -24,8 +24,10 @@ def explorer(launcher):
     launcher.bind_(args)
     launcher.slurm_(**_slurm_from(args))
     launcher({"htdemucs.lora_rank": 0})  # full fine-tune reference
-    for mode in ("uniform", "heuristic", "gradient"):
-        launcher({"htdemucs.lora_rank": 8, "htdemucs.lora_rank_mode": mode})
+    launcher({"htdemucs.lora_rank": 8})  # uniform: the parameter budget the others match
+    launcher({"htdemucs.lora_rank": 8, "htdemucs.lora_rank_mode": "heuristic",
+              "htdemucs.lora_budget_match": True})
+    launcher({"htdemucs.lora_rank": 8, "htdemucs.lora_rank_mode": "gradient"})
     for rank in (4, 16):
         launcher({"htdemucs.lora_rank": rank, "htdemucs.lora_rank_mode": "uniform"})
 

@@ -243,7 +243,7 @@ def _clamp(ranks: tp.Dict[str, int], info: tp.Mapping[str, LayerInfo],
 
 # ---------------------------------------------------------------- modes
 
-def heuristic_ranks(names: tp.Sequence[str], rank: int, depth: int,
+def heuristic_ranks(names: tp.Sequence[str], rank: float, depth: int,
                     t_depth: tp.Optional[int] = None) -> tp.Dict[str, int]:
     """Default heuristic table: `HEURISTIC_SCALE[role] * rank` per layer."""
     out = {}
@@ -367,7 +367,10 @@ def allocate_ranks(model: nn.Module, cfg: tp.Any, batches: tp.Optional[tp.Iterab
     model_params = sum(p.numel() for p in model.parameters())
 
     budget = None
-    if mode == "heuristic":
+    if mode == "heuristic" and _get(cfg, "lora_budget_match", False):
+        budget = _uniform_budget(names, info, rank, max_cap)
+        ranks = _budget_matched_heuristic(names, rank, depth, t_depth, info, max_cap, budget)
+    elif mode == "heuristic":
         ranks = heuristic_ranks(names, rank, depth, t_depth)
     else:
         ranks = {n: rank for n in names}
@@ -390,7 +393,7 @@ def _gradient_budget(ranks, names, pinned, info, rank, max_cap, cfg, model, batc
     max_rank = _int(_get(cfg, "max_rank", 32), "max_rank", max(1, min_rank))
     n_batches = _int(_get(cfg, "lora_gradient_batches", 8), "lora_gradient_batches", 1)
     uniform_cap = {n: min(info[n].max_rank, max_cap or info[n].max_rank) for n in names}
-    budget = sum(min(rank, uniform_cap[n]) * info[n].params_per_rank for n in names)
+    budget = _uniform_budget(names, info, rank, max_cap)
     free = [n for n in names if n not in pinned]
     caps = {n: min(uniform_cap[n], max_rank) for n in free}
     for n in free:
@@ -400,3 +403,27 @@ def _gradient_budget(ranks, names, pinned, info, rank, max_cap, cfg, model, batc
                                     loss_fn or F.l1_loss, n_batches)
         _greedy(ranks, free, caps, spectra, info, budget)
     return budget
+
+
+def _uniform_budget(names, info, rank: int, max_cap) -> int:
+    """Adapter parameters of `uniform` at `rank` (after clamping): the matched budget."""
+    return sum(min(rank, info[n].max_rank, max_cap or info[n].max_rank)
+               * info[n].params_per_rank for n in names)
+
+
+def _budget_matched_heuristic(names, rank, depth, t_depth, info, max_cap, budget):
+    """The heuristic table scaled (one factor for all roles) to spend at most `budget`:
+    bisection on the factor, keeping the largest table that fits."""
+    def cost(ranks):
+        return sum(min(r, info[n].max_rank, max_cap or info[n].max_rank)
+                   * info[n].params_per_rank for n, r in ranks.items())
+    low, high = 0.0, 8.0
+    best = {n: 0 for n in names}
+    for _ in range(30):
+        mid = (low + high) / 2
+        ranks = heuristic_ranks(names, rank * mid, depth, t_depth)
+        if cost(ranks) <= budget:
+            low, best = mid, ranks
+        else:
+            high = mid
+    return best

@@ -239,3 +239,18 @@ def test_full_size_uniform_r8_under_5_percent():
     fraction = table.trainable_params() / sum(p.numel() for p in model.parameters())
     print(f"LoRA uniform r=8 trainable fraction: {100 * fraction:.2f}%")
     assert fraction < 0.05
+
+
+def test_heuristic_budget_match_spends_at_most_uniform_budget(tiny_htdemucs):
+    cfg = {"lora_rank": 8, "lora_targets": ["encoder", "decoder", "transformer"],
+           "lora_max_rank": 32}
+    uniform = allocate_ranks(tiny_htdemucs, dict(cfg, lora_rank_mode="uniform"))
+    plain = allocate_ranks(tiny_htdemucs, dict(cfg, lora_rank_mode="heuristic"))
+    matched = allocate_ranks(tiny_htdemucs, dict(cfg, lora_rank_mode="heuristic",
+                                                 lora_budget_match=True))
+    budget = uniform.trainable_params()
+    assert plain.trainable_params() > budget  # the plain table overspends here
+    assert 0.85 * budget <= matched.trainable_params() <= budget
+    # Same shape of table: outermost layers stay at 0, attention above the middle layers.
+    assert matched["encoder.0.conv"] == 0
+    assert matched["crosstransformer.layers.0.self_attn"] >= matched["encoder.1.conv"]
