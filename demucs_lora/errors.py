@@ -1,4 +1,8 @@
 """Typed user-facing errors: each names the key, file or layer at fault and how to fix it."""
+import contextlib
+import logging
+import sys
+import typing as tp
 
 
 class DemucsLoRAError(Exception):
@@ -19,3 +23,15 @@ class AdapterMismatch(DemucsLoRAError):
 
 class ModelLoadError(DemucsLoRAError):
     """A base model or exported package could not be found or loaded."""
+
+
+@contextlib.contextmanager
+def exit_on_user_error(logger: tp.Optional[logging.Logger] = None):
+    """CLI boundary: a user error prints one line (no traceback) and exits with status 1."""
+    try:
+        yield
+    except DemucsLoRAError as exc:
+        if logger is not None:
+            logger.error("%s: %s", type(exc).__name__, exc)
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        sys.exit(1)

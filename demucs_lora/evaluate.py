@@ -29,7 +29,7 @@ import typing as tp
 from pathlib import Path
 
 from .utils import atomic_write_text
-from .errors import ConfigError, DemucsLoRAError
+from .errors import ConfigError, exit_on_user_error
 
 if tp.TYPE_CHECKING:  # pragma: no cover
     from omegaconf import DictConfig
@@ -255,10 +255,8 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> None:
     """Console script ``demucs-lora-test``; exits 1 with a message on user errors."""
     args = get_parser().parse_intermixed_args(argv)
     try:
-        run(args)
-    except DemucsLoRAError as exc:
-        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        sys.exit(1)
+        with exit_on_user_error():
+            run(args)
     except Exception as exc:  # hydra/omegaconf: bad override, unknown key or group
         if type(exc).__module__.split(".")[0] not in ("hydra", "omegaconf"):
             raise

@@ -30,13 +30,12 @@ import argparse
 import io
 import re
 import shutil
-import sys
 import typing as tp
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .utils import atomic_write
-from .errors import ConfigError, DemucsLoRAError, ModelLoadError
+from .errors import ConfigError, DemucsLoRAError, ModelLoadError, exit_on_user_error
 
 if tp.TYPE_CHECKING:  # pragma: no cover
     from omegaconf import DictConfig
@@ -262,11 +261,8 @@ def run(args: argparse.Namespace, root: tp.Optional[Path] = None) -> tp.List[Job
 def main(argv: tp.Optional[tp.Sequence[str]] = None) -> None:
     """Console script ``demucs-lora-export``; exits 1 with a message on user errors."""
     args = get_parser().parse_args(argv)
-    try:
+    with exit_on_user_error():
         run(args)
-    except DemucsLoRAError as exc:
-        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        sys.exit(1)
 
 
 if __name__ == "__main__":

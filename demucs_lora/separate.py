@@ -17,11 +17,10 @@ stereo. Exit status: 0 done, 1 a user error (message names the file and the fix)
 from __future__ import annotations
 
 import argparse
-import sys
 import typing as tp
 from pathlib import Path
 
-from .errors import DemucsLoRAError
+from .errors import DemucsLoRAError, exit_on_user_error
 
 if tp.TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -176,11 +175,8 @@ def run(args: argparse.Namespace) -> tp.List[Path]:
 def main(argv: tp.Optional[tp.Sequence[str]] = None) -> None:
     """Console script ``demucs-lora``; exits 1 with a one-line message on user errors."""
     args = get_parser().parse_args(argv)
-    try:
+    with exit_on_user_error():
         written = run(args)
-    except DemucsLoRAError as exc:
-        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        sys.exit(1)
     print(f"wrote {len(written)} files")
 
 

@@ -17,7 +17,7 @@ from dora.hydra import HydraMain
 from omegaconf import DictConfig, OmegaConf
 
 from .config_check import check_config, normalize_overrides, resolve_paths
-from .errors import DatasetError, DemucsLoRAError
+from .errors import DatasetError, DemucsLoRAError, exit_on_user_error
 
 logger = logging.getLogger("demucs_lora")
 
@@ -149,12 +149,8 @@ class _LoRAHydraMain(HydraMain):
 
 
 def main(cfg: DictConfig):
-    try:
+    with exit_on_user_error(logger):
         return run(cfg)
-    except DemucsLoRAError as exc:
-        logger.error("%s: %s", type(exc).__name__, exc)
-        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        sys.exit(1)
 
 
 # Same name as the function: Dora pickles the main as "module.function_name".
