@@ -21,28 +21,26 @@ def env() -> dict:
     return out
 
 
+def _run(cmd, cwd: Path, timeout: float, check: bool):
+    proc = subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n"
+                             f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
 def dora(cwd: Path, *args: str, timeout: float = 600, check: bool = True,
          popen: bool = False):
     cmd = [DORA, "-P", "demucs_lora", *args]
     if popen:
         return subprocess.Popen(cmd, cwd=cwd, env=env(), stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    proc = subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True,
-                          timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n"
-                             f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
+    return _run(cmd, cwd, timeout, check)
 
 
 def tool(cwd: Path, module: str, *args: str, timeout: float = 600, check: bool = True):
-    cmd = [sys.executable, "-m", module, *args]
-    proc = subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True,
-                          timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n"
-                             f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
+    return _run([sys.executable, "-m", module, *args], cwd, timeout, check)
 
 
 def xps(cwd: Path) -> list:
