@@ -2,12 +2,10 @@
 
 Why a module of its own: every user-facing entry point (the Python API, the export,
 test and separate CLIs) resolves "a model name" the same way, so a name that works in one
-place works in all of them. Resolution order for ``get_model(name_or_sig, repo)``:
-
-1. a path to a ``.th`` file (a demucs package, float, half or int8-quantized);
-2. ``NAME`` in ``repo`` (``NAME.th``, ``NAME-CHECKSUM.th`` or a bag of one model
-   ``NAME.yaml``), as ``python -m tools.export`` writes them;
-3. an XP signature: ``outputs/xps/SIG/best.th`` under ``root`` (default: the cwd).
+place works in all of them. Names resolve through
+``hub.resolve``, one order for training and serving: a path (``.th``, ``.safetensors``, a
+bag ``.yaml`` or a folder), an XP signature in Dora's folder, ``NAME`` in ``repo``, then the
+HF hub / torch hub caches demucs 4.1 downloads into.
 
 Every file is opened with ``weights_only=True`` and an allowlist of the demucs classes
 (``demucs_lora.safe_load``): model files are code, so nothing else is unpickled unless
@@ -51,86 +49,34 @@ LAYOUT_KEYS = ("ranks", "alpha", "rslora", "bias", "enable_qkv", "train_extra")
 
 
 def xps_root(root: tp.Optional[PathLike] = None) -> Path:
-    """``ROOT/outputs/xps`` (ROOT defaults to the current directory, as Dora's)."""
-    return Path(root or Path.cwd()) / "outputs" / "xps"
+    """Dora's XP folder (``hub.resolve.xps_dir``)."""
+    from .hub.resolve import xps_dir
+    return xps_dir(root)
 
 
 def recent_xps(root: tp.Optional[PathLike] = None, count: int = 5) -> tp.List[str]:
-    """Signatures of the ``count`` most recently modified XP folders, newest first."""
-    folder = xps_root(root)
-    if not folder.is_dir():
-        return []
-    xps = [p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")]
-    xps.sort(key=lambda p: p.stat().st_mtime, reverse=True)
-    return [p.name for p in xps[:count]]
+    from .hub.resolve import recent_xps as _recent
+    return _recent(root, count)
 
 
 def xp_folder(sig: str, root: tp.Optional[PathLike] = None) -> tp.Optional[Path]:
-    """The folder of XP ``sig`` if it exists (a plain name, not a path), else None."""
-    if not sig or "/" in sig or sig in (".", ".."):
-        return None
-    folder = xps_root(root) / sig
-    return folder if folder.is_dir() else None
-
-
-def unknown_model_error(name: str, repo: tp.Optional[PathLike],
-                        root: tp.Optional[PathLike] = None) -> ModelLoadError:
-    """The error for a name that is no file, no repo entry and no XP: lists what exists."""
-    recent = recent_xps(root)
-    where = [f"no file {name}"]
-    if repo is not None:
-        where.append(f"no {name}.th / {name}.yaml in repo {repo}")
-    else:
-        where.append("no repo given (pass repo=/--repo DIR for exported names)")
-    where.append(f"no XP {xps_root(root) / name}")
-    hint = (f"recent XPs: {', '.join(recent)}" if recent
-            else f"no XP in {xps_root(root)} (run from the folder that holds outputs/)")
-    return ModelLoadError(f"model {name!r} not found: {'; '.join(where)}. {hint}")
-
-
-def _repo_has(name: str, repo: Path) -> bool:
-    if (repo / f"{name}.yaml").is_file():
-        return True
-    return any(p.suffix == ".th" and (p.stem == name or p.stem.rsplit("-", 1)[0] == name)
-               for p in repo.iterdir())
+    from .hub.resolve import xp_folder as _xp_folder
+    return _xp_folder(sig, root)
 
 
 def model_display_name(name_or_sig: str) -> str:
     """Folder-friendly name of a model: a file's stem, else the name itself."""
     text = str(name_or_sig)
-    return Path(text).stem if text.endswith(".th") else text.replace("/", "_")
+    return Path(text).stem if text.endswith((".th", ".safetensors")) else text.replace("/", "_")
 
 
 def load_plain_model(name_or_sig: PathLike, repo: tp.Optional[PathLike] = None,
                      trust_remote_code: bool = False,
                      root: tp.Optional[PathLike] = None) -> "nn.Module":
-    """The model ``name_or_sig`` names (see the module docstring), in eval mode."""
-    from .model import _load_from_repo, _load_single_model
-    root = Path(root or Path.cwd())
-    text = str(name_or_sig)
-    path = Path(text).expanduser()
-    if not path.is_absolute():
-        path = root / path
-    if text.endswith(".th") or path.is_file():
-        if not path.is_file():
-            raise ModelLoadError(f"model file {path} does not exist")
-        return _load_single_model(path, trust_remote_code).eval()
-    if repo is not None:
-        repo_path = Path(repo).expanduser()
-        repo_path = repo_path if repo_path.is_absolute() else root / repo_path
-        if not repo_path.is_dir():
-            raise ModelLoadError(f"repo {repo} is not a folder (it must hold NAME.th files, "
-                                 "e.g. the release_models/ that tools.export writes)")
-        if _repo_has(text, repo_path):
-            return _load_from_repo(text, repo_path, trust_remote_code).eval()
-    xp = xp_folder(text, root)
-    if xp is not None:
-        best = xp / "best.th"
-        if not best.is_file():
-            raise ModelLoadError(f"XP {xp} has no best.th yet (did its training finish an "
-                                 "epoch?)")
-        return _load_single_model(best, trust_remote_code).eval()
-    raise unknown_model_error(text, repo, root)
+    """The model ``name_or_sig`` names (``hub.resolve`` order), in eval mode: an
+    HTDemucs, or a ``demucs.apply.BagOfModels`` for a bag of several models."""
+    from .model import load_base
+    return load_base(str(name_or_sig), repo, trust_remote_code, root).eval()
 
 
 def resolve_adapter(adapter: PathLike, root: tp.Optional[PathLike] = None) -> Path:

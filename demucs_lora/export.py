@@ -134,13 +134,13 @@ def load_xp_model(folder: Path, which: str = "best", trust_remote_code: bool = F
     from omegaconf import OmegaConf
     from .lora.inject import remove_lora
     from .lora.state import load_lora_weights
-    from .model import _load_single_model, load_base
+    from .model import load_base
     cfg = OmegaConf.load(folder / "config.yaml")
     if which == "best":
         best = folder / "best.th"
         if not best.is_file():
             raise ModelLoadError(f"XP {folder} has no best.th yet (no epoch finished?)")
-        return _load_single_model(best, trust_remote_code).eval(), cfg
+        return load_base(str(best), None, trust_remote_code).eval(), cfg
     base = load_base(cfg.get("continue_from"), cfg.get("pretrained_repo"),
                      trust_remote_code, root)
     if base is None:

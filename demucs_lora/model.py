@@ -12,7 +12,7 @@ import warnings
 from pathlib import Path
 
 import torch
-import yaml
+from demucs.apply import BagOfModels
 from demucs.htdemucs import HTDemucs
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
@@ -38,80 +38,40 @@ def architecture_kwargs(cfg: DictConfig) -> dict:
     return kwargs
 
 
-def _xp_folder(sig: str, root: Path) -> Path:
-    return root / "outputs" / "xps" / sig
-
-
-def _load_single_model(path: Path, trust_remote_code: bool) -> nn.Module:
-    from .safe_load import load_model_file
-    model = load_model_file(path, trust_remote_code=trust_remote_code, strict=True)
+def _check_htdemucs(model: nn.Module, source: str) -> HTDemucs:
     if not isinstance(model, HTDemucs):
-        raise ModelLoadError(f"{path} holds a {type(model).__name__}, not an HTDemucs: "
-                             "demucs-lora adapts HTDemucs models (demucs v4) only")
+        raise ModelLoadError(
+            f"{source} holds a {type(model).__module__}.{type(model).__name__}, not an "
+            "HTDemucs: demucs-lora adapts HTDemucs models (demucs v4: htdemucs, htdemucs_6s, "
+            "htdemucs_ft) only; HDemucs (v3, e.g. hdemucs_mmi) and Demucs (v2) are not "
+            "supported")
     return model
-
-
-def _load_from_repo(name: str, repo: Path, trust_remote_code: bool) -> nn.Module:
-    """A demucs pretrained name in a local repo: `NAME.th`, `NAME-CHECKSUM.th` or a bag
-    `NAME.yaml`. A bag of one model gives that model; bigger bags are an error."""
-    if not repo.is_dir():
-        raise ModelLoadError(f"pretrained_repo={repo} is not a folder (it must hold demucs "
-                             "model files, e.g. htdemucs.yaml and 955717e8-8726e21a.th)")
-    files = {p.stem.rsplit("-", 1)[0] if "-" in p.stem else p.stem: p
-             for p in repo.iterdir() if p.suffix == ".th"}
-    if name in files:
-        return _load_single_model(files[name], trust_remote_code)
-    bag_file = repo / f"{name}.yaml"
-    if bag_file.exists():
-        bag = yaml.safe_load(bag_file.read_text())
-        sigs = bag.get("models", [])
-        if len(sigs) != 1:
-            raise ModelLoadError(
-                f"{bag_file} is a bag of {len(sigs)} models {sigs}: adapt one of them, e.g. "
-                f"continue_from={sigs[0] if sigs else 'SIG'} pretrained_repo={repo}")
-        if sigs[0] not in files:
-            raise ModelLoadError(f"{bag_file} names model {sigs[0]}, but {repo} has no "
-                                 f"{sigs[0]}*.th file (found: {sorted(files)})")
-        model = _load_single_model(files[sigs[0]], trust_remote_code)
-        if bag.get("segment") is not None:
-            model.segment = bag["segment"]
-        return model
-    available = sorted(set(files) | {p.stem for p in repo.glob("*.yaml")})
-    raise ModelLoadError(f"continue_from={name}: no {name}.th or {name}.yaml in "
-                         f"pretrained_repo={repo} (available: {available}); demucs "
-                         "pretrained models cannot be downloaded here, copy them there")
 
 
 def load_base(continue_from: tp.Optional[str], pretrained_repo: tp.Optional[str] = None,
               trust_remote_code: bool = False, root: tp.Optional[Path] = None,
-              ) -> tp.Optional[nn.Module]:
-    """Resolve `continue_from`: a .th path, an XP signature, or a name in the local repo.
-    Returns None when continue_from is None (the caller builds a fresh model)."""
+              bag_member: tp.Optional[int] = None) -> tp.Optional[nn.Module]:
+    """The base ``continue_from`` names (``hub.resolve`` has the lookup order), or None.
+
+    One model (or a bag of one) gives an HTDemucs; a bag of several gives a
+    ``demucs.apply.BagOfModels`` of HTDemucs, or its member ``bag_member`` alone."""
     if continue_from is None:
         return None
-    root = Path(root or Path.cwd())
-    text = str(continue_from)
-    path = Path(text).expanduser()
-    if not path.is_absolute():
-        path = root / path
-    if text.endswith(".th") or path.is_file():
-        if not path.is_file():
-            raise ModelLoadError(f"continue_from={text}: file {path} does not exist")
-        return _load_single_model(path, trust_remote_code)
-    xp = _xp_folder(text, root)
-    if xp.is_dir():
-        best = xp / "best.th"
-        if not best.exists():
-            raise ModelLoadError(f"continue_from={text}: XP {xp} has no best.th yet "
-                                 "(did its training finish an epoch?)")
-        return _load_single_model(best, trust_remote_code)
-    if pretrained_repo is None:
-        raise ModelLoadError(
-            f"continue_from={text} is not a .th file nor an XP in {root / 'outputs/xps'}; for "
-            "a demucs pretrained name set pretrained_repo=/folder/with/model/files")
-    repo = Path(pretrained_repo).expanduser()
-    return _load_from_repo(text, repo if repo.is_absolute() else root / repo,
-                           trust_remote_code)
+    from .hub.resolve import find_model, load_found
+    found = find_model(str(continue_from), pretrained_repo, root)
+    loaded = load_found(found, trust_remote_code)
+    members = [_check_htdemucs(m, str(f)) for m, f in zip(loaded.members, found.files)]
+    if bag_member is not None:
+        if not 0 <= bag_member < len(members):
+            raise ConfigError(f"bag_member={bag_member}: {continue_from} has {len(members)} "
+                              f"member(s) (valid: 0..{len(members) - 1})")
+        members = [members[bag_member]]
+    if len(members) == 1:
+        if loaded.segment is not None:
+            members[0].segment = loaded.segment
+        return members[0]
+    from demucs.apply import BagOfModels
+    return BagOfModels(members, loaded.weights, loaded.segment)
 
 
 def _head_blocks(conv: nn.Module, n_sources: int) -> tp.Tuple[torch.Tensor, torch.Tensor]:
@@ -191,7 +151,13 @@ def remap_sources(model: HTDemucs, sources: tp.Sequence[str],
 
 def build_base(cfg: DictConfig, root: tp.Optional[Path] = None) -> HTDemucs:
     """The base model of a run: loaded from `continue_from` or freshly initialised."""
-    base = load_base(cfg.continue_from, cfg.pretrained_repo, cfg.trust_remote_code, root)
+    base = load_base(cfg.continue_from, cfg.pretrained_repo, cfg.trust_remote_code, root,
+                     cfg.get("bag_member"))
+    if isinstance(base, BagOfModels):
+        raise ModelLoadError(
+            f"continue_from={cfg.continue_from} is a bag of {len(base.models)} models: adapt "
+            f"one member with bag_member=K (0..{len(base.models) - 1}), e.g. the member "
+            "specialised in the source you care about")
     if base is None:
         kwargs = architecture_kwargs(cfg)
         return HTDemucs(sources=list(cfg.sources), **kwargs)

@@ -1,0 +1,216 @@
+"""The one place that turns a model name into model files, for training and serving.
+
+Precedence (the README's "Your pretrained model" documents it for users):
+
+1. a path: a ``.th`` / ``.safetensors`` file, a bag ``.yaml``, or a folder (an XP folder,
+   or a folder holding exactly one model or one bag);
+2. an XP signature in Dora's XP folder (``best.th`` of ``<dora.dir>/xps/SIG``);
+3. a name in ``pretrained_repo`` (``NAME.yaml`` bag, ``NAME.th``, ``NAME-CHECKSUM.th``,
+   ``NAME.safetensors``), as demucs' ``--repo`` folders and ``tools.export`` lay them out;
+4. the caches demucs downloads into, offline: the Hugging Face hub cache, then torch hub's
+   checkpoints (``hub.caches``);
+5. otherwise a ``ModelLoadError`` listing every place looked and how to get the files there.
+
+A name that is both a local XP and a pretrained model elsewhere is an ambiguity error: the
+user picks with a path (``outputs/xps/SIG/best.th``) or by renaming.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing as tp
+from pathlib import Path
+
+import yaml
+
+from ..errors import ModelLoadError
+from . import caches
+from .caches import Found, read_bag
+from .packages import MODEL_SUFFIXES, checksum_of
+
+PathLike = tp.Union[str, Path]
+CONF_FILE = Path(__file__).resolve().parents[2] / "conf" / "config.yaml"
+
+
+def xps_dir(root: tp.Optional[PathLike] = None) -> Path:
+    """Dora's XP folder: the running XP's parent inside a run, else ``dora.dir`` of
+    conf/config.yaml (the file Dora reads) under ``root`` (default the cwd)."""
+    from dora.xp import get_xp, is_xp
+    if is_xp() and root is None:
+        return Path(get_xp().folder).parent
+    folder = "outputs"
+    if CONF_FILE.is_file():
+        folder = (yaml.safe_load(CONF_FILE.read_text()).get("dora") or {}).get("dir", folder)
+    path = Path(folder).expanduser()
+    return (path if path.is_absolute() else Path(root or Path.cwd()) / path) / "xps"
+
+
+def recent_xps(root: tp.Optional[PathLike] = None, count: int = 5) -> tp.List[str]:
+    """Signatures of the ``count`` most recently modified XP folders, newest first."""
+    folder = xps_dir(root)
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    found.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+    return [p.name for p in found[:count]]
+
+
+def xp_folder(sig: str, root: tp.Optional[PathLike] = None) -> tp.Optional[Path]:
+    """The folder of XP ``sig`` if it exists (a plain name, not a path), else None."""
+    if not sig or "/" in sig or sig in (".", ".."):
+        return None
+    folder = xps_dir(root) / sig
+    return folder if folder.is_dir() else None
+
+
+def _xp_found(folder: Path) -> Found:
+    best = folder / "best.th"
+    if not best.is_file():
+        raise ModelLoadError(f"XP {folder} has no best.th yet (did its training finish an "
+                             "epoch?)")
+    return Found(f"XP {folder}", [best])
+
+
+def _repo_models(repo: Path) -> tp.Dict[str, Path]:
+    """sig -> file for the model files of a demucs repo folder (demucs' LocalRepo rules)."""
+    models: tp.Dict[str, Path] = {}
+    for file in sorted(repo.iterdir()):
+        if file.suffix not in MODEL_SUFFIXES or file.name.startswith("."):
+            continue
+        sig = file.stem.rsplit("-", 1)[0] if checksum_of(file) else file.stem
+        if sig in models:
+            raise ModelLoadError(f"{repo} holds two files for model {sig}: {models[sig].name} "
+                                 f"and {file.name}; delete all but one")
+        models[sig] = file
+    return models
+
+
+def _bag_found(bag_file: Path, models: tp.Mapping[str, Path], where: str) -> Found:
+    bag = read_bag(bag_file)
+    files = [models.get(sig) for sig in bag["models"]]
+    return Found(where, [f for f in files if f is not None], bag,
+                 [sig for sig, f in zip(bag["models"], files) if f is None])
+
+
+def find_in_repo(name: str, repo: Path) -> tp.Optional[Found]:
+    if not repo.is_dir():
+        raise ModelLoadError(f"pretrained_repo={repo} is not a folder (it must hold demucs "
+                             "model files, e.g. htdemucs.yaml and 955717e8-8726e21a.th)")
+    models = _repo_models(repo)
+    if name in models:
+        return Found(f"pretrained_repo {repo}", [models[name]])
+    if (repo / f"{name}.yaml").is_file():
+        return _bag_found(repo / f"{name}.yaml", models, f"pretrained_repo {repo}")
+    return None
+
+
+def _find_path(text: str, path: Path) -> tp.Optional[Found]:
+    if path.is_file():
+        if path.suffix == ".yaml":
+            return _bag_found(path, _repo_models(path.parent), f"bag file {path}")
+        return Found(f"file {path}", [path])
+    if path.is_dir():
+        if (path / "best.th").is_file() or (path / "history.json").is_file():
+            return _xp_found(path)
+        bags = sorted(path.glob("*.yaml"))
+        models = _repo_models(path)
+        if len(bags) == 1:
+            return _bag_found(bags[0], models, f"bag file {bags[0]}")
+        if not bags and len(models) == 1:
+            return Found(f"folder {path}", list(models.values()))
+        raise ModelLoadError(
+            f"{text}: folder {path} holds {len(bags)} bag(s) and {len(models)} model file(s) "
+            f"({sorted([b.name for b in bags] + [m.name for m in models.values()])[:8]}): "
+            f"name one, or pass the folder as pretrained_repo and a model name")
+    if path.suffix in (*MODEL_SUFFIXES, ".yaml") or os.sep in text:
+        raise ModelLoadError(f"model {text}: file {path} does not exist")
+    return None
+
+
+def _not_found(text: str, places: tp.List[str], root: tp.Optional[PathLike]) -> ModelLoadError:
+    recent = recent_xps(root)
+    hint = f" (recent XPs: {', '.join(recent)})" if recent else ""
+    return ModelLoadError(
+        f"model {text!r} not found. Looked in: " + "; ".join(places) + ". To get a demucs "
+        f"pretrained model here, run `demucs -n {text} some.wav` once on a machine with "
+        "network (it fills the HF cache; copy ~/.cache/huggingface/hub over, or set HF_HOME), "
+        "or copy its NAME.yaml and model files into a folder and set pretrained_repo=FOLDER."
+        + hint)
+
+
+def find_model(name: PathLike, pretrained_repo: tp.Optional[PathLike] = None,
+               root: tp.Optional[PathLike] = None) -> Found:
+    """The files ``name`` means (see the module docstring for the order)."""
+    text = str(name)
+    base = Path(root or Path.cwd())
+    path = Path(text).expanduser()
+    found = _find_path(text, path if path.is_absolute() else base / path)
+    if found is not None:
+        return _complete(text, found)
+    places = [f"no file or folder {base / path}"]
+    xp = xp_folder(text, root)
+    later = _find_named(text, pretrained_repo, base, places)
+    if xp is not None:
+        if later is not None:
+            raise ModelLoadError(
+                f"model {text!r} is ambiguous: it is a local XP ({xp}) and a pretrained model "
+                f"({later.where}). Pick one with a path: continue_from={xp / 'best.th'} for "
+                f"the XP, or continue_from={later.files[0] if later.files else later.where} "
+                "for the pretrained model")
+        return _xp_found(xp)
+    places.insert(1, f"no XP {xps_dir(root) / text}")
+    if later is None:
+        raise _not_found(text, places, root)
+    return _complete(text, later)
+
+
+def _find_named(text: str, repo: tp.Optional[PathLike], base: Path,
+                places: tp.List[str]) -> tp.Optional[Found]:
+    if repo is not None:
+        repo_path = Path(repo).expanduser()
+        repo_path = repo_path if repo_path.is_absolute() else base / repo_path
+        found = find_in_repo(text, repo_path)
+        if found is not None:
+            return found
+        available = sorted(set(_repo_models(repo_path)) | {p.stem for p in
+                                                             repo_path.glob("*.yaml")})
+        places.append(f"pretrained_repo {repo_path} (no {text}.yaml, {text}.th, "
+                      f"{text}-CHECKSUM.th or {text}.safetensors; available: {available})")
+    else:
+        places.append("no pretrained_repo set")
+    for finder in (caches.find_in_hf_cache, caches.find_in_torch_hub):
+        found = finder(text)
+        if found is not None:
+            return found
+    places.extend(caches.cache_places(text))
+    return None
+
+
+def _complete(text: str, found: Found) -> Found:
+    if found.missing:
+        raise ModelLoadError(
+            f"model {text!r}: the bag in {found.where} names member(s) {found.missing} "
+            "whose files are not there (an interrupted download or copy): fetch them again "
+            "(`demucs -n NAME` on a machine with network) or copy them beside the bag")
+    return found
+
+
+@dataclasses.dataclass
+class Loaded:
+    """A resolved model: one model, or the members of a bag with its weights."""
+    members: tp.List[tp.Any]
+    weights: tp.Optional[tp.List[tp.List[float]]]
+    segment: tp.Optional[float]
+    found: Found
+
+    @property
+    def is_bag(self) -> bool:
+        return len(self.members) > 1
+
+
+def load_found(found: Found, trust_remote_code: bool = False) -> Loaded:
+    """Build every member model (strict, allowlisted) of what ``find_model`` found."""
+    from .packages import load_model_file
+    members = [load_model_file(f, trust_remote_code=trust_remote_code) for f in found.files]
+    bag = found.bag or {}
+    return Loaded(members, bag.get("weights"), bag.get("segment"), found)
