@@ -1,0 +1,180 @@
+"""The model resolver and both file layouts: every place a user's demucs model can be."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from model_layouts import tiny, write_hf_cache, write_repo_th, write_torch_hub
+from safetensors.torch import save_file
+
+from demucs_lora.errors import ModelLoadError
+from demucs_lora.hub.packages import load_model_file, write_safetensors_package
+from demucs_lora.hub.resolve import find_model
+from demucs_lora.model import load_base
+
+X = torch.randn(1, 2, 44100, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture
+def caches(tmp_path, monkeypatch):
+    """Empty HF and torch hub caches under tmp_path (the machine's own are never seen)."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def _out(model):
+    with torch.no_grad():
+        return model.eval()(X)
+
+
+def test_three_layouts_load_the_same_model(caches):
+    model = tiny()
+    write_repo_th(model, caches / "repo", "htdemucs")
+    write_torch_hub(model, caches / "torch", "955717e8")
+    write_hf_cache([model], caches / "hf", "htdemucs", ["955717e8"])
+    ref = _out(model)
+    from_repo = load_base("htdemucs", pretrained_repo=str(caches / "repo"))
+    from_hf = load_base("htdemucs")  # the HF cache comes before torch hub
+    assert "HF cache" in find_model("htdemucs").where
+    assert torch.equal(_out(from_repo), ref) and torch.equal(_out(from_hf), ref)
+    for path in (caches / "hf").rglob("*"):
+        if path.is_file() and path.suffix != ".th":
+            path.unlink()
+    assert "torch hub" in find_model("htdemucs").where  # remote/htdemucs.yaml -> 955717e8
+    assert torch.equal(_out(load_base("htdemucs")), ref)
+    assert torch.equal(_out(load_base("955717e8")), ref)  # a bare signature too
+
+
+def test_safetensors_export_reads_in_demucs_and_keeps_fractions(tmp_path):
+    from fractions import Fraction
+    from demucs.hf import load_safetensors_model
+    model = tiny(segment=Fraction(39, 5))
+    path = write_safetensors_package(model, tmp_path / "955717e8.safetensors")
+    theirs, ours = load_safetensors_model(path), load_model_file(path)
+    assert theirs.segment == ours.segment == Fraction(39, 5)
+    assert torch.equal(_out(theirs), _out(model)) and torch.equal(_out(ours), _out(model))
+
+
+def test_hostile_safetensors_class_runs_nothing(tmp_path):
+    marker = tmp_path / "MARKER"
+    path = tmp_path / "evil.safetensors"
+    save_file({"x": torch.zeros(1)}, str(path), metadata={
+        "klass": "os.system", "args": json.dumps([f"touch {marker}"]), "kwargs": "{}"})
+    with pytest.raises(ModelLoadError, match=r"evil.safetensors.*'os.system'.*allowlist"):
+        load_model_file(path)
+    with pytest.raises(ModelLoadError, match="os.system"):
+        load_base(str(path))
+    assert not marker.exists()
+    packed = tmp_path / "packed.safetensors"
+    save_file({"x": torch.zeros(1)}, str(packed), metadata={
+        "klass": "demucs.htdemucs.HTDemucs", "args": "[]", "kwargs": "{}",
+        "structure": json.dumps({"_class": "os.system"})})
+    with pytest.raises(ModelLoadError, match="packed"):
+        load_model_file(packed)
+
+
+@pytest.mark.parametrize("metadata,match", [
+    ({"args": "[]", "kwargs": "{}"}, "outside the allowlist"),
+    ({"klass": "demucs.htdemucs.HTDemucs", "kwargs": "{}"}, "no 'args'"),
+    ({"klass": "demucs.htdemucs.HTDemucs", "args": "[", "kwargs": "{}"}, "not valid JSON"),
+    ({"klass": "demucs.htdemucs.HTDemucs", "args": "[]",
+      "kwargs": '{"segment": {"_type": "fraction", "numerator": 1, "denominator": 0}}'},
+     "malformed fraction"),
+    ({"klass": "demucs.htdemucs.HTDemucs", "args": "[]",
+      "kwargs": '{"segment": ' + "9" * 5000 + "}"}, "not valid JSON"),
+])
+def test_malformed_safetensors_metadata(tmp_path, metadata, match):
+    path = tmp_path / "m.safetensors"
+    save_file({"x": torch.zeros(1)}, str(path), metadata=metadata)
+    with pytest.raises(ModelLoadError, match=match):
+        load_model_file(path)
+
+
+def test_truncated_safetensors_and_wrong_checksum(tmp_path):
+    model = tiny()
+    good = write_safetensors_package(model, tmp_path / "a.safetensors")
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(good.read_bytes()[:1000])
+    with pytest.raises(ModelLoadError, match="cut.safetensors.*not a readable safetensors"):
+        load_model_file(cut)
+    th = write_repo_th(model, tmp_path / "repo", "955717e8-deadbeef")
+    with pytest.raises(ModelLoadError, match=r"955717e8-deadbeef.th: checksum mismatch.*Delete"):
+        load_base("955717e8", pretrained_repo=str(th.parent))
+
+
+def test_bag_missing_member_and_hdemucs_are_errors(caches):
+    from demucs.hdemucs import HDemucs
+    write_hf_cache([tiny()], caches / "hf", "htdemucs_ft", ["aaaa0001", "aaaa0002"],
+                   repo="adefossez/HTDemucs-ft")
+    (caches / "hf/hub/models--adefossez--HTDemucs-ft/snapshots").glob("*")
+    with pytest.raises(ModelLoadError, match=r"htdemucs_ft.*\['aaaa0002.safetensors'\].*not"):
+        load_base("htdemucs_ft")
+    hdemucs = HDemucs(sources=["drums", "bass", "other", "vocals"], channels=4)
+    path = write_repo_th(hdemucs, caches / "repo", "hdemucs_mmi")
+    with pytest.raises(ModelLoadError, match=r"hdemucs_mmi.th holds a demucs.hdemucs.HDemucs.*"
+                                             "only"):
+        load_base("hdemucs_mmi", pretrained_repo=str(path.parent))
+
+
+def test_bag_of_models_and_bag_member(caches):
+    from demucs.apply import BagOfModels
+    members = [tiny(seed=s) for s in range(3)]
+    weights = [[1.0 if i == s else 0.0 for i in range(4)] for s in range(3)]
+    write_hf_cache(members, caches / "hf", "htdemucs_ft", ["f1", "f2", "f3"],
+                   repo="adefossez/HTDemucs-ft", weights=weights)
+    bag = load_base("htdemucs_ft")
+    assert isinstance(bag, BagOfModels) and len(bag.models) == 3 and bag.weights == weights
+    second = load_base("htdemucs_ft", bag_member=1)
+    assert torch.equal(_out(second), _out(members[1]))
+
+
+def test_not_found_lists_every_place_and_ambiguity(caches):
+    with pytest.raises(ModelLoadError) as info:
+        load_base("htdemucs")
+    text = str(info.value)
+    for place in ("no XP", "no pretrained_repo", "HF hub cache", "models--", "torch hub",
+                  "demucs -n htdemucs", "pretrained_repo=FOLDER"):
+        assert place.replace("models--", "adefossez/HTDemucs") in text, place
+    write_hf_cache([tiny()], caches / "hf", "htdemucs", ["955717e8"])
+    xp = caches / "outputs" / "xps" / "htdemucs"
+    xp.mkdir(parents=True)
+    write_repo_th(tiny(), xp, "best")
+    with pytest.raises(ModelLoadError, match=r"ambiguous.*best.th.*955717e8.safetensors"):
+        load_base("htdemucs")
+    assert find_model(str(xp)).files == [xp / "best.th"]  # a path picks the XP
+
+
+def test_folder_paths(caches):
+    one = caches / "one"
+    write_repo_th(tiny(), one, "m")
+    assert find_model("one").files == [one / "m.th"]
+    write_repo_th(tiny(), one, "n")
+    with pytest.raises(ModelLoadError, match="2 model file"):
+        find_model("one")
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        find_model("nothing/here.th")
+
+
+def test_hf_export_loads_through_stock_get_model_offline(tmp_path):
+    """demucs.pretrained.get_model('hf://NS/NAME') with HF_HUB_OFFLINE=1 reads our layout."""
+    model = tiny(sources=["drums", "bass", "other", "vocals", "guitar", "piano"])
+    write_hf_cache([model], tmp_path / "hf", "htdemucs_6s", ["5c90dfd2"],
+                   repo="someone/HTDemucs-6s")
+    torch.save(X, tmp_path / "x.pt")
+    torch.save(_out(model), tmp_path / "ref.pt")
+    code = ("import torch; from demucs.pretrained import get_model; "
+            "bag = get_model('hf://someone/htdemucs_6s'); m = bag.models[0].eval(); "
+            f"x = torch.load('{tmp_path / 'x.pt'}'); ref = torch.load('{tmp_path / 'ref.pt'}');"
+            "out = m(x).detach(); print(list(m.sources)); assert (out - ref).abs().max() < 1e-5")
+    env = dict(os.environ, HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1")
+    env.pop("HF_HUB_CACHE", None)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "guitar" in proc.stdout
