@@ -18,6 +18,11 @@ signature and may not contain '-' (demucs reads ``NAME-CHECKSUM.th``).
   size. Load it with ``demucs_lora.get_model(NAME, repo=OUT)`` or ``demucs-lora --base``;
   the stock demucs CLI cannot read it (it fails loudly). The export prints the size ratio
   and the nSDR change on a few valid tracks of the XP's config (float vs int8).
+- ``--format hf``: demucs 4.1's Hugging Face layout instead, ``OUT/NAME.yaml`` (a bag of
+  one model) + ``OUT/SIG.safetensors`` (class and arguments as JSON metadata, as
+  ``demucs.hf`` reads them). Upload the folder to a hub repo ``NS/Demucs-NAME`` (or
+  ``NS/HTDemucs-X`` for a NAME ``htdemucs_X``) and every demucs 4.1 user runs it with
+  ``demucs -n hf://NS/NAME``; ``pretrained_repo=OUT`` / ``get_model(NAME, repo=OUT)`` read it too.
 - ``--include-lora``: also ``NAME.lora.safetensors`` + ``NAME.lora.json``, the XP's
   adapter, for use on the base with ``load_lora_weights``; prints its size vs the model.
 
@@ -34,7 +39,7 @@ import typing as tp
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .utils import atomic_write
+from .utils import atomic_write, atomic_write_text
 from .errors import ConfigError, DemucsLoRAError, ModelLoadError, exit_on_user_error
 
 if tp.TYPE_CHECKING:  # pragma: no cover
@@ -58,10 +63,11 @@ class Job:
     model_path: Path
     lora_src: tp.Optional[Path] = None
     lora_dst: tp.List[Path] = field(default_factory=list)
+    bag_path: tp.Optional[Path] = None  # --format hf: NAME.yaml naming SIG.safetensors
 
     @property
     def outputs(self) -> tp.List[Path]:
-        return [self.model_path, *self.lora_dst]
+        return [self.model_path, *self.lora_dst, *([self.bag_path] if self.bag_path else [])]
 
 
 def check_name(name: str) -> str:
@@ -93,7 +99,7 @@ def find_xp(sig: str, root: Path) -> Path:
 
 
 def plan(sigs: tp.Sequence[str], out: Path, name: tp.Optional[str], which: str,
-         include_lora: bool, force: bool, root: Path) -> tp.List[Job]:
+         include_lora: bool, force: bool, root: Path, fmt: str = "th") -> tp.List[Job]:
     """Resolve every XP and output path; refuse existing files (unless force) up front."""
     if name is not None and len(sigs) != 1:
         raise ConfigError(f"--name {name!r} needs exactly one signature (got {len(sigs)}): "
@@ -102,6 +108,9 @@ def plan(sigs: tp.Sequence[str], out: Path, name: tp.Optional[str], which: str,
     for sig in dict.fromkeys(sigs):  # a signature given twice is exported once
         folder = find_xp(sig, root)
         job = Job(sig, folder, check_name(name or sig), out / f"{name or sig}.th")
+        if fmt == "hf":
+            job.model_path = out / f"{sig}.safetensors"
+            job.bag_path = out / f"{job.name}.yaml"
         adapter = folder / f"lora_{which}"
         if include_lora or which == "last":
             if not (adapter.with_suffix(".safetensors").is_file()
@@ -198,6 +207,14 @@ def export_one(job: Job, args: argparse.Namespace, root: Path) -> tp.List[str]:
                      "with demucs_lora.get_model, the stock demucs CLI cannot read it)")
         if not args.no_eval:
             lines.append("  " + _nsdr_cost(model, job.model_path, cfg, args.eval_tracks))
+    elif getattr(args, "format", "th") == "hf":
+        from .hub.packages import write_safetensors_package
+        write_safetensors_package(model, job.model_path, half=args.half)
+        atomic_write_text(job.bag_path, f"models: ['{job.sig}']\n")
+        size = job.model_path.stat().st_size
+        lines.append(f"wrote {job.bag_path} + {job.model_path} ({size:,} bytes, demucs 4.1 "
+                     f"HF layout); upload the folder's two files to a hub repo and run demucs "
+                     f"-n hf://NAMESPACE/{job.name}")
     else:
         package = serialize_model(model, cfg, half=args.half)
         _atomic(job.model_path, lambda tmp: torch.save(package, tmp))
@@ -236,6 +253,9 @@ def get_parser() -> argparse.ArgumentParser:
     enc.add_argument("--half", action="store_true", help="store float16 weights")
     enc.add_argument("--quantize", type=int, choices=[8], default=None,
                      help="store int8 weights (demucs_lora.get_model only)")
+    parser.add_argument("--format", choices=["th", "hf"], default="th",
+                        help="th: NAME.th for `demucs --repo OUT -n NAME` (default); hf: "
+                        "NAME.yaml + SIG.safetensors, demucs 4.1's Hugging Face layout")
     parser.add_argument("--no-eval", action="store_true",
                         help="with --quantize: skip the nSDR comparison")
     parser.add_argument("--eval-tracks", type=int, default=EVAL_TRACKS,
@@ -250,7 +270,11 @@ def run(args: argparse.Namespace, root: tp.Optional[Path] = None) -> tp.List[Job
     """Plan every export (all checks first), then write; returns the jobs done."""
     root = Path(root or Path.cwd())
     out = args.out if args.out.is_absolute() else root / args.out
-    jobs = plan(args.sigs, out, args.name, args.adapter, args.include_lora, args.force, root)
+    if getattr(args, "format", "th") == "hf" and args.quantize:
+        raise ConfigError("--format hf stores float weights (demucs reads no int8 there): "
+                          "drop --quantize, or use --format th")
+    jobs = plan(args.sigs, out, args.name, args.adapter, args.include_lora, args.force, root,
+                getattr(args, "format", "th"))
     for job in jobs:
         print(f"exporting XP {job.sig} as {job.name}")
         for line in export_one(job, args, root):

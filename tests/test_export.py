@@ -235,3 +235,45 @@ def test_bad_names_refused(xp, in_root, tmp_path, capsys, name):
     if "-" in name:
         assert "NAME-CHECKSUM" in err and "my_model" in err
     assert not (tmp_path / "rel").exists()
+
+
+def test_hf_format_export_loads_in_demucs_and_matches_th_export(xp, in_root, tmp_path,
+                                                               monkeypatch, capsys):
+    """--format hf writes NAME.yaml + SIG.safetensors as demucs 4.1's hub layout; demucs'
+    own loader and `demucs.pretrained.get_model("hf://...")` offline read it, outputs equal
+    the .th export within float16 tolerance (--half)."""
+    from demucs.hf import load_safetensors_model
+    from demucs_lora import get_model
+    out = tmp_path / "hf"
+    export(xp.sig, "--name", "tinyhf", "-o", out, "--format", "hf", "--half")
+    assert "hf://NAMESPACE/tinyhf" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == [f"{xp.sig}.safetensors", "tinyhf.yaml"]
+    export(xp.sig, "--name", "tinyth", "-o", tmp_path / "th")
+    x = torch.randn(1, 2, 44100, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = get_model("tinyth", repo=tmp_path / "th")(x)
+        theirs = load_safetensors_model(out / f"{xp.sig}.safetensors").eval()(x)
+        ours = get_model("tinyhf", repo=out)(x)
+    scale = ref.abs().max()
+    assert (theirs - ref).abs().max() / scale < 1e-2 and torch.equal(theirs, ours)
+    # Published on a hub repo, demucs finds it by name (HF cache laid out by hand, offline).
+    snap = tmp_path / "cache" / "hub" / "models--me--Demucs-tinyhf"
+    (snap / "refs").mkdir(parents=True)
+    (snap / "refs" / "main").write_text("r1")
+    (snap / "snapshots").mkdir()
+    import shutil
+    shutil.copytree(out, snap / "snapshots" / "r1")
+    torch.save(x, tmp_path / "x.pt")
+    torch.save(ours, tmp_path / "ours.pt")
+    code = ("import torch; from demucs.pretrained import get_model; "
+            "m = get_model('hf://me/tinyhf').models[0]; "
+            f"x, ref = torch.load('{tmp_path / 'x.pt'}'), torch.load('{tmp_path / 'ours.pt'}'); "
+            "assert (m(x).detach() - ref).abs().max() < 1e-5")
+    env = dict(os.environ, HF_HOME=str(tmp_path / "cache"), HF_HUB_OFFLINE="1")
+    env.pop("HF_HUB_CACHE", None)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with pytest.raises(SystemExit):
+        export(xp.sig, "-o", tmp_path / "q", "--format", "hf", "--quantize", "8")
+    assert "drop --quantize" in capsys.readouterr().err
