@@ -1,0 +1,53 @@
+"""`continue_from=NAME` finds a user's demucs model wherever demucs 4.1 put it.
+
+One tiny HTDemucs written three ways (a repo folder, torch hub's checkpoints, the HF hub
+cache): `dora run continue_from=htdemucs ...` trains from each (the caches with no
+`pretrained_repo`), `tools.test_pretrained -n htdemucs` scores the same model from each.
+"""
+import json
+
+import pytest
+from model_layouts import tiny, write_hf_cache, write_repo_th, write_torch_hub
+
+from .dora_helpers import QUICK, dora, history, tool, xps
+
+RUN = [*QUICK, "continue_from=htdemucs", "htdemucs.lora_rank=8", "epochs=1", "max_batches=1",
+       "test.initial=false"]
+
+
+@pytest.fixture
+def caches(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    return tmp_path
+
+
+@pytest.mark.parametrize("layout", ["repo", "torch_hub", "hf_cache"])
+def test_train_and_test_from_each_layout(caches, layout):
+    model = tiny()
+    extra = []
+    if layout == "repo":
+        write_repo_th(model, caches / "models", "htdemucs")
+        extra = [f"pretrained_repo={caches / 'models'}"]
+    elif layout == "torch_hub":
+        write_torch_hub(model, caches / "torch", "955717e8")
+    else:
+        write_hf_cache([model], caches / "hf", "htdemucs", ["955717e8"])
+    dora(caches, "run", *RUN, *extra)
+    (xp,) = xps(caches)
+    assert (xp / "lora_best.safetensors").is_file() and len(history(xp)) == 1
+    repo = ["--repo", str(caches / "models")] if layout == "repo" else []
+    out = caches / "scores.json"
+    tool(caches, "tools.test_pretrained", "-n", "htdemucs", *repo, "--json", str(out),
+         "--max-tracks", "1", "--no-progress", "variant=debug")
+    scores = json.loads(out.read_text())
+    # The same random-init tiny model scored on the same synthetic track: same numbers.
+    ref = tiny()
+    from demucs_lora.evaluate import build_dataset, compose, evaluate_model
+    cfg = compose(["variant=debug", f"dset.metadata={caches / 'metadata'}"])
+    data = build_dataset(cfg, list(ref.sources), "test", ref.samplerate, ref.audio_channels,
+                         progress=False)
+    expected = evaluate_model(ref.eval(), data, shifts=0, overlap=float(cfg.test.overlap),
+                              split=bool(cfg.test.split), max_tracks=1, progress=False)
+    assert abs(scores["summary"]["nsdr"] - expected["summary"]["nsdr"]) < 1e-4
