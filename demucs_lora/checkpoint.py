@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from demucs.apply import BagOfModels
 from demucs.states import serialize_model
 from omegaconf import DictConfig
 from torch import nn
@@ -72,8 +73,14 @@ def plain_model(model: nn.Module, state: tp.Optional[tp.Mapping] = None) -> nn.M
 
 def save_best_model(model: nn.Module, state, cfg: DictConfig, path: Path,
                     half: bool = False) -> None:
-    """demucs' own serialized format (klass, args, kwargs, state, training_args)."""
-    package = serialize_model(plain_model(model, state), cfg, half=half)
+    """demucs' own serialized format (klass, args, kwargs, state, training_args); a bag
+    is written as demucs lays bags out: ``best.yaml`` + ``best_mK.th`` (``bag.write_bag``)."""
+    plain = plain_model(model, state)
+    if isinstance(plain, BagOfModels):
+        from .bag import write_bag
+        write_bag(plain, path.parent, path.stem, cfg, half=half)
+        return
+    package = serialize_model(plain, cfg, half=half)
     atomic_torch_save(package, path)
 
 

@@ -64,10 +64,12 @@ class Job:
     lora_src: tp.Optional[Path] = None
     lora_dst: tp.List[Path] = field(default_factory=list)
     bag_path: tp.Optional[Path] = None  # --format hf: NAME.yaml naming SIG.safetensors
+    members: tp.List[Path] = field(default_factory=list)  # a bag XP: NAME_mK files
 
     @property
     def outputs(self) -> tp.List[Path]:
-        return [self.model_path, *self.lora_dst, *([self.bag_path] if self.bag_path else [])]
+        return [self.model_path, *self.lora_dst, *([self.bag_path] if self.bag_path else []),
+                *self.members]
 
 
 def check_name(name: str) -> str:
@@ -108,7 +110,14 @@ def plan(sigs: tp.Sequence[str], out: Path, name: tp.Optional[str], which: str,
     for sig in dict.fromkeys(sigs):  # a signature given twice is exported once
         folder = find_xp(sig, root)
         job = Job(sig, folder, check_name(name or sig), out / f"{name or sig}.th")
-        if fmt == "hf":
+        if (folder / "best.yaml").is_file():  # an adapted bag: NAME.yaml + NAME_mK files
+            from .bag import member_names
+            from .hub.caches import read_bag
+            count = len(read_bag(folder / "best.yaml")["models"])
+            suffix = ".safetensors" if fmt == "hf" else ".th"
+            job.model_path = out / f"{job.name}.yaml"
+            job.members = [out / f"{m}{suffix}" for m in member_names(job.name, count)]
+        elif fmt == "hf":
             job.model_path = out / f"{sig}.safetensors"
             job.bag_path = out / f"{job.name}.yaml"
         adapter = folder / f"lora_{which}"
@@ -147,11 +156,11 @@ def load_xp_model(folder: Path, which: str = "best", trust_remote_code: bool = F
     cfg = OmegaConf.load(folder / "config.yaml")
     if which == "best":
         best = folder / "best.th"
-        if not best.is_file():
+        if not best.is_file() and not (folder / "best.yaml").is_file():
             raise ModelLoadError(f"XP {folder} has no best.th yet (no epoch finished?)")
-        return load_base(str(best), None, trust_remote_code).eval(), cfg
+        return load_base(str(folder), None, trust_remote_code).eval(), cfg
     base = load_base(cfg.get("continue_from"), cfg.get("pretrained_repo"),
-                     trust_remote_code, root)
+                     trust_remote_code, root, cfg.get("bag_member"))
     if base is None:
         raise ModelLoadError(f"XP {folder} trained from a random init (continue_from=null): "
                              "its base cannot be rebuilt, export --adapter best")
@@ -197,8 +206,19 @@ def export_one(job: Job, args: argparse.Namespace, root: Path) -> tp.List[str]:
     from .quantize import save_quantized
     model, cfg = load_xp_model(job.folder, args.adapter, args.trust_remote_code, root)
     lines = []
-    float_size = _package_bytes(serialize_model(model, cfg, half=False))
-    if args.quantize:
+    float_size = sum(_package_bytes(serialize_model(m, cfg, half=False))
+                     for m in getattr(model, "models", [model]))  # every member of a bag
+    if job.members:
+        from .bag import write_bag
+        if args.quantize:
+            raise ConfigError(f"XP {job.sig} is a bag: --quantize writes single models only")
+        paths = write_bag(model, job.model_path.parent, job.name, _plain(cfg), half=args.half,
+                          fmt=getattr(args, "format", "th"))
+        size = sum(p.stat().st_size for p in paths)
+        lines.append(f"wrote bag {job.model_path} + {len(paths) - 1} member files ({size:,} "
+                     f"bytes); stock CLI: python -m demucs --repo {job.model_path.parent} -n "
+                     f"{job.name} TRACK")
+    elif args.quantize:
         save_quantized(model, job.model_path, bits=args.quantize,
                        training_args=_plain(cfg))
         size = job.model_path.stat().st_size

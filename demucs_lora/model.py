@@ -54,7 +54,8 @@ def load_base(continue_from: tp.Optional[str], pretrained_repo: tp.Optional[str]
     """The base ``continue_from`` names (``hub.resolve`` has the lookup order), or None.
 
     One model (or a bag of one) gives an HTDemucs; a bag of several gives a
-    ``demucs.apply.BagOfModels`` of HTDemucs, or its member ``bag_member`` alone."""
+    ``bag.TrainableBag`` (a ``demucs.apply.BagOfModels``) of HTDemucs, or its member
+    ``bag_member`` alone."""
     if continue_from is None:
         return None
     from .hub.resolve import find_model, load_found
@@ -70,8 +71,8 @@ def load_base(continue_from: tp.Optional[str], pretrained_repo: tp.Optional[str]
         if loaded.segment is not None:
             members[0].segment = loaded.segment
         return members[0]
-    from demucs.apply import BagOfModels
-    return BagOfModels(members, loaded.weights, loaded.segment)
+    from .bag import TrainableBag  # a BagOfModels that can also be called
+    return TrainableBag(members, loaded.weights, loaded.segment)
 
 
 def _head_blocks(conv: nn.Module, n_sources: int) -> tp.Tuple[torch.Tensor, torch.Tensor]:
@@ -129,7 +130,11 @@ def source_plan(base_sources: tp.Sequence[str], sources: tp.Sequence[str],
 def remap_sources(model: HTDemucs, sources: tp.Sequence[str],
                   source_init: tp.Optional[tp.Mapping] = None) -> HTDemucs:
     """A new HTDemucs for `sources` whose heads are sliced/copied from `model`'s.
-    Kept sources keep their weights (in the new order); every other weight is copied."""
+    Kept sources keep their weights (in the new order); every other weight is copied.
+    A bag is remapped member by member (``bag.remap_bag``)."""
+    if isinstance(model, BagOfModels):
+        from .bag import remap_bag
+        return remap_bag(model, sources, source_init)
     base_sources = list(model.sources)
     if list(sources) == base_sources and not source_init:
         return model
@@ -153,11 +158,6 @@ def build_base(cfg: DictConfig, root: tp.Optional[Path] = None) -> HTDemucs:
     """The base model of a run: loaded from `continue_from` or freshly initialised."""
     base = load_base(cfg.continue_from, cfg.pretrained_repo, cfg.trust_remote_code, root,
                      cfg.get("bag_member"))
-    if isinstance(base, BagOfModels):
-        raise ModelLoadError(
-            f"continue_from={cfg.continue_from} is a bag of {len(base.models)} models: adapt "
-            f"one member with bag_member=K (0..{len(base.models) - 1}), e.g. the member "
-            "specialised in the source you care about")
     if base is None:
         kwargs = architecture_kwargs(cfg)
         return HTDemucs(sources=list(cfg.sources), **kwargs)
@@ -187,7 +187,19 @@ def build_model(cfg: DictConfig, root: tp.Optional[Path] = None,
     base = build_base(cfg, root)
     base_sources = list(base.sources)
     model = remap_sources(base, list(cfg.sources), cfg.source_init)
-    heads = head_names(model) if should_train_heads(cfg, base_sources) else []
+    if isinstance(model, BagOfModels):
+        from .bag import TrainableBag
+        model = model if isinstance(model, TrainableBag) else TrainableBag(
+            list(model.models), model.weights)
+        members = [(f"models.{k}.", m) for k, m in enumerate(model.models)]
+        logger.info("continue_from=%s is a bag of %d models: each member gets its own "
+                    "adapters and every step runs all %d (about %dx the time and activation "
+                    "memory of one model; bag_member=K adapts one member alone)",
+                    cfg.continue_from, len(members), len(members), len(members))
+    else:
+        members = [("", model)]
+    train_heads = should_train_heads(cfg, base_sources)
+    heads = [p + h for p, m in members for h in head_names(m)] if train_heads else []
     lcfg = cfg.htdemucs
     report = {"ranks": {}, "layers": [], "train_heads": heads, "base_sources": base_sources}
     if lcfg.lora_rank <= 0:
@@ -197,16 +209,20 @@ def build_model(cfg: DictConfig, root: tp.Optional[Path] = None,
         return model, report
     from .lora.ranks import allocate_ranks
     from .lora.targets import lora_target_names
-    names = [n for n in lora_target_names(model, list(lcfg.lora_targets)) if n not in heads]
-    batches = calibration() if (calibration is not None
-                                and lcfg.lora_rank_mode == "gradient") else None
-    table = allocate_ranks(model, lcfg, batches=batches, names=names)
-    ranks = {k: int(v) for k, v in dict(table).items() if int(v) > 0}
+    table = {}
+    for prefix, member in members:
+        names = [n for n in lora_target_names(member, list(lcfg.lora_targets))
+                 if prefix + n not in heads]
+        batches = calibration() if (calibration is not None
+                                    and lcfg.lora_rank_mode == "gradient") else None
+        member_table = allocate_ranks(member, lcfg, batches=batches, names=names)
+        table.update({prefix + k: v for k, v in dict(member_table).items()})
+    ranks = {k: int(v) for k, v in table.items() if int(v) > 0}
     report["layers"] = inject_lora(
         model, ranks, alpha=lcfg.lora_alpha, dropout=lcfg.lora_dropout,
         rslora=lcfg.lora_rslora, bias=lcfg.lora_bias, enable_qkv=list(lcfg.lora_enable_qkv),
         train_extra=heads)
     report["ranks"] = ranks
-    report["rank_table"] = table
+    report["rank_table"] = table if len(members) > 1 else member_table
     report["trainable"] = trainable_summary(model)
     return model, report

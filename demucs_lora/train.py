@@ -79,10 +79,12 @@ def _calibration(loaders: dict, augment) -> tp.Callable[[], tp.Iterable]:
 def enable_checkpointing(model: torch.nn.Module) -> None:
     """Activation checkpointing per encoder/decoder/transformer layer (memory for time)."""
     from torch.utils.checkpoint import checkpoint
-    layers = [*model.encoder, *model.decoder, *getattr(model, "tencoder", []),
-              *getattr(model, "tdecoder", [])]
-    if getattr(model, "crosstransformer", None) is not None:
-        layers += [*model.crosstransformer.layers, *model.crosstransformer.layers_t]
+    layers = []
+    for member in getattr(model, "models", [model]):  # every member of a bag
+        layers += [*member.encoder, *member.decoder, *getattr(member, "tencoder", []),
+                   *getattr(member, "tdecoder", [])]
+        if getattr(member, "crosstransformer", None) is not None:
+            layers += [*member.crosstransformer.layers, *member.crosstransformer.layers_t]
     for layer in layers:
         forward = layer.forward
 

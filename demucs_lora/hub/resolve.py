@@ -64,6 +64,8 @@ def xp_folder(sig: str, root: tp.Optional[PathLike] = None) -> tp.Optional[Path]
 
 
 def _xp_found(folder: Path) -> Found:
+    if (folder / "best.yaml").is_file():  # an adapted bag (bag.write_bag)
+        return _bag_found(folder / "best.yaml", _repo_models(folder), f"XP {folder}")
     best = folder / "best.th"
     if not best.is_file():
         raise ModelLoadError(f"XP {folder} has no best.th yet (did its training finish an "
@@ -110,7 +112,7 @@ def _find_path(text: str, path: Path) -> tp.Optional[Found]:
             return _bag_found(path, _repo_models(path.parent), f"bag file {path}")
         return Found(f"file {path}", [path])
     if path.is_dir():
-        if (path / "best.th").is_file() or (path / "history.json").is_file():
+        if any((path / n).is_file() for n in ("best.th", "best.yaml", "history.json")):
             return _xp_found(path)
         bags = sorted(path.glob("*.yaml"))
         models = _repo_models(path)

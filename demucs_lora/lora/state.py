@@ -115,6 +115,10 @@ def adapter_header(model: nn.Module, **extra) -> dict:
         "enable_qkv": config["enable_qkv"],
         "train_extra": config["train_extra"],
         "sources": list(getattr(model, "sources", [])),
+        # A bag (demucs.apply.BagOfModels): layers of member K are under "models.K.".
+        "bag": ({"members": len(model.models), "weights": [list(map(float, w))
+                                                            for w in model.weights]}
+                if isinstance(getattr(model, "models", None), nn.ModuleList) else None),
         "base_fingerprint": base_fingerprint(model, exclude=non_lora),
     }
     header.update(extra)
