@@ -51,3 +51,33 @@ def test_train_and_test_from_each_layout(caches, layout):
     expected = evaluate_model(ref.eval(), data, shifts=0, overlap=float(cfg.test.overlap),
                               split=bool(cfg.test.split), max_tracks=1, progress=False)
     assert abs(scores["summary"]["nsdr"] - expected["summary"]["nsdr"]) < 1e-4
+
+
+def test_bag_adapted_evaluated_exported_and_separated_by_stock_cli(caches):
+    """A 3-member bag with identity-like weights from the HF cache: one XP adapts every
+    member, test_pretrained scores the bag, the export is a bag the stock CLI runs."""
+    members = [tiny(seed=s) for s in range(3)]
+    weights = [[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0]]
+    write_hf_cache(members, caches / "hf", "htdemucs_ft", ["f7e0c4bc", "d12395a8", "92cfc3b6"],
+                   repo="adefossez/HTDemucs-ft", weights=weights)
+    run = dora(caches, "run", *[a.replace("continue_from=htdemucs", "continue_from=htdemucs_ft")
+                                for a in RUN])
+    assert "bag of 3 models" in run.stdout + run.stderr
+    (xp,) = xps(caches)
+    assert sorted(p.name for p in xp.glob("best*")) == [
+        "best.yaml", "best_m0.th", "best_m1.th", "best_m2.th"]
+    header = json.loads((xp / "lora_best.json").read_text())
+    assert header["bag"] == {"members": 3, "weights": weights}
+    assert {k.split(".")[1] for k in header["ranks"]} == {"0", "1", "2"}
+    out = caches / "bag_scores.json"
+    tool(caches, "tools.test_pretrained", "-n", xp.name, "--json", str(out), "--max-tracks",
+         "1", "--no-progress")
+    assert json.loads(out.read_text())["summary"]["nsdr"] is not None
+    tool(caches, "tools.export", xp.name, "--name", "ftbag", "-o", "release")
+    assert sorted(p.name for p in (caches / "release").iterdir()) == [
+        "ftbag.yaml", "ftbag_m0.th", "ftbag_m1.th", "ftbag_m2.th"]
+    mix = sorted(caches.glob("metadata/synth/*/test/*/mixture.wav"))[0]
+    tool(caches, "demucs", "--repo", "release", "-n", "ftbag", str(mix), "-o", "sep",
+         "--shifts", "0")
+    stems = sorted(p.name for p in caches.glob("sep/ftbag/*/*.wav"))
+    assert stems == ["bass.wav", "drums.wav", "other.wav", "vocals.wav"]
