@@ -43,6 +43,9 @@ def test_three_layouts_load_the_same_model(caches):
     from_hf = load_base("htdemucs")  # the HF cache comes before torch hub
     assert "HF cache" in find_model("htdemucs").where
     assert torch.equal(_out(from_repo), ref) and torch.equal(_out(from_hf), ref)
+    from demucs_lora import get_model
+    assert torch.equal(_out(get_model("htdemucs")), ref)  # serving resolves the same way
+    assert torch.equal(_out(get_model("htdemucs", repo=caches / "repo")), ref)
     for path in (caches / "hf").rglob("*"):
         if path.is_file() and path.suffix != ".th":
             path.unlink()
