@@ -151,6 +151,8 @@ def test_not_found_lists_every_place_and_ambiguity(caches):
     with pytest.raises(ModelLoadError, match=r"ambiguous.*best.th.*955717e8.safetensors"):
         load_base("htdemucs")
     assert find_model(str(xp)).files == [xp / "best.th"]  # a path picks the XP
+    with pytest.raises(ModelLoadError, match=r"does not exist \(XP htdemucs is .*best.th"):
+        find_model("outputs/htdemucs/checkpoints/best.th")  # the guide's layout
 
 
 def test_folder_paths(caches):

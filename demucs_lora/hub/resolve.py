@@ -125,7 +125,12 @@ def _find_path(text: str, path: Path) -> tp.Optional[Found]:
             f"({sorted([b.name for b in bags] + [m.name for m in models.values()])[:8]}): "
             f"name one, or pass the folder as pretrained_repo and a model name")
     if path.suffix in (*MODEL_SUFFIXES, ".yaml") or os.sep in text:
-        raise ModelLoadError(f"model {text}: file {path} does not exist")
+        hint = ""
+        for part in Path(text).parts:  # e.g. the guide's outputs/SIG/checkpoints/best.th
+            xp = xp_folder(part)
+            if xp is not None:
+                hint = f" (XP {part} is {xp}: use continue_from={part} or {xp / 'best.th'})"
+        raise ModelLoadError(f"model {text}: file {path} does not exist{hint}")
     return None
 
 
