@@ -66,7 +66,7 @@ def make_base() -> Path:
     import torch
     from demucs.states import serialize_model
     from omegaconf import OmegaConf
-    from .safe_load import load_model_file
+    from .hub.packages import load_model_file
     _step("Training the base on synthetic domain A (dora run " + " ".join(BASE_ARGS) + ")")
     _dora("run", *BASE_ARGS)
     xp = _xp_of(BASE_ARGS)

@@ -183,7 +183,7 @@ def _nsdr_cost(model: "nn.Module", quantized_path: Path, cfg: "DictConfig",
     """nSDR of float vs int8 on the first ``tracks`` valid tracks (shifts 0): one line."""
     from .errors import DatasetError
     from .evaluate import build_dataset, evaluate_model
-    from .safe_load import load_model_file
+    from .hub.packages import load_model_file
     try:
         data = build_dataset(cfg, list(model.sources), "valid", model.samplerate,
                              model.audio_channels, progress=False)

@@ -143,5 +143,5 @@ def save_quantized(model: nn.Module, path: tp.Union[str, Path], bits: int = 8,
 
 def load_quantized(path: tp.Union[str, Path], trust_remote_code: bool = False) -> nn.Module:
     """Float model from a quantized file (same as ``safe_load.load_model_file``)."""
-    from .safe_load import load_model_file
+    from .hub.packages import load_model_file
     return load_model_file(path, trust_remote_code=trust_remote_code)
