@@ -175,7 +175,9 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("-n", "--name", required=True,
                         help="model: NAME in --repo, XP signature or .th path")
     parser.add_argument("--repo", type=Path, help="folder of model files (release_models)")
-    parser.add_argument("--adapter", help="adapter path or XP signature, loaded on --name")
+    parser.add_argument("--adapter", "--lora_checkpoint", "--lora-checkpoint", dest="adapter",
+                        help="adapter path or XP signature, loaded on --name "
+                             "(--lora_checkpoint: the same, as other projects spell it)")
     parser.add_argument("--split", choices=["test", "valid"], default="test")
     parser.add_argument("--json", type=Path, help="output JSON (default: XP/test_results.json "
                         "for an XP, else not written)")
