@@ -9,10 +9,11 @@ STAMP := $(VENV)/.installed
 $(BIN)/python:
 	$(PY) -m venv $(VENV) || python3 -m venv $(VENV)
 
-$(STAMP): $(BIN)/python setup.py
+$(STAMP): $(BIN)/python setup.py Makefile
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q --no-deps torch-log-wmse  # its filter only (neg_log_wmse)
 	touch $(STAMP)
 
 install: $(STAMP)

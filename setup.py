@@ -22,7 +22,14 @@ setup(
         "numpy",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout", "peft>=0.13", "matplotlib"],
+        # museval, auraloss (+ librosa for its mel scale) give the reference values of the
+        # sdr / aura_* metrics in tests; torch-log-wmse is installed with --no-deps by the
+        # Makefile (its torchaudio has no build for torch 2.13; only its filter file is read)
+        "test": ["pytest>=7", "pytest-timeout", "peft>=0.13", "matplotlib", "scipy",
+                 "museval", "auraloss", "librosa"],
+        # tools.test_pretrained --metrics aura_mrstft (scipy); neg_log_wmse also needs
+        # `pip install --no-deps torch-log-wmse`
+        "metrics": ["scipy"],
         "audio": ["torchaudio"],
         "xformers": ["xformers"],
     },

@@ -82,7 +82,8 @@ def load_plain_model(name_or_sig: PathLike, repo: tp.Optional[PathLike] = None,
 def resolve_adapter(adapter: PathLike, root: tp.Optional[PathLike] = None) -> Path:
     """An adapter path (``x``, ``x.safetensors`` or ``x.json``) or an XP signature
     (its ``lora_best``); returns the path without suffix."""
-    from .lora.state import adapter_paths
+    from .lora.state import adapter_paths, check_adapter_path
+    check_adapter_path(adapter)
     root = Path(root or Path.cwd())
     path = Path(adapter).expanduser()
     if not path.is_absolute():
@@ -177,7 +178,8 @@ def get_model(name_or_sig: PathLike, repo: tp.Optional[PathLike] = None,
                 hint = (f"; {name_or_sig} is an XP whose best.th has its adapter merged in: "
                         "load adapters on its base (continue_from in its config.yaml)")
             raise AdapterMismatch(f"{exc} [base: {name_or_sig}]{hint}") from None
-    return model.eval()
+    from .model_api import attach  # model.load_lora_weights(path), .quantize(...), ...
+    return attach(model.eval())
 
 
 def quantize(model: "nn.Module", bits: int = 8, training_args: tp.Optional[dict] = None

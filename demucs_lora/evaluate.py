@@ -133,7 +133,7 @@ def evaluate_model(model: "nn.Module", dataset, shifts: int = 0, overlap: float 
         est = separate_tensor(model, mix.to(device), shifts=shifts, overlap=overlap,
                               split=split, device=device).cpu()
         tracks[names[index]] = track_metrics(est, ref, list(model.sources), metrics,
-                                             samplerate=model.samplerate)
+                                             samplerate=model.samplerate, mix=mix)
     summary = summarize(list(tracks.values()))
     return {"tracks": _round(tracks), "summary": _round(summary)}
 
@@ -175,11 +175,17 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("-n", "--name", required=True,
                         help="model: NAME in --repo, XP signature or .th path")
     parser.add_argument("--repo", type=Path, help="folder of model files (release_models)")
-    parser.add_argument("--adapter", help="adapter path or XP signature, loaded on --name")
+    parser.add_argument("--adapter", "--lora_checkpoint", "--lora-checkpoint", dest="adapter",
+                        help="adapter path or XP signature, loaded on --name "
+                             "(--lora_checkpoint: the same, as other projects spell it)")
     parser.add_argument("--split", choices=["test", "valid"], default="test")
     parser.add_argument("--json", type=Path, help="output JSON (default: XP/test_results.json "
                         "for an XP, else not written)")
     parser.add_argument("--max-tracks", type=int, default=None, help="evaluate N tracks only")
+    parser.add_argument("--metrics", nargs="+", default=None, metavar="NAME",
+                        help="metrics to report (default: nsdr si_sdr l1_freq bleedless "
+                             "fullness); also sdr (BSSEval v4, museval's), neg_log_wmse, "
+                             "aura_stft, aura_mrstft (as MSST names them)")
     parser.add_argument("-d", "--device", default=None, help="cpu or cuda (default: auto)")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="allow full unpickling of model files (they are code!)")
@@ -204,10 +210,30 @@ def _source_xp(name: str, adapter: tp.Optional[str]) -> tp.Optional[Path]:
     return None
 
 
+def selected_metrics(args: argparse.Namespace) -> tp.Tuple[str, ...]:
+    """``--metrics`` (space or comma separated; KEY=VALUE items it swallowed go back to the
+    overrides), checked by name; the default set without it."""
+    from .metrics import METRICS, check_metrics
+    if not args.metrics:
+        return METRICS
+    names = []
+    for item in args.metrics:
+        if "=" in item:
+            args.overrides.append(item)
+        else:
+            names += [n for n in item.split(",") if n]
+    try:
+        check_metrics(names)
+    except ValueError as exc:
+        raise ConfigError(f"--metrics: {exc}") from None
+    return tuple(dict.fromkeys(names))
+
+
 def run(args: argparse.Namespace) -> dict:
     """Load, configure, evaluate, print, write; returns the results dict."""
     import torch
     from .api import get_model, xp_folder
+    metrics = selected_metrics(args)
     bad = [o for o in args.overrides if "=" not in o]
     if bad:
         raise ConfigError(f"unexpected argument(s) {bad}: overrides are key=value, the model "
@@ -229,10 +255,9 @@ def run(args: argparse.Namespace) -> dict:
                             "split": bool(test.split), "seed": int(cfg.get("seed", 0))}}
     scores = evaluate_model(model, dataset, shifts=int(test.shifts),
                             overlap=float(test.overlap), split=bool(test.split),
-                            max_tracks=args.max_tracks, device=device,
+                            metrics=metrics, max_tracks=args.max_tracks, device=device,
                             progress=not args.no_progress, seed=int(cfg.get("seed", 0)))
-    from .metrics import METRICS
-    results.update(metrics=list(METRICS), **scores)
+    results.update(metrics=list(metrics), **scores)
     print(f"{args.name}{' + ' + str(args.adapter) if args.adapter else ''} on "
           f"{args.split} ({len(scores['tracks'])} track(s), shifts={test.shifts}, "
           f"overlap={test.overlap})")

@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 LORA_KEYS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_rslora", "lora_targets",
              "lora_bias", "lora_rank_mode", "lora_budget_match", "lora_max_rank",
              "layer_ranks", "min_rank", "max_rank", "lora_enable_qkv",
-             "lora_gradient_batches")
+             "lora_gradient_batches", "lora_rank_adaptation", "lora_adapt_every")
 
 
 def architecture_kwargs(cfg: DictConfig) -> dict:
@@ -202,6 +202,10 @@ def build_model(cfg: DictConfig, root: tp.Optional[Path] = None,
     heads = [p + h for p, m in members for h in head_names(m)] if train_heads else []
     lcfg = cfg.htdemucs
     report = {"ranks": {}, "layers": [], "train_heads": heads, "base_sources": base_sources}
+    if lcfg.lora_rank <= 0 and cfg.get("lora_checkpoint"):
+        raise ConfigError(f"lora_checkpoint={cfg.lora_checkpoint} starts LoRA factors, but "
+                          "htdemucs.lora_rank=0 is full fine-tuning: set htdemucs.lora_rank "
+                          "(and the other htdemucs.lora_* keys) to the adapter's")
     if lcfg.lora_rank <= 0:
         for p in model.parameters():
             p.requires_grad_(True)
@@ -224,5 +228,26 @@ def build_model(cfg: DictConfig, root: tp.Optional[Path] = None,
         train_extra=heads)
     report["ranks"] = ranks
     report["rank_table"] = table if len(members) > 1 else member_table
+    if cfg.get("lora_checkpoint"):
+        model = start_from_adapter(model, str(cfg.lora_checkpoint), root)
+        report["lora_checkpoint"] = str(cfg.lora_checkpoint)
     report["trainable"] = trainable_summary(model)
     return model, report
+
+
+def start_from_adapter(model: nn.Module, adapter: str, root: tp.Optional[Path] = None
+                       ) -> nn.Module:
+    """``lora_checkpoint=PATH``: the injected LoRA factors (and heads) start from an
+    existing adapter, loaded strictly: same layout (ranks, alpha, ...), same keys and
+    shapes, and trained on this very base (fingerprint), else AdapterMismatch."""
+    from .api import resolve_adapter
+    from .errors import AdapterMismatch
+    from .lora.state import load_lora_weights
+    path = resolve_adapter(adapter, root)
+    try:
+        model = load_lora_weights(model, path)
+    except AdapterMismatch as exc:
+        raise AdapterMismatch(f"lora_checkpoint={adapter}: {exc} [set htdemucs.lora_* (and "
+                              "continue_from) to what its .json header records]") from None
+    logger.info("LoRA factors start from lora_checkpoint=%s", path)
+    return model

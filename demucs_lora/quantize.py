@@ -2,27 +2,35 @@
 
 ``quantize(model)`` returns a demucs-style package::
 
-    {klass, args, kwargs, training_args: {}, state,
-     quantized: {bits, scheme: 'per_channel_symmetric', scale_suffix: '::scale', ...}}
+    {klass: Int8Package, args, kwargs, training_args: {}, state,
+     quantized: {bits, scheme: 'per_channel_symmetric', scale_suffix: '::scale',
+                 klass: HTDemucs, scale_method: 'max_abs' | 'mse', ...}}
 
 Every floating parameter with >= 2 dims (conv, conv-transpose, linear, attention and
 embedding weights) is stored as an int8 tensor ``q`` plus a float32 tensor
 ``state[name + '::scale']`` shaped to broadcast against it, one scale per output
 channel: ``w ~= q * scale`` with ``scale = max|w| / (2^(bits-1) - 1)`` over the other
 dims (axis 0 for Conv/Linear/attention/embedding weights, axis 1 for ConvTranspose,
-whose weight is (in, out, ...)). Biases, norms and layer scales stay float32. The
+whose weight is (in, out, ...)). ``optimize_scales=True`` picks, per channel, the scale
+that minimises the reconstruction error ``sum (w - q * scale)^2`` instead: a search over
+clipping ratios ``scale = c * max|w| / qmax`` (c from 0.3 to 1, max-abs included, so it
+is never worse) refined by two least-squares steps ``scale = <w, q> / <q, q>``. Biases, norms and layer scales stay float32. The
 package holds only tensors and builtins (plus the demucs ``klass``), so it opens with
 ``torch.load(weights_only=True)`` and the allowlist of ``demucs_lora.safe_load``:
 ``safe_load.load_model_file`` sees the ``quantized`` key and dequantizes, as does
-``load_quantized``. The stock demucs loader cannot read these files: its strict
-``load_state_dict`` rejects the ``::scale`` entries (a loud failure, not silent garbage);
-dequantize and re-save with ``demucs.states.serialize_model`` for the stock CLI.
+``load_quantized``; they build ``quantized['klass']``. The stock demucs loader (``python
+-m demucs --repo DIR -n NAME``) calls ``klass(*args, **kwargs)`` first: ``klass`` is
+`Int8Package`, which raises demucs' own ``ModelLoadingError`` "int8 file: load it with
+demucs_lora.get_model", which the stock CLI prints as its one-line error (packages written
+before kept ``klass: HTDemucs`` and still load here). Export without ``--quantize`` (or
+``--half``) for the stock CLI.
 
 Quantize a plain model: merge LoRA adapters first (the state must match what
 ``klass(*args, **kwargs)`` builds, which is checked).
 """
 from __future__ import annotations
 
+import inspect
 import typing as tp
 from pathlib import Path
 
@@ -36,21 +44,84 @@ SCHEME = "per_channel_symmetric"
 SCALE_SUFFIX = "::scale"
 
 
+INT8_MESSAGE = ("int8 file: load it with demucs_lora.get_model(NAME, repo=DIR) (or "
+                "`demucs-lora --base NAME --repo DIR`); the stock demucs loader cannot read "
+                "weight-only int8 packages: export without --quantize (or with --half) for it")
+
+
+def _stock_signature() -> inspect.Signature:
+    """Every constructor argument of the demucs model classes, so that the stock loader's
+    non-strict mode drops none of a package's kwargs (with a warning each) before failing."""
+    from demucs.demucs import Demucs
+    from demucs.hdemucs import HDemucs
+    from demucs.htdemucs import HTDemucs
+    names = dict.fromkeys(n for klass in (HTDemucs, HDemucs, Demucs)
+                          for n in inspect.signature(klass).parameters)
+    return inspect.Signature(
+        [inspect.Parameter("args", inspect.Parameter.VAR_POSITIONAL)]
+        + [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None) for n in names])
+
+
+class Int8Package:
+    """The ``klass`` of an int8 package, for the stock demucs loader: it refuses to build.
+
+    demucs_lora's loaders build ``package['quantized']['klass']`` instead."""
+
+    def __init__(self, *args, **kwargs):
+        from demucs.repo import ModelLoadingError  # what `python -m demucs` prints, alone
+        raise ModelLoadingError(INT8_MESSAGE)
+
+
+Int8Package.__signature__ = _stock_signature()
+
+
 def _channel_axis(module: nn.Module) -> int:
     """Axis of the output channels in ``module.weight``."""
     return 1 if isinstance(module, nn.modules.conv._ConvTransposeNd) else 0
 
 
-def quantize_tensor(weight: torch.Tensor, axis: int = 0, bits: int = 8
-                    ) -> tp.Tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-channel quantization along ``axis``: returns (int8 q, float32 scale)."""
+def quantize_tensor(weight: torch.Tensor, axis: int = 0, bits: int = 8,
+                    optimize_scales: bool = False) -> tp.Tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-channel quantization along ``axis``: returns (int8 q, float32 scale).
+
+    ``optimize_scales``: the per-channel scale of least reconstruction error (module
+    docstring) instead of max-abs."""
     qmax = 2 ** (bits - 1) - 1
     w = weight.detach().float().cpu()
     other = [d for d in range(w.dim()) if d != axis]
     scale = w.abs().amax(dim=other, keepdim=True) / qmax
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    if optimize_scales:
+        scale = _mse_scale(w, scale, other, qmax)
     q = torch.round(w / scale).clamp(-qmax, qmax).to(torch.int8)
     return q.contiguous(), scale.contiguous()
+
+
+def _error(w: torch.Tensor, scale: torch.Tensor, other: tp.List[int], qmax: int
+           ) -> torch.Tensor:
+    q = torch.round(w / scale).clamp(-qmax, qmax)
+    return (w - q * scale).square().sum(dim=other, keepdim=True)
+
+
+def _mse_scale(w: torch.Tensor, max_abs: torch.Tensor, other: tp.List[int], qmax: int,
+               steps: int = 36, refine: int = 2) -> torch.Tensor:
+    """Per-channel scale minimising ``sum (w - round(w / s) * s)^2``, starting at max-abs."""
+    best, best_err = max_abs, _error(w, max_abs, other, qmax)
+
+    def consider(candidate: torch.Tensor) -> None:
+        nonlocal best, best_err
+        candidate = torch.where(candidate > 0, candidate, max_abs)
+        err = _error(w, candidate, other, qmax)
+        better = err < best_err
+        best, best_err = torch.where(better, candidate, best), torch.where(better, err, best_err)
+
+    for ratio in torch.linspace(0.3, 1.0, steps)[:-1].tolist():
+        consider(max_abs * ratio)
+    for _ in range(refine):  # least squares on the scale for the current integers
+        q = torch.round(w / best).clamp(-qmax, qmax)
+        consider((w * q).sum(dim=other, keepdim=True)
+                 / q.square().sum(dim=other, keepdim=True).clamp(min=1))
+    return best
 
 
 def _init_args(model: nn.Module) -> tp.Tuple[tuple, dict]:
@@ -74,7 +145,8 @@ def _check_plain(model: nn.Module, args: tuple, kwargs: dict) -> None:
             "wrappers) before quantizing")
 
 
-def quantize_state(model: nn.Module, bits: int = 8) -> tp.Tuple[tp.Dict[str, torch.Tensor], int]:
+def quantize_state(model: nn.Module, bits: int = 8, optimize_scales: bool = False
+                   ) -> tp.Tuple[tp.Dict[str, torch.Tensor], int]:
     """(quantized state dict, number of quantized tensors) of ``model``."""
     params = dict(model.named_parameters(remove_duplicate=False))
     state: tp.Dict[str, torch.Tensor] = {}
@@ -82,7 +154,7 @@ def quantize_state(model: nn.Module, bits: int = 8) -> tp.Tuple[tp.Dict[str, tor
     for name, value in model.state_dict().items():
         if name in params and value.is_floating_point() and value.dim() >= 2:
             owner = model.get_submodule(name.rpartition(".")[0])
-            q, scale = quantize_tensor(value, _channel_axis(owner), bits)
+            q, scale = quantize_tensor(value, _channel_axis(owner), bits, optimize_scales)
             state[name], state[name + SCALE_SUFFIX] = q, scale
             count += 1
         else:
@@ -92,22 +164,24 @@ def quantize_state(model: nn.Module, bits: int = 8) -> tp.Tuple[tp.Dict[str, tor
 
 
 def quantize(model: nn.Module, bits: int = 8,
-             training_args: tp.Optional[tp.Dict[str, tp.Any]] = None) -> tp.Dict[str, tp.Any]:
+             training_args: tp.Optional[tp.Dict[str, tp.Any]] = None,
+             optimize_scales: bool = False) -> tp.Dict[str, tp.Any]:
     """Serialized, weight-quantized package of a demucs model (see module docstring)."""
     if not isinstance(bits, int) or not 2 <= bits <= 8:
         raise ConfigError(f"quantize bits={bits!r}: choose an integer from 2 to 8 "
                           "(values are stored as int8)")
     args, kwargs = _init_args(model)
     _check_plain(model, args, kwargs)
-    state, count = quantize_state(model, bits)
+    state, count = quantize_state(model, bits, bool(optimize_scales))
     return {
-        "klass": type(model),
+        "klass": Int8Package,
         "args": args,
         "kwargs": kwargs,
         "state": state,
         "training_args": dict(training_args or {}),
         "quantized": {"bits": bits, "scheme": SCHEME, "scale_suffix": SCALE_SUFFIX,
-                      "num_quantized": count},
+                      "num_quantized": count, "klass": type(model),
+                      "scale_method": "mse" if optimize_scales else "max_abs"},
     }
 
 
@@ -133,10 +207,11 @@ def dequantize_state(state: tp.Mapping[str, torch.Tensor]) -> tp.Dict[str, torch
 
 
 def save_quantized(model: nn.Module, path: tp.Union[str, Path], bits: int = 8,
-                   training_args: tp.Optional[tp.Dict[str, tp.Any]] = None) -> Path:
+                   training_args: tp.Optional[tp.Dict[str, tp.Any]] = None,
+                   optimize_scales: bool = False) -> Path:
     """Write ``quantize(model)`` to ``path`` atomically (temporary file, then os.replace)."""
     path = Path(path)
-    package = quantize(model, bits, training_args)
+    package = quantize(model, bits, training_args, optimize_scales)
     atomic_write(path, lambda tmp: torch.save(package, tmp))
     return path
 

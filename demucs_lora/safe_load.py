@@ -32,6 +32,7 @@ from demucs.hdemucs import HDemucs
 from demucs.htdemucs import HTDemucs
 
 from .errors import ModelLoadError
+from .quantize import Int8Package
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +42,8 @@ MODEL_CLASSES: tp.Tuple[type, ...] = (HTDemucs, HDemucs, Demucs)
 PLAIN_GLOBALS: tp.Tuple[tp.Any, ...] = (fractions.Fraction,)
 """Non-tensor types found in the kwargs of real demucs packages."""
 
-SAFE_GLOBALS: tp.List[tp.Any] = [*MODEL_CLASSES, *PLAIN_GLOBALS]
+SAFE_GLOBALS: tp.List[tp.Any] = [*MODEL_CLASSES, *PLAIN_GLOBALS, Int8Package]
+"""Int8Package: the ``klass`` of int8 packages (it only refuses the stock loader)."""
 
 PACKAGE_KEYS = ("klass", "args", "kwargs", "state")
 
@@ -159,6 +161,8 @@ def model_from_package(package: tp.Dict[str, tp.Any], strict: bool = True,
     """Build the model a package describes and load its state (strict by default)."""
     check_package(package, source)
     klass = package["klass"]
+    if package.get("quantized"):  # int8: klass is Int8Package, the model class is here
+        klass = package["quantized"].get("klass", klass)
     if not (isinstance(klass, type) and issubclass(klass, torch.nn.Module)):
         raise ModelLoadError(f"{source}: klass {klass!r} is not a torch module class.")
     if klass not in allowed_classes:

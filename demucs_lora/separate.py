@@ -114,9 +114,11 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--base", required=True,
                         help="base model: NAME in --repo, an XP signature or a .th path")
     parser.add_argument("--repo", type=Path, help="folder of model files (release_models)")
-    parser.add_argument("--adapter", action="append", default=[],
+    parser.add_argument("--adapter", "--lora_checkpoint", "--lora-checkpoint", dest="adapter",
+                        action="append", default=[],
                         help="adapter path (x, x.safetensors or x.json) or XP signature "
-                             "(its lora_best); repeat for several; none = the base alone")
+                             "(its lora_best); repeat for several; none = the base alone "
+                             "(--lora_checkpoint: the same, as other projects spell it)")
     parser.add_argument("--merge", action="store_true",
                         help="merge each adapter into the weights (faster inference)")
     parser.add_argument("-o", "--out", type=Path, default=Path("separated"),

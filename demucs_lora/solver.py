@@ -41,11 +41,7 @@ class Solver:
         self.xp = get_xp()
         self.folder = Path(self.xp.folder)
         self.is_master = distrib.is_master()
-        self.dmodel = self.model
-        if distrib.world_size() > 1:  # DDP all-reduces the trainable parameters only
-            from torch.nn.parallel import DistributedDataParallel
-            ids = [device.index or 0] if device.type == "cuda" else None
-            self.dmodel = DistributedDataParallel(self.model, device_ids=ids)
+        self._wrap_ddp()
         self.optimizer = build_optimizer(self.model, cfg.optim)
         steps = len(loaders["train"])
         self.steps_per_epoch = steps if cfg.max_batches is None else min(steps, cfg.max_batches)
@@ -63,6 +59,18 @@ class Solver:
             self.writer = SummaryWriter(str(self.folder / "tensorboard"))
         weights = cfg.weights or [1.0] * len(cfg.sources)
         self.weights = torch.tensor(list(weights), dtype=torch.float32, device=device)
+        self.adaptation = None  # htdemucs.lora_rank_adaptation (lora/rank_adaptation.py)
+        if cfg.htdemucs.get("lora_rank_adaptation") and cfg.htdemucs.lora_rank > 0:
+            from .lora.rank_adaptation import RankAdaptation
+            self.adaptation = RankAdaptation(self.model, cfg.htdemucs, seed=cfg.seed)
+
+    def _wrap_ddp(self) -> None:
+        """DDP all-reduces the trainable parameters only (rewrapped when ranks change)."""
+        self.dmodel = self.model
+        if distrib.world_size() > 1:
+            from torch.nn.parallel import DistributedDataParallel
+            ids = [self.device.index or 0] if self.device.type == "cuda" else None
+            self.dmodel = DistributedDataParallel(self.model, device_ids=ids)
 
     # ---------------------------------------------------------------- state
     def _state(self) -> dict:
@@ -73,13 +81,17 @@ class Solver:
                 "ema": self.ema.state_dict() if self.ema else None,
                 "rng": ckpt.rng_state(), "epoch": len(self.history),
                 "history": self.history, "best_state": self.best_state,
-                "best_nsdr": self.best_nsdr}
+                "best_nsdr": self.best_nsdr,
+                "rank_adaptation": self.adaptation.state_dict() if self.adaptation else None}
 
     def restore(self) -> bool:
         path = self.folder / "checkpoint.th"
         if not path.exists():
             return False
         state = torch.load(path, map_location="cpu", weights_only=False)
+        if self.adaptation and state.get("rank_adaptation"):  # the ranks it had, first
+            self.adaptation.load_state_dict(state["rank_adaptation"], self.optimizer, self.ema)
+            self._wrap_ddp()
         ckpt.load_trainable_state(self.model, state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -211,6 +223,7 @@ class Solver:
     def _adapter_header(self) -> dict:
         return {"targets": list(self.cfg.htdemucs.lora_targets),
                 "rank_mode": self.cfg.htdemucs.lora_rank_mode,
+                "rank_adaptation": self.adaptation is not None,
                 "source_init": OmegaConf.to_container(self.cfg.source_init)
                 if self.cfg.source_init is not None else None,
                 "xp": self.xp.sig}
@@ -227,7 +240,16 @@ class Solver:
             ckpt.save_best_model(self.model, self.best_state, self.cfg, folder / "best.th")
             ckpt.save_adapter_with_state(self.model, self.best_state, folder / "lora_best",
                                          **header)
-        ckpt.atomic_torch_save(self._state(), folder / "checkpoint.th")
+
+    def _adapt_ranks(self, epoch: int) -> None:
+        """Dynamic rank adaptation (every process, same decision); see rank_adaptation.py."""
+        from .lora.rank_adaptation import calibration_batches
+        batches = calibration_batches(self.loaders["train"], self.augment, self.device)
+        self.adaptation.reallocate(batches, lambda est, ref: self._loss(est, ref)[0],
+                                   self.optimizer, self.ema, epoch)
+        self._wrap_ddp()
+        if self.is_master:
+            self.adaptation.write_history(self.folder, self.writer)
 
     def _initial_validation(self) -> dict:
         """nSDR of the model before any training step (the base, for an adaptation)."""
@@ -275,6 +297,10 @@ class Solver:
             if self.is_master:
                 self._log_epoch(epoch, metrics)
                 self._save_epoch(epoch, dict(metrics, is_best=is_best))
+            if self.adaptation and self.adaptation.due(epoch, self.cfg.epochs):
+                self._adapt_ranks(epoch)  # after the adapters of this epoch, before its checkpoint
+            if self.is_master:
+                ckpt.atomic_torch_save(self._state(), self.folder / "checkpoint.th")
                 self.xp.link.push_metrics(metrics)
             if distrib.world_size() > 1:
                 torch.distributed.barrier()

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .config_check import check_config, normalize_overrides, resolve_paths
 from .errors import DatasetError, DemucsLoRAError, exit_on_user_error
+from .lora.rank_adaptation import check_config as check_rank_adaptation
 
 logger = logging.getLogger("demucs_lora")
 
@@ -102,6 +103,7 @@ def run(cfg: DictConfig) -> tp.List[dict]:
     xp = get_xp()
     folder = Path(xp.folder)
     check_config(cfg)
+    check_rank_adaptation(cfg)
     cfg = resolve_paths(cfg)
     device = pick_device(cfg)
     distrib.init(backend="nccl" if device.type == "cuda" else "gloo")

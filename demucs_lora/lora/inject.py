@@ -85,10 +85,13 @@ def inject_lora(model: nn.Module, ranks: tp.Mapping[str, int], alpha: float = 16
     for path in train_extra:
         for param in model.get_submodule(path).parameters():
             param.requires_grad_(True)
-    setattr(model, LORA_CONFIG_ATTR, {
+    config = {
         "ranks": targets, "alpha": float(alpha), "dropout": float(dropout),
         "rslora": bool(rslora), "bias": bias, "enable_qkv": [bool(x) for x in enable_qkv],
-        "train_extra": list(train_extra)})
+        "train_extra": list(train_extra)}
+    setattr(model, LORA_CONFIG_ATTR, config)
+    if "lora_config" in model.__dict__:  # the guide's model.lora_config (model_api.py)
+        model.__dict__["lora_config"] = config
     return report
 
 
@@ -122,6 +125,8 @@ def remove_lora(model: nn.Module) -> nn.Module:
                 layer.unwrap())
     if hasattr(model, LORA_CONFIG_ATTR):
         delattr(model, LORA_CONFIG_ATTR)
+    if "lora_config" in model.__dict__:
+        model.__dict__["lora_config"] = None
     return model
 
 

@@ -137,7 +137,22 @@ def save_adapter(model: nn.Module, path: tp.Union[str, Path], **extra) -> tp.Tup
     return tensors_path, header_path
 
 
+NOT_ADAPTER_SUFFIXES = (".pth", ".th", ".pt", ".ckpt", ".bin")
+
+
+def check_adapter_path(path: tp.Union[str, Path]) -> None:
+    """AdapterMismatch for a torch checkpoint / model file given where an adapter goes."""
+    suffix = Path(str(path)).suffix.lower()
+    if suffix in NOT_ADAPTER_SUFFIXES:
+        raise AdapterMismatch(
+            f"{path} is a {suffix} file (a torch model or checkpoint), not an adapter: an "
+            "adapter is a pair NAME.safetensors + NAME.json (its header), as training writes "
+            "them (outputs/xps/SIG/lora_best, lora_last) and tools.export --include-lora "
+            "(NAME.lora); pass that path, with or without its suffix, or an XP signature")
+
+
 def read_adapter(path: tp.Union[str, Path]) -> tp.Tuple[dict, tp.Dict[str, torch.Tensor]]:
+    check_adapter_path(path)
     tensors_path, header_path = adapter_paths(path)
     for p in (tensors_path, header_path):
         if not p.exists():
@@ -149,16 +164,35 @@ def read_adapter(path: tp.Union[str, Path]) -> tp.Tuple[dict, tp.Dict[str, torch
     return header, load_file(str(tensors_path))
 
 
+def _layout_differences(config: dict, header: dict) -> tp.List[str]:
+    """One readable item per difference, e.g. ``alpha: model 16.0, adapter 32.0`` or, for
+    ranks, the layers that differ (``encoder.0.conv: model 8, adapter 4``)."""
+    out = []
+    for key in LAYOUT_KEYS:
+        mine, theirs = config.get(key), header.get(key)
+        if mine == theirs:
+            continue
+        if key == "ranks":
+            mine, theirs = dict(mine or {}), dict(theirs or {})
+            layers = [f"{n}: model {mine.get(n, 'none')}, adapter {theirs.get(n, 'none')}"
+                      for n in sorted(set(mine) | set(theirs)) if mine.get(n) != theirs.get(n)]
+            more = f" (+{len(layers) - 5} more)" if len(layers) > 5 else ""
+            out.append(f"ranks of {len(layers)} layer(s) [{'; '.join(layers[:5])}{more}]")
+        else:
+            out.append(f"{key}: model {mine!r}, adapter {theirs!r}")
+    return out
+
+
+LAYOUT_KEYS = ("ranks", "alpha", "rslora", "bias", "enable_qkv", "train_extra")
+
+
 def _check_same_layout(config: dict, header: dict, path) -> None:
     """Swapping tensors is only right when the layers were built the same way."""
-    keys = ("ranks", "alpha", "rslora", "bias", "enable_qkv", "train_extra")
-    diff = [k for k in keys if config[k] != header[k]]
+    diff = _layout_differences(config, header)
     if diff:
         raise AdapterMismatch(
-            f"{path}: the model's LoRA layers differ from this adapter in {diff} "
-            f"(model: {[config[k] for k in diff if k != 'ranks']}, adapter: "
-            f"{[header[k] for k in diff if k != 'ranks']}); load it on the plain base model "
-            "(remove_lora first) instead of swapping")
+            f"{path}: the model's LoRA layers differ from this adapter in {'; '.join(diff)}; "
+            "load it on the plain base model (remove_lora first) instead of swapping")
 
 
 def load_lora_weights(model: nn.Module, path: tp.Union[str, Path],
@@ -212,4 +246,5 @@ def load_lora_weights(model: nn.Module, path: tp.Union[str, Path],
             params[name].copy_(value.to(params[name].dtype))
     for layer in merged:
         layer.merge()
-    return model
+    from ..model_api import attach  # the guide's model.load_lora_weights & co.
+    return attach(model)
