@@ -166,4 +166,4 @@ def test_shape_mismatch_and_unknown_metric_raise():
     with pytest.raises(ValueError, match="shape"):
         M.nsdr(torch.zeros(2, 2, 10), torch.zeros(2, 2, 11))
     with pytest.raises(ValueError, match="unknown metrics"):
-        M.track_metrics(torch.zeros(1, 2, 4096), torch.zeros(1, 2, 4096), ["x"], metrics=["sdr"])
+        M.track_metrics(torch.zeros(1, 2, 4096), torch.zeros(1, 2, 4096), ["x"], metrics=["bogus"])
