@@ -61,3 +61,21 @@ def test_rank_adaptation_moves_ranks_and_resumes_exactly_after_kill_9(tmp_path):
     assert want.keys() == got.keys()
     for key in want:
         assert (want[key] - got[key]).abs().max() <= 1e-5, key
+
+
+def test_rank_adaptation_under_ddp_takes_one_decision(tmp_path):
+    """Two gloo processes reallocate identically (gradients all-reduced before scoring)
+    and train on through the re-wrapped DDP model."""
+    dora(tmp_path, "run", "-d", "--ddp_workers=2", *ARGS[1:], "batch_size=4",
+         "dset.synth.tracks=2", "dset.synth.seconds=3")
+    (xp,) = xps(tmp_path)
+
+    def decision(log):
+        text = (xp / log).read_text()
+        start = text.index("Rank adaptation after epoch 1")
+        return [line.strip() for line in text[start:].splitlines()[1:]
+                if "->" in line and ":" in line and "[" not in line]
+    assert decision("train.log") and decision("train.log") == decision("worker_1.log")
+    assert len(history(xp)) == 2
+    header = json.loads((xp / "lora_last.json").read_text())
+    assert header["ranks"] == json.loads((xp / "rank_history.json").read_text())[-1]["ranks"]
