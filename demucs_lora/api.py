@@ -182,12 +182,14 @@ def get_model(name_or_sig: PathLike, repo: tp.Optional[PathLike] = None,
     return attach(model.eval())
 
 
-def quantize(model: "nn.Module", bits: int = 8, training_args: tp.Optional[dict] = None
-             ) -> tp.Dict[str, tp.Any]:
+def quantize(model: "nn.Module", bits: int = 8, training_args: tp.Optional[dict] = None,
+             optimize_scales: bool = False) -> tp.Dict[str, tp.Any]:
     """Weight-only int8 package of a plain (merged) model; see ``demucs_lora.quantize``.
 
     Save it with ``torch.save`` (or ``quantize.save_quantized(model, path)``) and load it
-    back with ``get_model(path)``; the stock demucs CLI cannot read it.
+    back with ``get_model(path)``; the stock demucs CLI refuses it with that hint.
+    ``optimize_scales``: per-channel scales of least reconstruction error, not max-abs.
     """
     from .quantize import quantize as _quantize
-    return _quantize(model, bits=bits, training_args=training_args)
+    return _quantize(model, bits=bits, training_args=training_args,
+                     optimize_scales=optimize_scales)

@@ -2,7 +2,11 @@
 fullness; a printed table and the same numbers as JSON (``demucs-lora-test``).
 
     python -m tools.test_pretrained -n NAME_OR_SIG [--repo DIR] [--adapter PATH]
-        [--split test|valid] [--json OUT] [test.shifts=2 test.overlap=0.25 dset.wav=...]
+        [--split test|valid] [--json OUT] [--metrics sdr neg_log_wmse ...]
+        [test.shifts=2 test.overlap=0.25 dset.wav=...]
+
+``--lora_checkpoint`` is a spelling of ``--adapter``; ``--metrics`` picks among
+``metrics.ALL_METRICS`` (MSST's names; the default is ``metrics.METRICS``).
 
 Which config describes the data: for an XP signature (or an adapter whose header names an
 XP), the XP's own resolved ``config.yaml``, so dataset and sources are those it trained

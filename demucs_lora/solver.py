@@ -65,7 +65,12 @@ class Solver:
             self.adaptation = RankAdaptation(self.model, cfg.htdemucs, seed=cfg.seed)
 
     def _wrap_ddp(self) -> None:
-        """DDP all-reduces the trainable parameters only (rewrapped when ranks change)."""
+        """DDP all-reduces the trainable parameters only (rewrapped when ranks change: the
+        old wrapper's gradient hooks are dropped first, with it)."""
+        if getattr(self, "dmodel", None) is not None and self.dmodel is not self.model:
+            import gc
+            self.dmodel = None
+            gc.collect()
         self.dmodel = self.model
         if distrib.world_size() > 1:
             from torch.nn.parallel import DistributedDataParallel

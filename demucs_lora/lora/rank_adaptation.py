@@ -30,7 +30,8 @@ kept in SVD form when it changes, and components are re-scored as training goes.
 The current ranks, the budget and the rank history are part of ``checkpoint.th``; on
 resume the layers are resized to the recorded ranks before any state is loaded, so a run
 killed at any point resumes exactly. The history is also written to
-``rank_history.json`` and to tensorboard (``lora_rank/LAYER``, ``lora_rank/params``),
+``rank_history.json`` (plotted in ``rank_history.png`` when matplotlib is installed) and
+to tensorboard (``lora_rank/LAYER``, ``lora_rank/params``),
 and the adapter files (``lora_last``, ``lora_best``) carry the ranks they were saved with.
 """
 from __future__ import annotations
@@ -360,8 +361,9 @@ def _calibration_gradients(model: nn.Module, layers: tp.Mapping[str, LoRALayer],
                 loss.backward()
                 seen += 1
     finally:
+        target_ids = {id(t) for t in targets}
         for p, rg, g in zip(params, saved_rg, saved_grad):
-            if not any(p is t for t in targets):
+            if id(p) not in target_ids:
                 p.grad = g
             p.requires_grad_(rg)
         for m, training in saved_training:
@@ -512,16 +514,46 @@ class RankAdaptation:
         self.history = list(state["history"])
 
     def write_history(self, folder: Path, writer=None) -> None:
-        """``rank_history.json`` in ``folder``; the last entry to tensorboard."""
+        """``rank_history.json`` (+ ``rank_history.png`` when matplotlib is there) in
+        ``folder``; every entry to tensorboard (``lora_rank/LAYER``, ``lora_rank/params``)."""
         from ..utils import atomic_write_text
         atomic_write_text(Path(folder) / "rank_history.json",
                           json.dumps(self.history, indent=2))
         if writer is not None:
-            entry = self.history[-1]
-            for name, rank in entry["ranks"].items():
-                writer.add_scalar(f"lora_rank/{name}", rank, entry["epoch"])
-            writer.add_scalar("lora_rank/params", entry["params"], entry["epoch"])
+            for entry in self.history:  # idempotent: a resumed run rewrites the same points
+                for name, rank in entry["ranks"].items():
+                    writer.add_scalar(f"lora_rank/{name}", rank, entry["epoch"])
+                writer.add_scalar("lora_rank/params", entry["params"], entry["epoch"])
             writer.flush()
+        plot_history(self.history, Path(folder) / "rank_history.png")
+
+
+def plot_history(history: tp.Sequence[dict], path: Path) -> tp.Optional[Path]:
+    """Rank of every layer against the epoch (one line per layer that ever moved), with
+    matplotlib's Agg backend; returns None without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    epochs = [e["epoch"] for e in history]
+    names = list(history[0]["ranks"])
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for name in names:
+        ranks = [e["ranks"].get(name) for e in history]
+        if len(set(ranks)) > 1:
+            ax.plot(epochs, ranks, marker="o", linewidth=1, label=name)
+    ax.set_xlabel("epoch (reallocation after it)")
+    ax.set_ylabel("LoRA rank")
+    ax.set_title(f"rank adaptation: {history[-1]['params']} parameters, "
+                 f"budget {history[0]['budget']}")
+    if len(ax.lines) <= 12:
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def _world_size() -> int:

@@ -34,7 +34,7 @@ def test_rank_adaptation_moves_ranks_and_resumes_exactly_after_kill_9(tmp_path):
     header = json.loads((ref / "lora_last.json").read_text())
     assert header["ranks"] == moved and header["rank_adaptation"] is True
     assert "Rank adaptation after epoch 1" in (ref / "train.log").read_text()
-    assert list((ref / "tensorboard").iterdir())
+    assert list((ref / "tensorboard").iterdir()) and (ref / "rank_history.png").exists()
 
     proc = dora(killed_dir, *ARGS, popen=True)
     deadline = time.time() + 600
@@ -61,3 +61,22 @@ def test_rank_adaptation_moves_ranks_and_resumes_exactly_after_kill_9(tmp_path):
     assert want.keys() == got.keys()
     for key in want:
         assert (want[key] - got[key]).abs().max() <= 1e-5, key
+
+
+def test_rank_adaptation_under_ddp_takes_one_decision(tmp_path):
+    """Two gloo processes reallocate identically (gradients all-reduced before scoring)
+    and train on through the re-wrapped DDP model."""
+    args = [a for a in ARGS[1:] if not a.startswith(("dset.synth.seconds", "batch_size"))]
+    dora(tmp_path, "run", "-d", "--ddp_workers=2", *args, "batch_size=4",
+         "dset.synth.tracks=2", "dset.synth.seconds=3")
+    (xp,) = xps(tmp_path)
+
+    def decision(log):
+        text = (xp / log).read_text()
+        start = text.index("Rank adaptation after epoch 1")
+        return [line.strip() for line in text[start:].splitlines()[1:]
+                if "->" in line and ":" in line and "[" not in line]
+    assert decision("train.log") and decision("train.log") == decision("worker_1.log")
+    assert len(history(xp)) == 2
+    header = json.loads((xp / "lora_last.json").read_text())
+    assert header["ranks"] == json.loads((xp / "rank_history.json").read_text())[-1]["ranks"]

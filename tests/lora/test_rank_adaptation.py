@@ -144,6 +144,15 @@ def test_only_resized_tensors_lose_their_optimizer_state(adapted):
     opt.step()  # Adam starts the new tensors' moments afresh
 
 
+def test_history_is_written_and_plotted(adapted, tmp_path):
+    import json
+    pytest.importorskip("matplotlib")
+    adapted["ra"].write_history(tmp_path)
+    history = json.loads((tmp_path / "rank_history.json").read_text())
+    assert [e["epoch"] for e in history] == [0, 1] and history[1]["shrunk"]
+    assert (tmp_path / "rank_history.png").stat().st_size > 1000
+
+
 def test_adapter_reloads_with_the_new_ranks(adapted, tmp_path):
     from demucs_lora.lora.inject import remove_lora
     from demucs_lora.lora.state import load_lora_weights, read_adapter, save_adapter
