@@ -18,6 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from .config_check import check_config, normalize_overrides, resolve_paths
 from .errors import DatasetError, DemucsLoRAError, exit_on_user_error
+from .utils import atomic_write_text, remove_stale_temps
+from .xp_guard import XPLock, die_with_launcher
 
 logger = logging.getLogger("demucs_lora")
 
@@ -108,7 +110,7 @@ def run(cfg: DictConfig) -> tp.List[dict]:
         for handler in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
             root.removeHandler(handler)
     else:
-        (folder / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        atomic_write_text(folder / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     logger.info("XP %s in %s", xp.sig, folder)
     if distrib.is_master():  # generates synthetic data and the caches once
         verify_or_raise(cfg)
@@ -121,7 +123,7 @@ def run(cfg: DictConfig) -> tp.List[dict]:
         logger.info("LoRA ranks (%s mode):\n%s", cfg.htdemucs.lora_rank_mode,
                     format_report(report["layers"]))
         if distrib.is_master():
-            (folder / "ranks.json").write_text(json.dumps(
+            atomic_write_text(folder / "ranks.json", json.dumps(
                 {"mode": cfg.htdemucs.lora_rank_mode, "ranks": report["ranks"],
                  "layers": report["layers"]}, indent=2))
     t = report["trainable"]
@@ -137,11 +139,42 @@ def run(cfg: DictConfig) -> tp.List[dict]:
     return solver.run()
 
 
+def _untrusted_override(arg: str) -> bool:
+    """Overrides an XP folder may not set for the user: trust_remote_code (full unpickling)
+    and Hydra's own settings (hydra.callbacks & co. instantiate arbitrary classes)."""
+    key = str(arg).split("=", 1)[0].strip().lstrip("+~")
+    return (key == "trust_remote_code" or key.startswith(("hydra.", "hydra/"))
+            or key == "hydra" or "_target_" in key)
+
+
+def trusted_argv_from_xp(argv: tp.Sequence[str], source: str) -> tp.List[str]:
+    """A stored argv (an XP's .argv.json, read by `dora run -f SIG`) without what only the
+    user's own command line may set; says what it dropped."""
+    kept = [a for a in argv if not _untrusted_override(a)]
+    dropped = [a for a in argv if _untrusted_override(a)]
+    if dropped:
+        print(f"demucs-lora: ignoring {dropped} from {source}: an XP folder cannot set these;"
+              " pass them on your own command line if you mean them", file=sys.stderr)
+    return kept
+
+
 class _LoRAHydraMain(HydraMain):
-    """Dora's Hydra main, reading JSON-style dict overrides too (normalize_overrides)."""
+    """Dora's Hydra main, reading JSON-style dict overrides too (normalize_overrides).
+    `dora run -f SIG` never inherits trust_remote_code (or hydra.*) from the XP's
+    .argv.json: an XP folder is untrusted input."""
 
     def get_xp(self, argv: tp.Sequence[str]):
         return super().get_xp(normalize_overrides(argv))
+
+    def get_argv_from_sig(self, sig: str) -> tp.Sequence[str]:
+        try:
+            argv = super().get_argv_from_sig(sig)
+        except ValueError:  # json.JSONDecodeError
+            argv = None
+        if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
+            raise SystemExit(f"error: the .argv.json of XP {sig} is not a list of overrides "
+                             "(edited or corrupt): start from your own command line instead")
+        return trusted_argv_from_xp(argv, f"XP {sig}'s .argv.json")
 
     def _get_argv(self) -> tp.List[str]:
         sys.argv[1:] = normalize_overrides(sys.argv[1:])
@@ -149,8 +182,17 @@ class _LoRAHydraMain(HydraMain):
 
 
 def main(cfg: DictConfig):
+    die_with_launcher()  # a DDP worker never outlives `dora run -d`
     with exit_on_user_error(logger):
-        return run(cfg)
+        if distrib.get_distrib_spec().rank != 0:  # (before init, is_master() is always true)
+            return run(cfg)
+        folder = Path(get_xp().folder)
+        with XPLock(folder):  # one writer per XP; the second run says who holds it
+            stale = remove_stale_temps(folder)
+            if stale:
+                logger.info("Removed %d temporary file(s) a killed write left: %s",
+                            len(stale), ", ".join(p.name for p in stale[:5]))
+            return run(cfg)
 
 
 # Same name as the function: Dora pickles the main as "module.function_name".
