@@ -183,6 +183,7 @@ class _LoRAHydraMain(HydraMain):
 
 def main(cfg: DictConfig):
     die_with_launcher()  # a DDP worker never outlives `dora run -d`
+    logging.raiseExceptions = False  # a full disk must not turn train.log into tracebacks
     with exit_on_user_error(logger):
         if distrib.get_distrib_spec().rank != 0:  # (before init, is_master() is always true)
             return run(cfg)

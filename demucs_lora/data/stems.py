@@ -149,7 +149,11 @@ def build_metadata(root, sources, cache_dir, residual_source=None):
             new_cache[key] = entry
             meta[split][track] = entry["meta"]
     if new_cache != cache:
-        save_cache(path, root, new_cache)
+        try:
+            save_cache(path, root, new_cache)
+        except OSError as err:  # a read-only or full place: go on without a cache
+            logger.warning("cannot write the metadata cache %s (%s): continuing without it",
+                           path, err)
     logger.info("metadata of %s: %d tracks scanned, %d reused from cache",
                 root, meta.scanned, meta.reused)
     return meta
