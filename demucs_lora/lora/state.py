@@ -285,6 +285,7 @@ def check_ranks_fit(model: nn.Module, header: dict, path: tp.Union[str, Path]) -
     (or RANK_SLACK, which `inject_lora` also accepts), so that injecting allocates about
     the layer's own size at most: checked before any allocation."""
     from .ranks import _layer_info
+    path = adapter_paths(path)[1]  # errors name the header file
     qkv = header["enable_qkv"]
     for name, rank in header["ranks"].items():
         try:
