@@ -60,6 +60,12 @@ def build_loaders(cfg: DictConfig) -> tp.Tuple[dict, torch.nn.Module]:
                        pin_memory=cfg.misc.pin_memory,
                        prefetch_factor=cfg.misc.prefetch_factor if workers else None,
                        persistent_workers=False)
+    if distrib.is_master():
+        from .config_values import segment_warnings
+        durations = {name: meta["length"] / meta["samplerate"]
+                     for name, meta in train_set.metadata.items()}
+        for line in segment_warnings(durations, float(cfg.dset.segment)):
+            logger.warning(line)
     if len(train) == 0:
         raise DatasetError(f"the train split gives no batch of {cfg.batch_size} segments of "
                            f"{cfg.dset.segment}s: add tracks or lower batch_size/dset.segment")
@@ -96,8 +102,9 @@ def enable_checkpointing(model: torch.nn.Module) -> None:
 
 
 def run(cfg: DictConfig) -> tp.List[dict]:
+    from .config_values import check_base_values
     from .lora.inject import format_report
-    from .model import build_model
+    from .model import build_base, build_model
     from .solver import Solver
     xp = get_xp()
     folder = Path(xp.folder)
@@ -112,13 +119,17 @@ def run(cfg: DictConfig) -> tp.List[dict]:
     else:
         atomic_write_text(folder / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     logger.info("XP %s in %s", xp.sig, folder)
+    torch.manual_seed(cfg.seed)
+    base = build_base(cfg)  # continue_from, its sample rate: before any data is made
+    check_base_values(cfg, base)  # source_init, layer_ranks globs against the base
+    rng = torch.get_rng_state()  # the data checks below must not shift the init draws
     if distrib.is_master():  # generates synthetic data and the caches once
         verify_or_raise(cfg)
     if distrib.world_size() > 1:
         torch.distributed.barrier()
-    torch.manual_seed(cfg.seed)
+    torch.set_rng_state(rng)
     loaders, augment = build_loaders(cfg)
-    model, report = build_model(cfg, calibration=_calibration(loaders, augment))
+    model, report = build_model(cfg, calibration=_calibration(loaders, augment), base=base)
     if report.get("rank_table") is not None:
         logger.info("LoRA ranks (%s mode):\n%s", cfg.htdemucs.lora_rank_mode,
                     format_report(report["layers"]))
