@@ -28,19 +28,19 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from .data.stems import augment_batch
-from .epoch import EpochProgress, agree, gather_rng, skip_batches
+from .epoch import EpochProgress, agree, skip_batches
 from .errors import CheckpointError, TrainingDiverged
-from .finite import divergence_error, is_finite_number, nonfinite_names
+from .solver_guards import SolverGuards
 from .metrics import nsdr
 from .optim import TrainableEMA, build_optimizer, build_scheduler
 from .utils import atomic_write_text
-from .xp_guard import StopSignals
+from .xp_guard import StopSignals, active_stop_signals
 
 logger = logging.getLogger(__name__)
 FP16_MAX_SKIPS = 24  # consecutive overflowing fp16 steps (loss scale / 2**24) = diverged
 
 
-class Solver:
+class Solver(SolverGuards):
     def __init__(self, cfg: DictConfig, model: nn.Module, report: dict, loaders: dict,
                  augment: nn.Module, device: torch.device):
         self.cfg = cfg
@@ -76,7 +76,7 @@ class Solver:
         self.weights = torch.tensor(list(weights), dtype=torch.float32, device=device)
         self.base = ckpt.base_record(self.model, cfg)  # checked against checkpoint.th
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.stop = StopSignals()
+        self.stop = active_stop_signals() or StopSignals()  # train.main installs one
         self.partial: tp.Optional[EpochProgress] = None  # a stopped epoch to finish
         self.saved = "no epoch had finished, so nothing was saved"  # what checkpoint.th is
 
@@ -123,12 +123,6 @@ class Solver:
                     f", step {self.partial.step}" if self.partial else "")
         return True
 
-    def _describe_saved(self) -> str:
-        where = (f"epoch {self.partial.epoch + 1} step {self.partial.step}" if self.partial
-                 else f"end of epoch {len(self.history)}")
-        return f"checkpoint.th still holds the last finite state ({where})"
-
-    # ---------------------------------------------------------------- loops
     def _autocast(self):
         mp = self.cfg.mixed_precision
         if not mp:
@@ -236,33 +230,6 @@ class Solver:
         self.scheduler.step()
         return stop
 
-    def _diverged(self, progress: EpochProgress, what: str) -> TrainingDiverged:
-        where = f"epoch {progress.epoch + 1}, step {progress.step}/{self.steps_per_epoch}"
-        return divergence_error(self.cfg, where, what, self.saved)
-
-    def _skip_nonfinite(self, progress: EpochProgress, what: str) -> None:
-        progress.skipped += 1
-        allowed = int(self.cfg.optim.get("skip_nonfinite") or 0)
-        if progress.skipped > allowed:
-            raise self._diverged(progress, what)
-        logger.warning("epoch %d step %d/%d: %s; step skipped (%d of optim.skip_nonfinite=%d "
-                       "this epoch)", progress.epoch + 1, progress.step, self.steps_per_epoch,
-                       what, progress.skipped, allowed)
-
-    def _stop_mid_epoch(self, progress: EpochProgress) -> tp.NoReturn:
-        """A stop signal: checkpoint here (exact resume at this step), then exit."""
-        progress.rng = gather_rng(ckpt.rng_state())
-        if self.is_master:
-            ckpt.atomic_torch_save(self._state(partial=progress.to_state()),
-                                   self.folder / "checkpoint.th")
-            logger.warning("Stopped at epoch %d step %d/%d: checkpoint.th saved; the same "
-                           "command resumes exactly there", progress.epoch + 1, progress.step,
-                           self.steps_per_epoch)
-        if distrib.world_size() > 1:
-            torch.distributed.barrier()  # nobody leaves before the checkpoint is written
-        self._close()
-        self.stop.exit()
-
     def _profiler(self):
         from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA]
@@ -352,72 +319,26 @@ class Solver:
             self._log_epoch(-1, metrics)
         return metrics
 
-    def _forget_other_base(self) -> None:
-        """No checkpoint yet, but an earlier start of this XP (lora_init) was on another
-        base: nothing was trained, so start over, dropping its initial validation."""
-        header = self.folder / "lora_init.json"
-        try:
-            saved = json.loads(header.read_text()).get("base_fingerprint")
-            other = not ckpt.fingerprints_match(saved, self.base["fingerprint"])
-        except Exception:  # no, unreadable or foreign header: it is rewritten below
-            return
-        if other:
-            logger.warning("%s was made on another base than this run's (%s): no epoch was "
-                           "finished, starting over on this base", header,
-                           self.base["continue_from"])
-            (self.folder / "validation" / "epoch_000.json").unlink(missing_ok=True)
-
     def _over_budget(self) -> bool:
         """Equal wall-clock comparisons: stop once the train time spent exceeds the budget."""
         budget = self.cfg.train_budget_seconds
         return budget is not None and sum(h.get("train_seconds", 0.0)
                                           for h in self.history) >= budget
 
-    def _best_candidate(self, epoch: int, metrics: dict) -> tp.Optional[dict]:
-        """The state to keep as best after this epoch, or None: never a non-finite one."""
-        state = self.ema.shadow if self.ema else ckpt.trainable_state(self.model)
-        score = metrics.get("valid_nsdr")
-        if score is not None and not is_finite_number(score):
-            logger.warning("epoch %d: validation nSDR is %s: not a candidate for best.th",
-                           epoch + 1, score)
-            return None
-        if nonfinite_names(state):
-            return None
-        score = -float("inf") if score is None else score
-        if score > self.best_nsdr or self.best_state is None or not self.cfg.test.best:
-            self.best_nsdr = max(score, self.best_nsdr)
-            return {k: v.detach().cpu().clone() for k, v in state.items()}
-        return None
-
-    def _check_finite_weights(self, epoch: int) -> None:
-        bad = nonfinite_names(dict(self.model.named_parameters()))
-        if self.ema:
-            bad += [f"ema.{n}" for n in nonfinite_names(self.ema.shadow)]
-        if bad:
-            where = f"the end of epoch {epoch + 1}"
-            raise divergence_error(self.cfg, where, f"the weights hold NaN/inf ({bad[:3]})",
-                                   self.saved)
-
     def _close(self) -> None:
-        self.stop.restore()
         if self.writer:
             self.writer.close()
             self.writer = None
 
-    def _stop_requested(self) -> None:
-        """Between epochs: checkpoint.th is current, so a stop signal just exits."""
-        if agree([self.stop.requested], self.device)[0]:
-            logger.warning("Stopped after epoch %d: checkpoint.th is up to date; the same "
-                           "command resumes from there", len(self.history))
-            self._close()
-            self.stop.exit()
-
     def run(self) -> tp.List[dict]:
+        owned = not self.stop.installed
         self.stop.install()
         try:
             return self._run()
         finally:
             self._close()
+            if owned:
+                self.stop.restore()
 
     def _run(self) -> tp.List[dict]:
         if not self.restore() and self.is_master:  # the starting point, to compare with

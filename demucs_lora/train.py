@@ -17,9 +17,10 @@ from dora.hydra import HydraMain
 from omegaconf import DictConfig, OmegaConf
 
 from .config_check import check_config, normalize_overrides, resolve_paths
+from .dora_files import check_job_pickle
 from .errors import DatasetError, DemucsLoRAError, exit_on_user_error
 from .utils import atomic_write_text, remove_stale_temps
-from .xp_guard import XPLock, die_with_launcher
+from .xp_guard import StopSignals, XPLock, die_with_launcher
 
 logger = logging.getLogger("demucs_lora")
 
@@ -171,11 +172,14 @@ def trusted_argv_from_xp(argv: tp.Sequence[str], source: str) -> tp.List[str]:
 
 class _LoRAHydraMain(HydraMain):
     """Dora's Hydra main, reading JSON-style dict overrides too (normalize_overrides).
-    `dora run -f SIG` never inherits trust_remote_code (or hydra.*) from the XP's
-    .argv.json: an XP folder is untrusted input."""
+    An XP folder is untrusted input: `dora run -f SIG` never inherits trust_remote_code
+    (or hydra.*) from the XP's .argv.json, and an XP's job.pkl naming anything but the
+    submitit job classes is refused before Dora unpickles it."""
 
     def get_xp(self, argv: tp.Sequence[str]):
-        return super().get_xp(normalize_overrides(argv))
+        xp = super().get_xp(normalize_overrides(argv))
+        check_job_pickle(xp.folder, self.dora.shep.job_file)  # before Dora unpickles it
+        return xp
 
     def get_argv_from_sig(self, sig: str) -> tp.Sequence[str]:
         try:
@@ -195,16 +199,20 @@ class _LoRAHydraMain(HydraMain):
 def main(cfg: DictConfig):
     die_with_launcher()  # a DDP worker never outlives `dora run -d`
     logging.raiseExceptions = False  # a full disk must not turn train.log into tracebacks
-    with exit_on_user_error(logger):
-        if distrib.get_distrib_spec().rank != 0:  # (before init, is_master() is always true)
-            return run(cfg)
-        folder = Path(get_xp().folder)
-        with XPLock(folder):  # one writer per XP; the second run says who holds it
-            stale = remove_stale_temps(folder)
-            if stale:
-                logger.info("Removed %d temporary file(s) a killed write left: %s",
-                            len(stale), ", ".join(p.name for p in stale[:5]))
-            return run(cfg)
+    stop = StopSignals().install()  # SIGTERM/SIGUSR1 from here on: stop at a step boundary
+    try:
+        with exit_on_user_error(logger):
+            if distrib.get_distrib_spec().rank != 0:  # (before init is_master() is true)
+                return run(cfg)
+            folder = Path(get_xp().folder)
+            with XPLock(folder):  # one writer per XP; the second run says who holds it
+                stale = remove_stale_temps(folder)
+                if stale:
+                    logger.info("Removed %d temporary file(s) a killed write left: %s",
+                                len(stale), ", ".join(p.name for p in stale[:5]))
+                return run(cfg)
+    finally:
+        stop.restore()
 
 
 # Same name as the function: Dora pickles the main as "module.function_name".

@@ -90,6 +90,14 @@ def die_with_launcher() -> bool:
     return True
 
 
+_ACTIVE: tp.List["StopSignals"] = []
+
+
+def active_stop_signals() -> tp.Optional["StopSignals"]:
+    """The StopSignals installed by the entry point (train.main), if any."""
+    return _ACTIVE[-1] if _ACTIVE else None
+
+
 class StopSignals:
     """Defer SIGTERM / SIGUSR1 (and submitit's SIGUSR2 handler) to a step boundary."""
 
@@ -97,11 +105,14 @@ class StopSignals:
         self.signals = [getattr(signal, n) for n in names if hasattr(signal, n)]
         self.received: tp.Optional[int] = None
         self._previous: tp.Dict[int, tp.Any] = {}
+        self.installed = False
 
     def install(self) -> "StopSignals":
         import threading
-        if threading.current_thread() is not threading.main_thread():
+        if self.installed or threading.current_thread() is not threading.main_thread():
             return self
+        self.installed = True
+        _ACTIVE.append(self)
         for sig in self.signals:
             previous = signal.getsignal(sig)
             if sig == getattr(signal, "SIGUSR2", None) and not callable(previous):
@@ -111,15 +122,22 @@ class StopSignals:
         return self
 
     def _handle(self, signum, frame) -> None:
-        if self.received is None:
-            logger.warning("Received %s: stopping at the next step boundary with a "
-                           "checkpoint", signal.Signals(signum).name)
+        if self.received is not None:  # a second signal: no more waiting
+            self.restore()
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        logger.warning("Received %s: stopping at the next step boundary with a checkpoint "
+                       "(send it again to stop at once)", signal.Signals(signum).name)
         self.received = signum
 
     def restore(self) -> None:
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
         self._previous = {}
+        if self in _ACTIVE:
+            _ACTIVE.remove(self)
+        self.installed = False
 
     @property
     def requested(self) -> bool:

@@ -58,13 +58,13 @@ def _examples(count: int, seconds: float, seed: int) -> tp.List[torch.Tensor]:
     return out
 
 
-def loaders(cfg, seed: int = 0, train_examples: int = 8) -> dict:
+def loaders(cfg, seed: int = 0, train_examples: int = 8, num_workers: int = 0) -> dict:
     from torch.utils.data import DataLoader
     from demucs_lora.data.stems import train_segment
     train = _examples(train_examples, train_segment(cfg.dset), seed)
     valid = _examples(1, 0.5, seed + 1)
     return {"train": DataLoader(train, batch_size=cfg.batch_size, shuffle=True,
-                                drop_last=True),
+                                drop_last=True, num_workers=num_workers),
             "valid": DataLoader(valid, batch_size=1), "test": DataLoader(valid, batch_size=1)}
 
 
@@ -75,7 +75,8 @@ def fake_xp(monkeypatch, folder: Path, sig: str = "testxp"):
     return xp
 
 
-def make_solver(monkeypatch, folder: Path, *overrides: str, model=None, base_seed: int = 0):
+def make_solver(monkeypatch, folder: Path, *overrides: str, model=None, base_seed: int = 0,
+                num_workers: int = 0):
     from demucs_lora.data.stems import build_augment
     from demucs_lora.solver import Solver
     cfg = config(*overrides)
@@ -83,7 +84,8 @@ def make_solver(monkeypatch, folder: Path, *overrides: str, model=None, base_see
     model = model if model is not None else lora(tiny_base(base_seed))
     torch.manual_seed(cfg.seed)
     augment = build_augment(cfg.dset.augment, SR, cfg.dset.segment)
-    return Solver(cfg, model, {"trainable": {}}, loaders(cfg), augment, torch.device("cpu"))
+    return Solver(cfg, model, {"trainable": {}}, loaders(cfg, num_workers=num_workers),
+                  augment, torch.device("cpu"))
 
 
 def trainable(solver) -> tp.Dict[str, torch.Tensor]:

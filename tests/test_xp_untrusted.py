@@ -154,3 +154,29 @@ def test_from_sig_never_inherits_trust_remote_code(tmp_path, monkeypatch, capsys
     (folder / ".argv.json").write_text('{"not": "a list"')
     with pytest.raises(SystemExit, match="abcd1234"):
         main.get_argv_from_sig("abcd1234")
+
+
+def test_dora_never_unpickles_a_trapped_job_pkl(tmp_path, monkeypatch):
+    """`dora run`/`info`/`grid` load XP/job.pkl with pickle.load (dora.shep.Sheep); every
+    one of them gets the XP from our main's get_xp first, which refuses a trapped file."""
+    import pathlib
+    import submitit
+    from dora.shep import Sheep
+    from demucs_lora.train import main
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(main.dora, "dir", tmp_path / "outputs")
+    argv = ["model=htdemucs_tiny", "epochs=1"]
+    folder = main.get_xp(argv).folder
+    folder.mkdir(parents=True)
+    job = folder / main.dora.shep.job_file
+    job.write_bytes(pickle.dumps((submitit.SlurmJob(pathlib.Path(folder), "12"), [], [])))
+    assert Sheep(main.get_xp(argv)).job.job_id == "12"  # a real job file still loads
+    marker = tmp_path / "pwned"
+    for payload in ((submitit.SlurmJob(pathlib.Path(folder), "12"), [Evil(marker)], []),
+                    Evil(marker)):
+        data = pickle.dumps(payload)
+        for blob in (data, data[: len(data) - 3]):  # truncated after the payload too
+            job.write_bytes(blob)
+            with pytest.raises(SystemExit, match="posix.system"):
+                main.get_xp(argv)
+    assert not marker.exists()
