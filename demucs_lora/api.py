@@ -104,12 +104,11 @@ def can_swap(model: "nn.Module", adapter: PathLike) -> bool:
     """True when ``adapter`` fits the LoRA layers already injected in ``model``
     (same ranks, alpha, rslora, bias, q/k/v mask, fully trained extras and sources),
     so that loading it only replaces tensors."""
-    import json
     from .lora.inject import has_lora, lora_config
-    from .lora.state import adapter_paths
+    from .lora.state import read_header
     if not has_lora(model):
         return False
-    header = json.loads(adapter_paths(adapter)[1].read_text())
+    header = read_header(adapter)
     config = lora_config(model)
     same = all(_normalize(header.get(k)) == _normalize(config.get(k)) for k in LAYOUT_KEYS)
     return same and list(header.get("sources") or model.sources) == list(model.sources)
@@ -164,9 +163,12 @@ def get_model(name_or_sig: PathLike, repo: tp.Optional[PathLike] = None,
             An XP's ``best.th`` already has its adapter merged in: put adapters on the base.
         trust_remote_code: allow full unpickling of files outside the demucs allowlist.
 
-    Raises ModelLoadError (unknown name: lists recent XPs) or AdapterMismatch.
+    Raises ModelLoadError (unknown name: lists recent XPs, or NaN/inf weights) or
+    AdapterMismatch (NaN/inf or malformed adapters too).
     """
-    model = load_plain_model(name_or_sig, repo, trust_remote_code, root)
+    from .finite import check_finite_model
+    model = check_finite_model(load_plain_model(name_or_sig, repo, trust_remote_code, root),
+                               str(name_or_sig))
     if adapter is not None:
         from .lora.state import load_lora_weights
         path = resolve_adapter(adapter, root)

@@ -19,7 +19,7 @@ import torch
 import yaml
 from demucs.apply import BagOfModels
 
-from .utils import atomic_write, atomic_write_text
+from .utils import atomic_write_group
 
 
 class TrainableBag(BagOfModels):
@@ -55,23 +55,29 @@ def member_names(name: str, count: int) -> tp.List[str]:
     return [f"{name}_m{k}" for k in range(count)]
 
 
-def write_bag(bag: BagOfModels, folder: Path, name: str, training_args: tp.Any = None,
-              half: bool = False, fmt: str = "th") -> tp.List[Path]:
-    """``folder/NAME.yaml`` + one ``NAME_mK.th`` (or ``.safetensors``) per plain member,
-    the yaml written last so a reader never sees a bag whose members are missing."""
+def bag_writes(bag: BagOfModels, folder: Path, name: str, training_args: tp.Any = None,
+               half: bool = False, fmt: str = "th") -> tp.List[tp.Tuple[Path, tp.Callable]]:
+    """(path, writer) of ``folder/NAME.yaml`` and one ``NAME_mK.th`` (or ``.safetensors``)
+    per plain member, the yaml last: renamed together (``utils.atomic_write_group``), a
+    reader never sees a bag whose members are missing."""
     from demucs.states import serialize_model
-    from .hub.packages import write_safetensors_package
     from omegaconf import OmegaConf
+    from .hub.packages import safetensors_writer
     args = OmegaConf.create(training_args if training_args is not None else {})
-    paths = []
+    writes = []
     for member, sig in zip(bag.models, member_names(name, len(bag.models))):
         if fmt == "hf":
-            paths.append(write_safetensors_package(member, folder / f"{sig}.safetensors", half))
+            writes.append((folder / f"{sig}.safetensors", safetensors_writer(member, half)))
         else:
             package = serialize_model(member, args, half=half)
-            paths.append(atomic_write(folder / f"{sig}.th",
-                                      lambda tmp, p=package: torch.save(p, tmp)))
-    spec = {"models": member_names(name, len(bag.models)),
-            "weights": [[float(w) for w in row] for row in bag.weights]}
-    paths.append(atomic_write_text(folder / f"{name}.yaml", yaml.safe_dump(spec)))
-    return paths
+            writes.append((folder / f"{sig}.th", lambda tmp, p=package: torch.save(p, tmp)))
+    spec = yaml.safe_dump({"models": member_names(name, len(bag.models)),
+                           "weights": [[float(w) for w in row] for row in bag.weights]})
+    writes.append((folder / f"{name}.yaml", lambda tmp: Path(tmp).write_text(spec)))
+    return writes
+
+
+def write_bag(bag: BagOfModels, folder: Path, name: str, training_args: tp.Any = None,
+              half: bool = False, fmt: str = "th") -> tp.List[Path]:
+    """Write a plain bag as demucs lays bags out (see ``bag_writes``)."""
+    return atomic_write_group(bag_writes(bag, folder, name, training_args, half, fmt))

@@ -87,6 +87,8 @@ def check_config(cfg: DictConfig) -> None:
     if cfg.source_init is not None and not isinstance(cfg.source_init, DictConfig):
         raise ConfigError(f"source_init={cfg.source_init!r}: give a mapping new_source -> "
                           "base source(s), e.g. source_init='{kick: drums, hihat: drums}'")
+    from .config_values import check_value_ranges  # value ranges (issue 15)
+    check_value_ranges(cfg)
 
 
 def resolve_paths(cfg: DictConfig, cwd: tp.Optional[Path] = None) -> DictConfig:

@@ -25,6 +25,23 @@ class ModelLoadError(DemucsLoRAError):
     """A base model or exported package could not be found or loaded."""
 
 
+class CheckpointError(ModelLoadError):
+    """An XP's checkpoint.th cannot be resumed from (corrupt, hostile, another config or
+    another base); names the file and how to start over."""
+
+
+class TrainingDiverged(DemucsLoRAError):
+    """The loss, a gradient or the weights became NaN/inf (names the step and what to try)."""
+
+
+class DiskWriteError(DemucsLoRAError, OSError):
+    """A file could not be written (disk full, read-only folder); names the file."""
+
+
+class XPBusy(DemucsLoRAError):
+    """Another process is training the same XP (names its pid)."""
+
+
 @contextlib.contextmanager
 def exit_on_user_error(logger: tp.Optional[logging.Logger] = None):
     """CLI boundary: a user error prints one line (no traceback) and exits with status 1."""

@@ -33,13 +33,17 @@ import typing as tp
 from pathlib import Path
 
 from .utils import atomic_write_text
-from .errors import ConfigError, exit_on_user_error
+from .errors import ConfigError, DemucsLoRAError, exit_on_user_error
 
 if tp.TYPE_CHECKING:  # pragma: no cover
     from omegaconf import DictConfig
     from torch import nn
 
 DECIMALS = 4
+
+
+class NoScores(DemucsLoRAError):
+    """Every score is NaN (the model outputs NaN/inf): exit status 1, not a table of '-'."""
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = ("model", "dset", "optim", "variant")
 
@@ -202,12 +206,12 @@ def get_parser() -> argparse.ArgumentParser:
 def _source_xp(name: str, adapter: tp.Optional[str]) -> tp.Optional[Path]:
     """The XP whose config describes the data: the model's, else the adapter's."""
     from .api import resolve_adapter, xp_folder
-    from .lora.state import adapter_paths
+    from .lora.state import read_header
     folder = xp_folder(name)
     if folder is not None and (folder / "config.yaml").is_file():
         return folder
     if adapter is not None:
-        header = json.loads(adapter_paths(resolve_adapter(adapter))[1].read_text())
+        header = read_header(resolve_adapter(adapter))
         folder = xp_folder(str(header.get("xp") or ""))
         if folder is not None and (folder / "config.yaml").is_file():
             return folder
@@ -266,6 +270,9 @@ def run(args: argparse.Namespace) -> dict:
           f"{args.split} ({len(scores['tracks'])} track(s), shifts={test.shifts}, "
           f"overlap={test.overlap})")
     print(format_table(results))
+    if scores["summary"] and all(v is None for v in scores["summary"].values()):
+        raise NoScores(f"every score of {args.name} is NaN: the model outputs NaN/inf on "
+                       f"{args.split} (nothing written); it probably diverged in training")
     out = args.json
     if out is None and xp_folder(args.name) is not None and args.adapter is None:
         out = xp_folder(args.name) / ("test_results.json" if args.split == "test"

@@ -39,7 +39,7 @@ import typing as tp
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .utils import atomic_write, atomic_write_text
+from .utils import atomic_write, atomic_write_group
 from .errors import ConfigError, DemucsLoRAError, ModelLoadError, exit_on_user_error
 
 if tp.TYPE_CHECKING:  # pragma: no cover
@@ -150,25 +150,32 @@ def load_xp_model(folder: Path, which: str = "best", trust_remote_code: bool = F
                   root: tp.Optional[Path] = None) -> tp.Tuple["nn.Module", "DictConfig"]:
     """(plain merged HTDemucs, config) of an XP: best.th, or base + lora_last merged."""
     from omegaconf import OmegaConf
+    from .finite import check_finite_model
     from .lora.inject import remove_lora
     from .lora.state import load_lora_weights
     from .model import load_base
-    cfg = OmegaConf.load(folder / "config.yaml")
+    try:
+        cfg = OmegaConf.load(folder / "config.yaml")
+    except Exception as exc:  # yaml errors of a torn or edited file
+        raise ModelLoadError(f"{folder / 'config.yaml'} is not readable YAML ({exc}); run the "
+                             "XP again (`dora run` rewrites it) or restore it") from None
     if which == "best":
         best = folder / "best.th"
         if not best.is_file() and not (folder / "best.yaml").is_file():
             raise ModelLoadError(f"XP {folder} has no best.th yet (no epoch finished?)")
-        return load_base(str(folder), None, trust_remote_code).eval(), cfg
+        return check_finite_model(load_base(str(folder), None, trust_remote_code).eval(),
+                                  str(folder)), cfg
     base = load_base(cfg.get("continue_from"), cfg.get("pretrained_repo"),
                      trust_remote_code, root, cfg.get("bag_member"))
     if base is None:
         raise ModelLoadError(f"XP {folder} trained from a random init (continue_from=null): "
                              "its base cannot be rebuilt, export --adapter best")
     model = load_lora_weights(base, folder / "lora_last")
-    return remove_lora(model).eval(), cfg
+    return check_finite_model(remove_lora(model).eval(), f"{folder} (base + lora_last)"), cfg
 
 
 _atomic = atomic_write
+_atomic_group = atomic_write_group
 
 
 def _package_bytes(package: dict) -> int:
@@ -200,51 +207,61 @@ def _nsdr_cost(model: "nn.Module", quantized_path: Path, cfg: "DictConfig",
 
 
 def export_one(job: Job, args: argparse.Namespace, root: Path) -> tp.List[str]:
-    """Write the files of one job; returns the lines to print."""
+    """Write the files of one job as a whole (all of them or none: temporary files renamed
+    together, the adapter header last); returns the lines to print."""
     import torch
     from demucs.states import serialize_model
-    from .quantize import save_quantized
+    from .quantize import quantize
     model, cfg = load_xp_model(job.folder, args.adapter, args.trust_remote_code, root)
-    lines = []
+    fmt = getattr(args, "format", "th")
     float_size = sum(_package_bytes(serialize_model(m, cfg, half=False))
                      for m in getattr(model, "models", [model]))  # every member of a bag
     if job.members:
-        from .bag import write_bag
+        from .bag import bag_writes
         if args.quantize:
             raise ConfigError(f"XP {job.sig} is a bag: --quantize writes single models only")
-        paths = write_bag(model, job.model_path.parent, job.name, _plain(cfg), half=args.half,
-                          fmt=getattr(args, "format", "th"))
-        size = sum(p.stat().st_size for p in paths)
-        lines.append(f"wrote bag {job.model_path} + {len(paths) - 1} member files ({size:,} "
-                     f"bytes); stock CLI: python -m demucs --repo {job.model_path.parent} -n "
-                     f"{job.name} TRACK")
+        writes = bag_writes(model, job.model_path.parent, job.name, _plain(cfg),
+                            half=args.half, fmt=fmt)
+        tail = [writes.pop()]  # NAME.yaml, which names the members: renamed last
     elif args.quantize:
-        save_quantized(model, job.model_path, bits=args.quantize,
-                       training_args=_plain(cfg))
-        size = job.model_path.stat().st_size
-        lines.append(f"wrote {job.model_path} ({size:,} bytes, int{args.quantize}: "
-                     f"{size / float_size:.2f}x the float32 model's {float_size:,}; load "
-                     "with demucs_lora.get_model, the stock demucs CLI cannot read it)")
-        if not args.no_eval:
-            lines.append("  " + _nsdr_cost(model, job.model_path, cfg, args.eval_tracks))
-    elif getattr(args, "format", "th") == "hf":
-        from .hub.packages import write_safetensors_package
-        write_safetensors_package(model, job.model_path, half=args.half)
-        atomic_write_text(job.bag_path, f"models: ['{job.sig}']\n")
-        size = job.model_path.stat().st_size
-        lines.append(f"wrote {job.bag_path} + {job.model_path} ({size:,} bytes, demucs 4.1 "
-                     f"HF layout); upload the folder's two files to a hub repo and run demucs "
-                     f"-n hf://NAMESPACE/{job.name}")
+        package = quantize(model, bits=args.quantize, training_args=_plain(cfg))
+        writes = [(job.model_path, lambda tmp: torch.save(package, tmp))]
+    elif fmt == "hf":
+        from .hub.packages import safetensors_writer
+        spec = f"models: ['{job.sig}']\n"
+        writes = [(job.model_path, safetensors_writer(model, half=args.half)),
+                  (job.bag_path, lambda tmp: Path(tmp).write_text(spec))]
     else:
         package = serialize_model(model, cfg, half=args.half)
-        _atomic(job.model_path, lambda tmp: torch.save(package, tmp))
-        size = job.model_path.stat().st_size
-        kind = f"float16, {size / float_size:.2f}x float32" if args.half else "float32"
-        lines.append(f"wrote {job.model_path} ({size:,} bytes, {kind}); stock CLI: python -m "
-                     f"demucs --repo {job.model_path.parent} -n {job.name} TRACK")
+        writes = [(job.model_path, lambda tmp: torch.save(package, tmp))]
     if job.lora_src is not None:
+        from .lora.state import read_adapter
+        read_adapter(job.lora_src)  # a torn, corrupt or NaN adapter is not exported
         for ext, dst in zip((".safetensors", ".json"), job.lora_dst):
-            _atomic(dst, lambda tmp, src=job.lora_src.with_suffix(ext): shutil.copyfile(src, tmp))
+            writes.append((dst, lambda tmp, src=job.lora_src.with_suffix(ext):
+                           shutil.copyfile(src, tmp)))
+    paths = _atomic_group(writes + (tail if job.members else []))
+    size = job.model_path.stat().st_size
+    if job.members:
+        size = sum(p.stat().st_size for p in paths if p in job.members)
+        lines = [f"wrote bag {job.model_path} + {len(job.members)} member files ({size:,} "
+                 f"bytes); stock CLI: python -m demucs --repo {job.model_path.parent} -n "
+                 f"{job.name} TRACK"]
+    elif args.quantize:
+        lines = [f"wrote {job.model_path} ({size:,} bytes, int{args.quantize}: "
+                 f"{size / float_size:.2f}x the float32 model's {float_size:,}; load "
+                 "with demucs_lora.get_model, the stock demucs CLI cannot read it)"]
+        if not args.no_eval:
+            lines.append("  " + _nsdr_cost(model, job.model_path, cfg, args.eval_tracks))
+    elif fmt == "hf":
+        lines = [f"wrote {job.bag_path} + {job.model_path} ({size:,} bytes, demucs 4.1 "
+                 f"HF layout); upload the folder's two files to a hub repo and run demucs "
+                 f"-n hf://NAMESPACE/{job.name}"]
+    else:
+        kind = f"float16, {size / float_size:.2f}x float32" if args.half else "float32"
+        lines = [f"wrote {job.model_path} ({size:,} bytes, {kind}); stock CLI: python -m "
+                 f"demucs --repo {job.model_path.parent} -n {job.name} TRACK"]
+    if job.lora_src is not None:
         lsize = job.lora_dst[0].stat().st_size
         lines.append(f"wrote {job.lora_dst[0]} + .json (adapter lora_{args.adapter}: "
                      f"{lsize:,} bytes = {100 * lsize / size:.2f}% of {job.model_path.name}, "
@@ -295,6 +312,10 @@ def run(args: argparse.Namespace, root: tp.Optional[Path] = None) -> tp.List[Job
                           "drop --quantize, or use --format th")
     jobs = plan(args.sigs, out, args.name, args.adapter, args.include_lora, args.force, root,
                 getattr(args, "format", "th"))
+    for job in jobs:  # temps of an earlier export of these very files that was killed
+        for target in job.outputs:
+            for tmp in target.parent.glob(f".{target.name}.*.tmp"):
+                tmp.unlink(missing_ok=True)
     for job in jobs:
         print(f"exporting XP {job.sig} as {job.name}")
         for line in export_one(job, args, root):

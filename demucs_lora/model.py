@@ -177,14 +177,15 @@ def should_train_heads(cfg: DictConfig, base_sources: tp.Sequence[str]) -> bool:
 
 def build_model(cfg: DictConfig, root: tp.Optional[Path] = None,
                 calibration: tp.Optional[tp.Callable[[], tp.Iterable]] = None,
-                ) -> tp.Tuple[HTDemucs, dict]:
+                base: tp.Optional[HTDemucs] = None) -> tp.Tuple[HTDemucs, dict]:
     """Load base -> remap sources -> allocate ranks -> inject -> freeze.
 
     `calibration()` yields (mix, sources) batches (gradient rank mode only).
+    `base`: the already loaded base (else loaded from cfg.continue_from / built fresh).
     Returns the model and a report {ranks, layers, trainable, train_heads}.
     """
     from .lora.inject import inject_lora, trainable_summary
-    base = build_base(cfg, root)
+    base = build_base(cfg, root) if base is None else base
     base_sources = list(base.sources)
     model = remap_sources(base, list(cfg.sources), cfg.source_init)
     if isinstance(model, BagOfModels):

@@ -169,6 +169,8 @@ def model_from_package(package: tp.Dict[str, tp.Any], strict: bool = True,
         raise ModelLoadError(f"{source}: klass {_qualname(klass)} is not one of the allowed "
                              f"model classes {[c.__name__ for c in allowed_classes]}.")
     kwargs = _check_kwargs(klass, package["kwargs"], strict, source)
+    from .package_bounds import check_package_bounds  # before allocating (issue 15)
+    check_package_bounds(klass, package["args"], kwargs, package["state"], source)
     try:
         model = klass(*package["args"], **kwargs)
     except (TypeError, ValueError, AssertionError) as exc:

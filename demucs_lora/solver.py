@@ -3,12 +3,17 @@
 Stateful parts (trainable tensors, optimizer, scheduler, EMA, RNG, history) are saved
 together in checkpoint.th at the end of every epoch, so a run killed at any point
 restarts the interrupted epoch from the same state and reproduces the same history.
+SIGTERM / SIGUSR1 stop at the next step boundary with a checkpoint that resumes exactly
+there (`epoch.EpochProgress`). A NaN/inf loss, gradient or weight stops the run
+(`finite.divergence_error`) without overwriting the last finite checkpoint, and a
+non-finite validation score is never the best.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import logging
+import math
 import time
 import typing as tp
 from pathlib import Path
@@ -23,13 +28,19 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from .data.stems import augment_batch
+from .epoch import EpochProgress, agree, skip_batches
+from .errors import CheckpointError, TrainingDiverged
+from .solver_guards import SolverGuards
 from .metrics import nsdr
 from .optim import TrainableEMA, build_optimizer, build_scheduler
+from .utils import atomic_write_text
+from .xp_guard import StopSignals, active_stop_signals
 
 logger = logging.getLogger(__name__)
+FP16_MAX_SKIPS = 24  # consecutive overflowing fp16 steps (loss scale / 2**24) = diverged
 
 
-class Solver:
+class Solver(SolverGuards):
     def __init__(self, cfg: DictConfig, model: nn.Module, report: dict, loaders: dict,
                  augment: nn.Module, device: torch.device):
         self.cfg = cfg
@@ -59,6 +70,11 @@ class Solver:
             self.writer = SummaryWriter(str(self.folder / "tensorboard"))
         weights = cfg.weights or [1.0] * len(cfg.sources)
         self.weights = torch.tensor(list(weights), dtype=torch.float32, device=device)
+        self.base = ckpt.base_record(self.model, cfg)  # checked against checkpoint.th
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.stop = active_stop_signals() or StopSignals()  # train.main installs one
+        self.partial: tp.Optional[EpochProgress] = None  # a stopped epoch to finish
+        self.saved = "no epoch had finished, so nothing was saved"  # what checkpoint.th is
         self.adaptation = None  # htdemucs.lora_rank_adaptation (lora/rank_adaptation.py)
         if cfg.htdemucs.get("lora_rank_adaptation") and cfg.htdemucs.lora_rank > 0:
             from .lora.rank_adaptation import RankAdaptation
@@ -76,42 +92,56 @@ class Solver:
             from torch.nn.parallel import DistributedDataParallel
             ids = [self.device.index or 0] if self.device.type == "cuda" else None
             self.dmodel = DistributedDataParallel(self.model, device_ids=ids)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
 
     # ---------------------------------------------------------------- state
-    def _state(self) -> dict:
-        return {"model": ckpt.trainable_state(self.model),
+    def _state(self, partial: tp.Optional[dict] = None) -> dict:
+        return {"format": ckpt.CHECKPOINT_FORMAT,
+                "model": ckpt.trainable_state(self.model),
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(),
                 "ema": self.ema.state_dict() if self.ema else None,
                 "rng": ckpt.rng_state(), "epoch": len(self.history),
                 "history": self.history, "best_state": self.best_state,
-                "best_nsdr": self.best_nsdr,
+                "best_nsdr": self.best_nsdr, "base": self.base, "partial": partial,
                 "rank_adaptation": self.adaptation.state_dict() if self.adaptation else None}
 
     def restore(self) -> bool:
+        """Resume from checkpoint.th (read with weights_only=True, checked, on the same
+        base); False when there is none. CheckpointError when it cannot be used."""
         path = self.folder / "checkpoint.th"
-        if not path.exists():
+        state = ckpt.load_resume_state(path)
+        if state is None:
             return False
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        if self.adaptation and state.get("rank_adaptation"):  # the ranks it had, first
-            self.adaptation.load_state_dict(state["rank_adaptation"], self.optimizer, self.ema)
-            self._wrap_ddp()
-        ckpt.load_trainable_state(self.model, state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        if self.ema and state["ema"]:
-            self.ema.load_state_dict(state["ema"])
-        ckpt.set_rng_state(state["rng"])
+        ckpt.check_same_base(state["base"], self.base, path)
+        try:
+            if self.adaptation and state["rank_adaptation"]:  # the ranks it had, first
+                self.adaptation.load_state_dict(state["rank_adaptation"], self.optimizer,
+                                                self.ema)
+                self._wrap_ddp()
+            ckpt.load_trainable_state(self.model, state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            if state["scaler"]:
+                self.scaler.load_state_dict(state["scaler"])
+            if self.ema and state["ema"]:
+                self.ema.load_state_dict(state["ema"])
+            ckpt.set_rng_state(state["rng"])
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
+            raise CheckpointError(
+                f"{path} does not fit this run's model or optimizer ({str(exc)[:300]}): was "
+                f"it copied from another XP or config? {ckpt.restart_hint(path)}") from None
         self.history = state["history"]
-        self.best_state, self.best_nsdr = state["best_state"], state["best_nsdr"]
+        self.best_state, self.best_nsdr = state["best_state"], float(state["best_nsdr"])
+        self.partial = (EpochProgress.from_state(state["partial"]) if state["partial"]
+                        else None)
+        self.saved = self._describe_saved()
         self.xp.link.update_history(self.history)
-        logger.info("Resumed from %s at epoch %d", path, len(self.history))
+        logger.info("Resumed from %s at epoch %d%s", path, len(self.history),
+                    f", step {self.partial.step}" if self.partial else "")
         return True
 
-    # ---------------------------------------------------------------- loops
     def _autocast(self):
         mp = self.cfg.mixed_precision
         if not mp:
@@ -132,48 +162,92 @@ class Solver:
         loader = self.loaders["train"]
         if hasattr(loader.sampler, "set_epoch"):
             loader.sampler.set_epoch(epoch)
-        total, count, grad_norm = 0.0, 0, 0.0
-        bar = tqdm.tqdm(loader, total=self.steps_per_epoch, desc=f"train {epoch + 1}",
-                        leave=False, disable=not self.is_master, mininterval=1.0)
-        profiler = self._profiler() if self.cfg.enable_profiling and epoch == 0 else None
-        start = time.time()
-        for idx, batch in enumerate(bar):
-            if idx >= self.steps_per_epoch:
+        progress = self._start_progress(epoch)
+        batches = iter(loader)
+        if progress.step:  # a stopped epoch: same order, same RNG from the stop on
+            skip_batches(batches, progress.step)
+            rngs = progress.rng or []
+            ckpt.set_rng_state(rngs[distrib.rank()] if len(rngs) == distrib.world_size()
+                               else rngs[0])
+        bar = tqdm.tqdm(total=self.steps_per_epoch, initial=progress.step, leave=False,
+                        desc=f"train {epoch + 1}", disable=not self.is_master, mininterval=1.0)
+        profiler = (self._profiler() if self.cfg.enable_profiling and epoch == 0
+                    and not progress.step else None)
+        start = time.time() - progress.seconds
+        every = max(1, self.steps_per_epoch // max(1, self.cfg.misc.num_prints))
+        while progress.step < self.steps_per_epoch:
+            batch = next(batches, None)
+            if batch is None:
                 break
-            batch = augment_batch(self.augment, batch.to(self.device))
-            mix, stems = batch[:, 0], batch[:, 1:]
-            with self._autocast():
-                estimate = self.dmodel(mix)
-            loss, _ = self._loss(estimate, stems)
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            self.scaler.unscale_(self.optimizer)
-            params = [p for p in self.model.parameters() if p.requires_grad]
-            clip = self.cfg.optim.clip_grad or float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.scheduler.step()
-            if self.ema:
-                self.ema.update(self.model)
+            stop = self._train_step(batch, progress)
             if profiler is not None:
                 profiler.step()
-            total += loss.item()
-            count += 1
-            bar.set_postfix(loss=f"{total / count:.4f}",
-                            it_s=f"{count / (time.time() - start):.2f}")
-            if self.is_master and (idx + 1) % max(1, self.steps_per_epoch //
-                                                  max(1, self.cfg.misc.num_prints)) == 0:
-                logger.info("epoch %d step %d/%d loss %.4f", epoch + 1, idx + 1,
-                            self.steps_per_epoch, total / count)
+            bar.update(1)
+            bar.set_postfix(loss=f"{progress.total / max(1, progress.count):.4f}")
+            if self.is_master and progress.step % every == 0:
+                logger.info("epoch %d step %d/%d loss %.4f", epoch + 1, progress.step,
+                            self.steps_per_epoch, progress.total / max(1, progress.count))
+            if stop and progress.step < self.steps_per_epoch:
+                progress.seconds = time.time() - start
+                self._stop_mid_epoch(progress)
+        bar.close()
         if profiler is not None:
             profiler.stop()
-        loss = torch.tensor([total, count], dtype=torch.float64)
+        loss = torch.tensor([progress.total, progress.count], dtype=torch.float64)
         if distrib.world_size() > 1:
             torch.distributed.all_reduce(loss)
-        return {"loss": float(loss[0] / max(loss[1], 1)), "grad_norm": grad_norm,
-                "lr": self.optimizer.param_groups[0]["lr"],
-                "seconds": time.time() - start}
+        out = {"loss": float(loss[0] / max(loss[1], 1)), "grad_norm": progress.grad_norm,
+               "lr": self.optimizer.param_groups[0]["lr"], "seconds": time.time() - start}
+        if progress.skipped:
+            out["skipped"] = progress.skipped
+        return out
+
+    def _start_progress(self, epoch: int) -> EpochProgress:
+        partial, self.partial = self.partial, None
+        if partial is not None and partial.epoch == epoch:
+            logger.info("Resuming epoch %d at step %d/%d", epoch + 1, partial.step,
+                        self.steps_per_epoch)
+            return partial
+        return EpochProgress(epoch)
+
+    def _train_step(self, batch: torch.Tensor, progress: EpochProgress) -> bool:
+        """One optimizer step (or a skipped non-finite one); True when a stop signal
+        reached any rank. Raises TrainingDiverged past the non-finite allowance."""
+        batch = augment_batch(self.augment, batch.to(self.device))
+        mix, stems = batch[:, 0], batch[:, 1:]
+        with self._autocast():
+            estimate = self.dmodel(mix)
+        loss, _ = self._loss(estimate, stems)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        clip = self.cfg.optim.clip_grad or float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip))
+        value = float(loss.item())
+        bad_loss, bad_grad, stop = agree([not math.isfinite(value),
+                                          not math.isfinite(grad_norm), self.stop.requested],
+                                         self.device)
+        progress.step += 1
+        if bad_loss or (bad_grad and not self.scaler.is_enabled()):
+            if self.scaler.is_enabled():
+                self.scaler.update()  # lowers the scale, clears the unscale_ record
+            what = (f"the loss is {value}" if bad_loss else f"the gradient norm is {grad_norm}")
+            self._skip_nonfinite(progress, what if distrib.world_size() == 1
+                                 else f"{what} (on some rank)")
+        else:
+            self.scaler.step(self.optimizer)  # fp16: skips overflowing grads by itself
+            self.scaler.update()
+            progress.fp16_skips = progress.fp16_skips + 1 if bad_grad else 0
+            if progress.fp16_skips >= FP16_MAX_SKIPS:
+                raise self._diverged(progress, f"fp16 gradients overflowed {FP16_MAX_SKIPS} "
+                                     "steps in a row")
+            if self.ema and not bad_grad:
+                self.ema.update(self.model)
+            progress.total += value
+            progress.count += 1
+            progress.grad_norm = grad_norm
+        self.scheduler.step()
+        return stop
 
     def _profiler(self):
         from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
@@ -235,9 +309,8 @@ class Solver:
 
     def _save_epoch(self, epoch: int, metrics: dict) -> None:
         folder = self.folder
-        (folder / "validation").mkdir(exist_ok=True)
-        (folder / "validation" / f"epoch_{epoch + 1:03d}.json").write_text(
-            json.dumps(metrics, indent=2))
+        atomic_write_text(folder / "validation" / f"epoch_{epoch + 1:03d}.json",
+                          json.dumps(metrics, indent=2))
         header = self._adapter_header()
         state = self.ema.shadow if self.ema else None
         ckpt.save_adapter_with_state(self.model, state, folder / "lora_last", **header)
@@ -257,14 +330,21 @@ class Solver:
             self.adaptation.write_history(self.folder, self.writer)
 
     def _initial_validation(self) -> dict:
-        """nSDR of the model before any training step (the base, for an adaptation)."""
+        """nSDR of the model before any training step (the base, for an adaptation);
+        a torn or foreign epoch_000.json (a disk that filled up) is recomputed."""
         path = self.folder / "validation" / "epoch_000.json"
+        try:
+            metrics = json.loads(path.read_text()) if path.exists() else None
+        except (OSError, ValueError):
+            metrics = None
+        if isinstance(metrics, dict) and all(isinstance(k, str) and k.startswith(
+                "valid_initial_") for k in metrics) and metrics:
+            return metrics
         if path.exists():
-            return json.loads(path.read_text())
+            logger.warning("%s is unreadable (cut short?): validating the base again", path)
         metrics = {f"valid_initial_{k}": v for k, v in self.validate(-1).items()}
         if self.is_master:
-            path.parent.mkdir(exist_ok=True)
-            path.write_text(json.dumps(metrics, indent=2))
+            atomic_write_text(path, json.dumps(metrics, indent=2))
             self._log_epoch(-1, metrics)
         return metrics
 
@@ -274,12 +354,29 @@ class Solver:
         return budget is not None and sum(h.get("train_seconds", 0.0)
                                           for h in self.history) >= budget
 
+    def _close(self) -> None:
+        if self.writer:
+            self.writer.close()
+            self.writer = None
+
     def run(self) -> tp.List[dict]:
+        owned = not self.stop.installed
+        self.stop.install()
+        try:
+            return self._run()
+        finally:
+            self._close()
+            if owned:
+                self.stop.restore()
+
+    def _run(self) -> tp.List[dict]:
         if not self.restore() and self.is_master:  # the starting point, to compare with
+            self._forget_other_base()
             ckpt.save_adapter_with_state(self.model, None, self.folder / "lora_init",
                                          **self._adapter_header())
         initial = self._initial_validation() if self.cfg.test.initial else {}
         for epoch in range(len(self.history), self.cfg.epochs):
+            self._stop_requested()
             if self._over_budget():  # checked first, so a resumed run stops at once too
                 logger.info("Stopping before epoch %d: train_budget_seconds=%s spent",
                             epoch + 1, self.cfg.train_budget_seconds)
@@ -287,28 +384,30 @@ class Solver:
             metrics = {"epoch": epoch + 1, **(initial if epoch == 0 else {})}
             metrics.update({f"train_{k}" if k != "loss" else "train_loss": v
                             for k, v in self.train_epoch(epoch).items()})
+            self._check_finite_weights(epoch)
             validate = (epoch + 1) % self.cfg.test.every == 0 or epoch + 1 == self.cfg.epochs
             if validate:
                 metrics.update({f"valid_{k}": v for k, v in self.validate(epoch).items()})
-            score = metrics.get("valid_nsdr", -float("inf"))
-            is_best = score > self.best_nsdr or self.best_state is None or not self.cfg.test.best
-            if is_best:
-                self.best_nsdr = max(score, self.best_nsdr)
-                self.best_state = {k: v.clone() for k, v in
-                                   (self.ema.shadow if self.ema else
-                                    ckpt.trainable_state(self.model)).items()}
+            best = self._best_candidate(epoch, metrics)
+            if best is not None:
+                self.best_state = best
             metrics["best_nsdr"] = self.best_nsdr
             self.history.append(metrics)
             if self.is_master:
                 self._log_epoch(epoch, metrics)
-                self._save_epoch(epoch, dict(metrics, is_best=is_best))
+                self._save_epoch(epoch, dict(metrics, is_best=best is not None))
             if self.adaptation and self.adaptation.due(epoch, self.cfg.epochs):
                 self._adapt_ranks(epoch)  # after the adapters of this epoch, before its checkpoint
             if self.is_master:
                 ckpt.atomic_torch_save(self._state(), self.folder / "checkpoint.th")
                 self.xp.link.push_metrics(metrics)
+            self.saved = self._describe_saved()
             if distrib.world_size() > 1:
                 torch.distributed.barrier()
-        if self.writer:
-            self.writer.close()
+        self._stop_requested()
+        if self.history and self.best_state is None:
+            raise TrainingDiverged(
+                f"no epoch of {len(self.history)} had a finite validation score, so no best.th "
+                "was written (the model outputs NaN/inf): retrain with a lower optim.lr or "
+                "optim.clip_grad=1.0")
         return self.history

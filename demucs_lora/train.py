@@ -17,8 +17,11 @@ from dora.hydra import HydraMain
 from omegaconf import DictConfig, OmegaConf
 
 from .config_check import check_config, normalize_overrides, resolve_paths
+from .dora_files import check_job_pickle
 from .errors import DatasetError, DemucsLoRAError, exit_on_user_error
 from .lora.rank_adaptation import check_config as check_rank_adaptation
+from .utils import atomic_write_text, remove_stale_temps
+from .xp_guard import StopSignals, XPLock, die_with_launcher
 
 logger = logging.getLogger("demucs_lora")
 
@@ -59,6 +62,12 @@ def build_loaders(cfg: DictConfig) -> tp.Tuple[dict, torch.nn.Module]:
                        pin_memory=cfg.misc.pin_memory,
                        prefetch_factor=cfg.misc.prefetch_factor if workers else None,
                        persistent_workers=False)
+    if distrib.is_master():
+        from .config_values import segment_warnings
+        durations = {name: meta["length"] / meta["samplerate"]
+                     for name, meta in train_set.metadata.items()}
+        for line in segment_warnings(durations, float(cfg.dset.segment)):
+            logger.warning(line)
     if len(train) == 0:
         raise DatasetError(f"the train split gives no batch of {cfg.batch_size} segments of "
                            f"{cfg.dset.segment}s: add tracks or lower batch_size/dset.segment")
@@ -97,8 +106,9 @@ def enable_checkpointing(model: torch.nn.Module) -> None:
 
 
 def run(cfg: DictConfig) -> tp.List[dict]:
+    from .config_values import check_base_values
     from .lora.inject import format_report
-    from .model import build_model
+    from .model import build_base, build_model
     from .solver import Solver
     xp = get_xp()
     folder = Path(xp.folder)
@@ -112,20 +122,24 @@ def run(cfg: DictConfig) -> tp.List[dict]:
         for handler in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
             root.removeHandler(handler)
     else:
-        (folder / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        atomic_write_text(folder / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     logger.info("XP %s in %s", xp.sig, folder)
+    torch.manual_seed(cfg.seed)
+    base = build_base(cfg)  # continue_from, its sample rate: before any data is made
+    check_base_values(cfg, base)  # source_init, layer_ranks globs against the base
+    rng = torch.get_rng_state()  # the data checks below must not shift the init draws
     if distrib.is_master():  # generates synthetic data and the caches once
         verify_or_raise(cfg)
     if distrib.world_size() > 1:
         torch.distributed.barrier()
-    torch.manual_seed(cfg.seed)
+    torch.set_rng_state(rng)
     loaders, augment = build_loaders(cfg)
-    model, report = build_model(cfg, calibration=_calibration(loaders, augment))
+    model, report = build_model(cfg, calibration=_calibration(loaders, augment), base=base)
     if report.get("rank_table") is not None:
         logger.info("LoRA ranks (%s mode):\n%s", cfg.htdemucs.lora_rank_mode,
                     format_report(report["layers"]))
         if distrib.is_master():
-            (folder / "ranks.json").write_text(json.dumps(
+            atomic_write_text(folder / "ranks.json", json.dumps(
                 {"mode": cfg.htdemucs.lora_rank_mode, "ranks": report["ranks"],
                  "layers": report["layers"]}, indent=2))
     t = report["trainable"]
@@ -141,11 +155,45 @@ def run(cfg: DictConfig) -> tp.List[dict]:
     return solver.run()
 
 
+def _untrusted_override(arg: str) -> bool:
+    """Overrides an XP folder may not set for the user: trust_remote_code (full unpickling)
+    and Hydra's own settings (hydra.callbacks & co. instantiate arbitrary classes)."""
+    key = str(arg).split("=", 1)[0].strip().lstrip("+~")
+    return (key == "trust_remote_code" or key.startswith(("hydra.", "hydra/"))
+            or key == "hydra" or "_target_" in key)
+
+
+def trusted_argv_from_xp(argv: tp.Sequence[str], source: str) -> tp.List[str]:
+    """A stored argv (an XP's .argv.json, read by `dora run -f SIG`) without what only the
+    user's own command line may set; says what it dropped."""
+    kept = [a for a in argv if not _untrusted_override(a)]
+    dropped = [a for a in argv if _untrusted_override(a)]
+    if dropped:
+        print(f"demucs-lora: ignoring {dropped} from {source}: an XP folder cannot set these;"
+              " pass them on your own command line if you mean them", file=sys.stderr)
+    return kept
+
+
 class _LoRAHydraMain(HydraMain):
-    """Dora's Hydra main, reading JSON-style dict overrides too (normalize_overrides)."""
+    """Dora's Hydra main, reading JSON-style dict overrides too (normalize_overrides).
+    An XP folder is untrusted input: `dora run -f SIG` never inherits trust_remote_code
+    (or hydra.*) from the XP's .argv.json, and an XP's job.pkl naming anything but the
+    submitit job classes is refused before Dora unpickles it."""
 
     def get_xp(self, argv: tp.Sequence[str]):
-        return super().get_xp(normalize_overrides(argv))
+        xp = super().get_xp(normalize_overrides(argv))
+        check_job_pickle(xp.folder, self.dora.shep.job_file)  # before Dora unpickles it
+        return xp
+
+    def get_argv_from_sig(self, sig: str) -> tp.Sequence[str]:
+        try:
+            argv = super().get_argv_from_sig(sig)
+        except ValueError:  # json.JSONDecodeError
+            argv = None
+        if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
+            raise SystemExit(f"error: the .argv.json of XP {sig} is not a list of overrides "
+                             "(edited or corrupt): start from your own command line instead")
+        return trusted_argv_from_xp(argv, f"XP {sig}'s .argv.json")
 
     def _get_argv(self) -> tp.List[str]:
         sys.argv[1:] = normalize_overrides(sys.argv[1:])
@@ -153,8 +201,22 @@ class _LoRAHydraMain(HydraMain):
 
 
 def main(cfg: DictConfig):
-    with exit_on_user_error(logger):
-        return run(cfg)
+    die_with_launcher()  # a DDP worker never outlives `dora run -d`
+    logging.raiseExceptions = False  # a full disk must not turn train.log into tracebacks
+    stop = StopSignals().install()  # SIGTERM/SIGUSR1 from here on: stop at a step boundary
+    try:
+        with exit_on_user_error(logger):
+            if distrib.get_distrib_spec().rank != 0:  # (before init is_master() is true)
+                return run(cfg)
+            folder = Path(get_xp().folder)
+            with XPLock(folder):  # one writer per XP; the second run says who holds it
+                stale = remove_stale_temps(folder)
+                if stale:
+                    logger.info("Removed %d temporary file(s) a killed write left: %s",
+                                len(stale), ", ".join(p.name for p in stale[:5]))
+                return run(cfg)
+    finally:
+        stop.restore()
 
 
 # Same name as the function: Dora pickles the main as "module.function_name".

@@ -64,13 +64,18 @@ def save_cache(path, root, tracks):
 
 
 def list_tracks(split_dir):
-    """Track folders of a split: leaf folders (no subfolders), names relative to the split."""
+    """Track folders of a split, names relative to the split: folders holding .wav files
+    (their own sub-folders, say a `stems_old/` backup, are not looked into and do not
+    make the track vanish), and leaf folders (reported as tracks with missing files)."""
     split_dir = Path(split_dir)
     tracks = []
-    for folder, subdirs, _ in os.walk(split_dir, followlinks=True):
+    for folder, subdirs, files in os.walk(split_dir, followlinks=True):
         subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
-        if not subdirs and Path(folder) != split_dir:
+        if Path(folder) == split_dir:
+            continue
+        if not subdirs or any(f.endswith(EXT) and not f.startswith(".") for f in files):
             tracks.append(Path(folder).relative_to(split_dir).as_posix())
+            subdirs[:] = []
     return sorted(tracks)
 
 
@@ -149,7 +154,11 @@ def build_metadata(root, sources, cache_dir, residual_source=None):
             new_cache[key] = entry
             meta[split][track] = entry["meta"]
     if new_cache != cache:
-        save_cache(path, root, new_cache)
+        try:
+            save_cache(path, root, new_cache)
+        except OSError as err:  # a read-only or full place: go on without a cache
+            logger.warning("cannot write the metadata cache %s (%s): continuing without it",
+                           path, err)
     logger.info("metadata of %s: %d tracks scanned, %d reused from cache",
                 root, meta.scanned, meta.reused)
     return meta

@@ -206,7 +206,8 @@ def check_track(folder, names, residual=None, sum_tolerance=1e-3):
             f"residual_source, or rewrite {MIXTURE}{EXT} as their sum{hint}"))
     ref = infos.get(MIXTURE) or next(iter(infos.values()), None)
     info = {"seconds": ref.frames / ref.samplerate if ref else 0.0,
-            "samplerate": ref.samplerate if ref else None}
+            "samplerate": ref.samplerate if ref else None,
+            "channels": ref.channels if ref else None}
     return [list(map(str, p)) for p in problems], info
 
 
@@ -256,7 +257,7 @@ def verify_dataset(root, sources, samplerate, channels, cache_dir, sum_tolerance
     key = _params_key(names, residual_source, samplerate, channels, sum_tolerance)
     path = cache_path(cache_dir, root, "verify")
     cache = load_cache(path)
-    new_cache, rates = {}, Counter()
+    new_cache, rates, layouts = {}, Counter(), Counter()
     rows = {s: SplitRow(s) for s in SPLITS}
     for split, track in tqdm(todo, desc="verify", unit="track", disable=not progress):
         folder = root / split / track
@@ -273,6 +274,7 @@ def verify_dataset(root, sources, samplerate, channels, cache_dir, sum_tolerance
         row.tracks += 1
         row.seconds += entry["info"]["seconds"]
         rates[(split, entry["info"]["samplerate"])] += 1
+        layouts[(split, entry["info"].get("channels"))] += 1
         for level, file, message, fix in entry["problems"]:
             report.problems.append(Problem(level, split, track, file, message, fix))
     for (split, rate), count in sorted(rates.items(), key=str):
@@ -280,6 +282,19 @@ def verify_dataset(root, sources, samplerate, channels, cache_dir, sum_tolerance
             report.problems.append(Problem(
                 "info", split, "", str(root / split), f"{count} tracks at {rate} Hz are "
                 f"resampled to {samplerate} Hz on the fly", "resample them offline to save time"))
+    for (split, have), count in sorted(layouts.items(), key=str):
+        if have and have != channels:
+            level, what = "info", (
+                "they are averaged to mono" if channels == 1 else
+                f"their channel is repeated {channels} times" if have == 1 else
+                f"their first {channels} channels are used, the others ignored"
+                if have > channels else "they cannot be converted")
+            if have not in (1, channels) and channels != 1 and have < channels:
+                level = "error"
+            report.problems.append(Problem(
+                level, split, "", str(root / split), f"{count} tracks have {have} channels "
+                f"but dset.channels={channels}: {what}",
+                "downmix them offline if the other channels matter, or set dset.channels"))
     for p in report.problems:
         if p.split in rows and p.level in ("error", "warning"):
             setattr(rows[p.split], p.level + "s", getattr(rows[p.split], p.level + "s") + 1)

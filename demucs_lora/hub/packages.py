@@ -155,13 +155,13 @@ def load_model_file(path: PathLike, trust_remote_code: bool = False, strict: boo
                               allowed_classes=tuple(classes))
 
 
-def write_safetensors_package(model: torch.nn.Module, path: PathLike, half: bool = False
-                              ) -> Path:
-    """Write ``model`` as demucs 4.1 does (``demucs.hf.load_safetensors_model`` reads it).
+def safetensors_writer(model: torch.nn.Module, half: bool = False
+                       ) -> tp.Callable[[str], None]:
+    """A writer of ``model`` as demucs 4.1 stores it (``demucs.hf.load_safetensors_model``
+    reads it): class name, args and kwargs as JSON metadata beside the state.
 
     The model must remember its constructor arguments (``demucs.states.capture_init``)."""
     from safetensors.torch import save_file
-    from ..utils import atomic_write
     klass = type(model)
     name = f"{klass.__module__}.{klass.__qualname__}"
     if name not in CLASS_NAMES:
@@ -172,4 +172,11 @@ def write_safetensors_package(model: torch.nn.Module, path: PathLike, half: bool
              for k, v in model.state_dict().items()}
     metadata = {"klass": name, "args": json.dumps(_encode(list(args))),
                 "kwargs": json.dumps(_encode(dict(kwargs)))}
-    return atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata))
+    return lambda tmp: save_file(state, tmp, metadata=metadata)
+
+
+def write_safetensors_package(model: torch.nn.Module, path: PathLike, half: bool = False
+                              ) -> Path:
+    """``model`` written atomically at ``path`` (see ``safetensors_writer``)."""
+    from ..utils import atomic_write
+    return atomic_write(path, safetensors_writer(model, half))

@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import typing as tp
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from .. import __version__
-from ..errors import AdapterMismatch
-from ..utils import atomic_write
-from .inject import has_lora, inject_lora, iter_lora_layers, lora_config
+from ..errors import AdapterMismatch, ConfigError
+from ..utils import atomic_write_group
+from .inject import BIAS_MODES, has_lora, inject_lora, iter_lora_layers, lora_config
 
 FORMAT = "demucs-lora-adapter/1"
 
@@ -96,7 +98,6 @@ def fingerprints_match(a: dict, b: dict, rtol: float = 2e-2, atol: float = 1e-4)
     return bool(torch.allclose(ta, tb, rtol=rtol, atol=atol))
 
 
-_atomic_write = atomic_write
 
 
 def adapter_header(model: nn.Module, **extra) -> dict:
@@ -125,15 +126,35 @@ def adapter_header(model: nn.Module, **extra) -> dict:
     return header
 
 
+def _sha256(path: tp.Union[str, Path]) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def save_adapter(model: nn.Module, path: tp.Union[str, Path], **extra) -> tp.Tuple[Path, Path]:
-    """Write `path.safetensors` + `path.json` atomically; extra keys go into the header."""
+    """Write `path.safetensors` + `path.json` as a pair; extra keys go into the header.
+
+    Both go to temporary files first and are renamed together, the header last; the
+    header carries the tensors' sha256, so a pair torn by a kill between the two renames
+    is detected on load instead of mixing two versions."""
     tensors_path, header_path = adapter_paths(path)
     header = adapter_header(model, **extra)
     tensors = {k: v.contiguous().cpu() for k, v in get_lora_state(model).items()}
     metadata = {"demucs_lora": json.dumps({k: v for k, v in header.items()
                                            if k != "base_fingerprint"})}
-    _atomic_write(tensors_path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-    _atomic_write(header_path, lambda tmp: Path(tmp).write_text(json.dumps(header, indent=2)))
+    digest: tp.Dict[str, str] = {}
+
+    def write_tensors(tmp: str) -> None:
+        save_file(tensors, tmp, metadata=metadata)
+        digest["sha256"] = _sha256(tmp)
+
+    def write_header(tmp: str) -> None:
+        Path(tmp).write_text(json.dumps(dict(header, tensors_sha256=digest["sha256"]),
+                                        indent=2))
+    atomic_write_group([(tensors_path, write_tensors), (header_path, write_header)])
     return tensors_path, header_path
 
 
@@ -151,17 +172,162 @@ def check_adapter_path(path: tp.Union[str, Path]) -> None:
             "(NAME.lora); pass that path, with or without its suffix, or an XP signature")
 
 
-def read_adapter(path: tp.Union[str, Path]) -> tp.Tuple[dict, tp.Dict[str, torch.Tensor]]:
-    check_adapter_path(path)
-    tensors_path, header_path = adapter_paths(path)
-    for p in (tensors_path, header_path):
-        if not p.exists():
-            raise AdapterMismatch(f"adapter file {p} does not exist (an adapter is a "
-                                  f".safetensors file plus its .json header)")
-    header = json.loads(header_path.read_text())
+
+# ---------------------------------------------------------------------------- reading
+MAX_RANK = 1 << 16
+RANK_SLACK = 64  # ranks above a layer's smallest dim are useless, but inject_lora allows
+FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
+
+
+def _bad(path: Path, key: str, problem: str) -> AdapterMismatch:
+    return AdapterMismatch(f"{path}: header key {key!r} {problem} (edited or not a "
+                           "demucs-lora adapter header)")
+
+
+def _is_int(value: tp.Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: tp.Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+def _str_list(value: tp.Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def check_header(header: tp.Any, path: Path) -> dict:
+    """The header, once every key the loader uses has the right type and range; an
+    AdapterMismatch naming the file and key otherwise. Runs before any tensor exists."""
+    if not isinstance(header, dict):
+        raise AdapterMismatch(f"{path}: the header is a {type(header).__name__}, not a JSON "
+                              "object (edited or not a demucs-lora adapter header)")
     if header.get("format") != FORMAT:
-        raise AdapterMismatch(f"{header_path}: unknown adapter format {header.get('format')!r}")
-    return header, load_file(str(tensors_path))
+        raise AdapterMismatch(f"{path}: unknown adapter format {header.get('format')!r}")
+    for key in ("ranks", "alpha", "dropout", "rslora", "bias", "enable_qkv", "train_extra",
+                "base_fingerprint"):
+        if key not in header:
+            raise _bad(path, key, "is missing")
+    ranks = header["ranks"]
+    if not isinstance(ranks, dict) or len(ranks) > 10000:
+        raise _bad(path, "ranks", "must be an object {layer: rank}")
+    for name, rank in ranks.items():
+        if not _is_int(rank) or not 1 <= rank <= MAX_RANK:
+            raise _bad(path, f"ranks.{name}", f"is {rank!r}: a rank is an integer in "
+                       f"[1, {MAX_RANK}]")
+    if not _is_number(header["alpha"]) or header["alpha"] < 0:
+        raise _bad(path, "alpha", f"is {header['alpha']!r}: it must be a finite number >= 0")
+    if not _is_number(header["dropout"]) or not 0 <= header["dropout"] < 1:
+        raise _bad(path, "dropout", f"is {header['dropout']!r}: it must be in [0, 1)")
+    if not isinstance(header["rslora"], bool):
+        raise _bad(path, "rslora", "must be true or false")
+    if header["bias"] not in BIAS_MODES:
+        raise _bad(path, "bias", f"must be one of {list(BIAS_MODES)}")
+    qkv = header["enable_qkv"]
+    if not isinstance(qkv, list) or len(qkv) != 3 or not all(isinstance(x, bool) for x in qkv):
+        raise _bad(path, "enable_qkv", "must be three booleans [q, k, v]")
+    if not _str_list(header["train_extra"]):
+        raise _bad(path, "train_extra", "must be a list of module names")
+    if header.get("sources") is not None and not _str_list(header["sources"]):
+        raise _bad(path, "sources", "must be a list of source names")
+    if header.get("source_init") is not None and not isinstance(header["source_init"], dict):
+        raise _bad(path, "source_init", "must be an object {new_source: base_source(s)}")
+    fingerprint = header["base_fingerprint"]
+    if not (isinstance(fingerprint, dict) and isinstance(fingerprint.get("shapes_sha256"), str)
+            and isinstance(fingerprint.get("stats"), list)
+            and all(isinstance(x, list) and len(x) == 2 and all(_is_number(v) for v in x)
+                    for x in fingerprint["stats"])):
+        raise _bad(path, "base_fingerprint", "must be {shapes_sha256, stats: [[mean, "
+                   "abs_mean], ...]}")
+    return header
+
+
+def read_header(path: tp.Union[str, Path]) -> dict:
+    """The validated JSON header of an adapter (path of the pair, .json or .safetensors)."""
+    check_adapter_path(path)
+    _, header_path = adapter_paths(path)
+    if not header_path.is_file():
+        raise AdapterMismatch(f"adapter file {header_path} does not exist (an adapter is a "
+                              ".safetensors file plus its .json header)")
+    try:
+        header = json.loads(header_path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise AdapterMismatch(f"{header_path}: the header is not readable JSON ({exc})"
+                              ) from None
+    return check_header(header, header_path)
+
+
+def _open_tensors(tensors_path: Path, header: dict) -> tp.Dict[str, torch.Tensor]:
+    """The tensors of the pair: checked against the header's checksum, float dtypes only,
+    and finite (NaN/inf adapters are refused, see demucs_lora.finite)."""
+    if not tensors_path.is_file():
+        raise AdapterMismatch(f"adapter file {tensors_path} does not exist (an adapter is "
+                              "a .safetensors file plus its .json header)")
+    expected = header.get("tensors_sha256")
+    if expected is not None and _sha256(tensors_path) != expected:
+        raise AdapterMismatch(
+            f"{tensors_path} does not match its header {tensors_path.with_suffix('.json')} "
+            "(checksum): the pair was torn (a write cut short?) or one file was replaced; "
+            "write the adapter again")
+    try:
+        with safe_open(str(tensors_path), "pt") as f:
+            dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+            bad = {k: d for k, d in dtypes.items() if d not in FLOAT_DTYPES}
+            if bad:
+                raise AdapterMismatch(
+                    f"{tensors_path}: tensor(s) {sorted(bad)[:5]} have dtype "
+                    f"{sorted(set(bad.values()))}, an adapter holds floating-point tensors only")
+            tensors = {k: f.get_tensor(k) for k in dtypes}
+    except AdapterMismatch:
+        raise
+    except Exception as exc:  # safetensors' own error for truncated / empty / junk files
+        raise AdapterMismatch(f"{tensors_path} is not a readable safetensors file "
+                              f"(truncated or corrupt: {exc})") from None
+    from ..finite import nonfinite_names
+    nonfinite = nonfinite_names(tensors)
+    if nonfinite:
+        raise AdapterMismatch(
+            f"{tensors_path} holds NaN/inf in {len(nonfinite)} tensor(s) (first: "
+            f"{nonfinite[:3]}): the training that made it diverged; use another adapter")
+    return tensors
+
+
+def read_adapter(path: tp.Union[str, Path]) -> tp.Tuple[dict, tp.Dict[str, torch.Tensor]]:
+    """(validated header, checked tensors) of an adapter pair."""
+    tensors_path, _ = adapter_paths(path)
+    header = read_header(path)
+    return header, _open_tensors(tensors_path, header)
+
+
+def check_ranks_fit(model: nn.Module, header: dict, path: tp.Union[str, Path]) -> None:
+    """Every header rank names a layer of `model` and is at most its smallest dimension
+    (or RANK_SLACK, which `inject_lora` also accepts), so that injecting allocates about
+    the layer's own size at most: checked before any allocation."""
+    from .ranks import _layer_info
+    path = adapter_paths(path)[1]  # errors name the header file
+    qkv = header["enable_qkv"]
+    for name, rank in header["ranks"].items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise AdapterMismatch(f"{path}: header key 'ranks.{name}' names no layer of "
+                                  f"this {type(model).__name__}") from None
+        try:
+            cap = _layer_info(module, qkv, "").max_rank
+        except (AttributeError, TypeError, ValueError):
+            raise AdapterMismatch(f"{path}: header key 'ranks.{name}': LoRA cannot wrap a "
+                                  f"{type(module).__name__}") from None
+        if rank > max(cap, RANK_SLACK):
+            raise AdapterMismatch(f"{path}: header key 'ranks.{name}' is {rank}, far above "
+                                  f"the layer's smallest dimension {cap} (the most a LoRA "
+                                  "rank can use there)")
+    for name in header["train_extra"]:
+        try:
+            model.get_submodule(name)
+        except AttributeError:
+            raise AdapterMismatch(f"{path}: header key 'train_extra' names {name!r}, no "
+                                  f"module of this {type(model).__name__}") from None
 
 
 def _layout_differences(config: dict, header: dict) -> tp.List[str]:
@@ -201,9 +367,10 @@ def load_lora_weights(model: nn.Module, path: tp.Union[str, Path],
 
     If the adapter was trained for other sources than the model's, the model's heads are
     remapped first (`demucs_lora.model.remap_sources`), so a new model object may be
-    returned: always use the return value.
+    returned: always use the return value. The header is validated, and its ranks checked
+    against the layers, before any tensor is read or allocated.
     """
-    header, tensors = read_adapter(path)
+    header = read_header(path)
     sources = header.get("sources") or []
     if sources and list(getattr(model, "sources", sources)) != sources:
         if has_lora(model):
@@ -211,13 +378,20 @@ def load_lora_weights(model: nn.Module, path: tp.Union[str, Path],
                 f"{path}: adapter sources {sources} differ from the model's {model.sources}; "
                 "load it on the plain base model instead")
         from ..model import remap_sources
-        model = remap_sources(model, sources, header.get("source_init"))
+        try:
+            model = remap_sources(model, sources, header.get("source_init"))
+        except ConfigError as exc:
+            raise AdapterMismatch(f"{path}: header keys 'sources'/'source_init' do not fit "
+                                  f"this model: {exc}") from None
     if not has_lora(model):
+        check_ranks_fit(model, header, path)
+        tensors = _open_tensors(adapter_paths(path)[0], header)
         inject_lora(model, header["ranks"], alpha=header["alpha"], dropout=header["dropout"],
                     rslora=header["rslora"], bias=header["bias"],
                     enable_qkv=header["enable_qkv"], train_extra=header["train_extra"])
     else:
         _check_same_layout(lora_config(model), header, path)
+        tensors = _open_tensors(adapter_paths(path)[0], header)
     expected = get_lora_state(model)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))

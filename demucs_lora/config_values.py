@@ -1,0 +1,118 @@
+"""Config values that would be accepted and then do nothing, or fail after an epoch.
+
+`check_value_ranges(cfg)` runs inside `config_check.check_config`, before any data or
+model is touched; every error names the key, the value and what is allowed.
+`check_base_values(cfg, base)` runs once the base is loaded and before the (synthetic)
+data is generated and verified: the checks that need the base's sources and layers.
+`segment_warnings` tells when ``dset.segment`` does not suit the tracks.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import typing as tp
+
+from omegaconf import DictConfig, OmegaConf
+
+from .errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+
+def _get(cfg: DictConfig, key: str) -> tp.Any:
+    return OmegaConf.select(cfg, key, throw_on_missing=False)
+
+
+def _number(value: tp.Any, integer: bool = False) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    if not math.isfinite(value):
+        return False
+    return not integer or float(value).is_integer()
+
+
+def _require(cfg: DictConfig, key: str, ok: tp.Callable[[tp.Any], bool], allowed: str,
+             why: str = "", optional: bool = False) -> None:
+    value = _get(cfg, key)
+    if optional and value is None:
+        return
+    if not ok(value):
+        raise ConfigError(f"{key}={value!r}: must be {allowed}" + (f" ({why})" if why else ""))
+
+
+# (key, predicate, allowed, why, null allowed)
+RANGES: tp.Sequence[tp.Tuple[str, tp.Callable[[tp.Any], bool], str, str, bool]] = (
+    ("epochs", lambda v: _number(v, True) and v >= 1, "an integer >= 1",
+     "epochs=0 trains nothing", False),
+    ("max_batches", lambda v: _number(v, True) and v >= 1, "null or an integer >= 1",
+     "batches per epoch", True),
+    ("train_budget_seconds", lambda v: _number(v) and v >= 0, "null or a number >= 0",
+     "seconds of training", True),
+    ("optim.lr", lambda v: _number(v) and v > 0, "a finite number > 0",
+     "lr=0 leaves the model as it started", False),
+    ("optim.ema", lambda v: _number(v) and 0 <= v < 1, "in [0, 1)",
+     "ema=1 never moves the averaged weights: the saved adapters would stay at lora_init",
+     False),
+    ("optim.clip_grad", lambda v: _number(v) and v >= 0, "a finite number >= 0 (0 = off)",
+     "", False),
+    ("optim.weight_decay", lambda v: _number(v) and v >= 0, "a finite number >= 0", "",
+     False),
+    ("optim.skip_nonfinite", lambda v: _number(v, True) and v >= 0, "an integer >= 0",
+     "NaN/inf steps skipped per epoch", True),
+    ("test.every", lambda v: _number(v, True) and v >= 1, "an integer >= 1",
+     "validate every N epochs", False),
+    ("test.shifts", lambda v: _number(v, True) and v >= 0, "an integer >= 0",
+     "random shifts averaged at validation", False),
+    ("test.overlap", lambda v: _number(v) and 0 <= v < 1, "in [0, 1)",
+     "overlap between chunks", False),
+    ("dset.segment", lambda v: _number(v) and v > 0, "a finite number of seconds > 0", "",
+     False),
+    ("dset.shift", lambda v: _number(v) and v >= 0, "a number of seconds >= 0",
+     "hop between training segments", True),
+    ("dset.sum_tolerance", lambda v: _number(v) and v >= 0, "a number >= 0",
+     "relative L1 error allowed between the stems' sum and the mixture", True),
+    ("misc.num_workers", lambda v: _number(v, True) and v >= 0, "an integer >= 0",
+     "data loading processes", False),
+    ("misc.prefetch_factor", lambda v: _number(v, True) and v >= 1, "an integer >= 1", "",
+     True),
+)
+
+
+def check_value_ranges(cfg: DictConfig) -> None:
+    """Raise ConfigError on the first key whose value is out of range (see RANGES)."""
+    for key, ok, allowed, why, optional in RANGES:
+        _require(cfg, key, ok, allowed, why, optional)
+
+
+def check_base_values(cfg: DictConfig, base: tp.Any) -> None:
+    """The checks that need the base model: `source_init` against its sources and the
+    `htdemucs.layer_ranks` globs against its layers (ConfigError naming the key)."""
+    from .lora.targets import lora_target_names
+    from .model import source_plan
+    sources = list(_get(cfg, "dset.sources") or _get(cfg, "sources") or base.sources)
+    source_init = _get(cfg, "source_init")
+    source_plan(list(base.sources), sources,
+                OmegaConf.to_container(source_init) if source_init is not None else None)
+    lcfg = cfg.htdemucs
+    if int(lcfg.lora_rank) <= 0 or lcfg.get("layer_ranks") is None:
+        return
+    from .lora.ranks import _apply_overrides, _layer_ranks
+    names = lora_target_names(base, list(lcfg.lora_targets))
+    _apply_overrides({n: 0 for n in names}, _layer_ranks(lcfg), list(lcfg.lora_targets))
+
+
+def segment_warnings(durations: tp.Mapping[str, float], segment: float) -> tp.List[str]:
+    """Warnings when dset.segment is longer than the tracks (training on zero padding)."""
+    if not durations:
+        return []
+    short = sorted(name for name, seconds in durations.items() if seconds < segment)
+    lines = []
+    if len(short) * 2 > len(durations):
+        median = sorted(durations.values())[len(durations) // 2]
+        lines.append(f"dset.segment={segment:g}s is longer than most train tracks (median "
+                     f"{median:.3g}s): examples are mostly zero padding, which costs "
+                     "compute and teaches silence; lower dset.segment")
+    elif short:
+        lines.append(f"{len(short)} train track(s) are shorter than dset.segment={segment:g}s "
+                     f"and are zero-padded (e.g. {', '.join(short[:3])})")
+    return lines

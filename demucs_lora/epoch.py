@@ -1,0 +1,85 @@
+"""Where a train epoch stands, so that it can stop at any step and resume exactly there.
+
+An epoch is replayed from its seed (`Solver.train_epoch` seeds torch per epoch and rank):
+the data order is the same, so resuming at step k means drawing k batches' indices
+without training on them (`skip_batches`), then putting the RNG back as it was at the
+stop (`EpochProgress.rng`). Everything is plain values and tensors: it is saved in
+checkpoint.th as ``partial`` and read back with weights_only=True.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing as tp
+
+import torch
+from dora import distrib
+
+FIELDS = {"epoch": int, "step": int, "total": float, "count": int, "grad_norm": float,
+          "seconds": float, "skipped": int, "fp16_skips": int}
+
+
+@dataclasses.dataclass
+class EpochProgress:
+    epoch: int
+    step: int = 0             # batches consumed (trained or skipped as non-finite)
+    total: float = 0.0        # sum of the finite losses
+    count: int = 0            # finite steps
+    grad_norm: float = 0.0
+    seconds: float = 0.0      # train time spent before the stop
+    skipped: int = 0          # non-finite steps skipped (optim.skip_nonfinite)
+    fp16_skips: int = 0       # consecutive steps the fp16 scaler skipped
+    rng: tp.Optional[list] = None   # per rank: checkpoint.rng_state() at the stop
+
+    def to_state(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_state(cls, state: tp.Mapping) -> "EpochProgress":
+        return cls(**{k: FIELDS[k](state[k]) for k in FIELDS}, rng=state.get("rng"))
+
+
+def partial_problem(state: tp.Any, epoch: int) -> tp.Optional[str]:
+    """What is wrong with a saved ``partial`` entry (None: fine)."""
+    if state is None:
+        return None
+    if not isinstance(state, dict) or any(k not in state for k in FIELDS):
+        return "partial epoch entry without its fields"
+    if any(not isinstance(state[k], (int, float)) or isinstance(state[k], bool)
+           for k in FIELDS):
+        return "partial epoch entry with non-numeric fields"
+    if state["epoch"] != epoch or state["step"] < 0:
+        return f"partial epoch {state['epoch']} after {epoch} finished epochs"
+    rng = state.get("rng")
+    if not isinstance(rng, list) or not all(isinstance(r, dict) for r in rng):
+        return "partial epoch entry without RNG states"
+    return None
+
+
+def skip_batches(batches: tp.Iterator, count: int) -> None:
+    """Advance a DataLoader iterator by `count` batches; in-process loaders only draw the
+    indices (nothing is read), worker loaders have to fetch them."""
+    next_index = getattr(batches, "_next_index", None)
+    in_process = type(batches).__name__ == "_SingleProcessDataLoaderIter"
+    for _ in range(count):
+        if in_process and next_index is not None:
+            next_index()
+        else:
+            next(batches)
+
+
+def agree(flags: tp.Sequence[bool], device: torch.device) -> tp.List[bool]:
+    """Each flag true on any rank is true on every rank (one tiny all_reduce under DDP)."""
+    if distrib.world_size() <= 1:
+        return [bool(f) for f in flags]
+    tensor = torch.tensor([float(bool(f)) for f in flags], device=device)
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+    return [bool(v) for v in tensor.tolist()]
+
+
+def gather_rng(state: dict) -> list:
+    """Every rank's RNG state (rank order), so a resumed rank continues its own stream."""
+    if distrib.world_size() <= 1:
+        return [state]
+    out: tp.List[tp.Any] = [None] * distrib.world_size()
+    torch.distributed.all_gather_object(out, state)
+    return out

@@ -1,0 +1,51 @@
+"""The NaN policy: nothing non-finite is trained on, saved as "best", exported or served.
+
+A NaN or inf loss, gradient or weight means the run diverged; `divergence_error` says at
+which step and what to try. Models and adapters with non-finite tensors are refused by
+every loader that serves them (export, separate, test, `get_model`).
+"""
+from __future__ import annotations
+
+import math
+import typing as tp
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from .errors import ModelLoadError, TrainingDiverged
+
+
+def is_finite_number(value: tp.Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+def nonfinite_names(tensors: tp.Mapping[str, torch.Tensor]) -> tp.List[str]:
+    """Names of the floating-point tensors holding NaN or inf."""
+    return [n for n, t in tensors.items()
+            if torch.is_floating_point(t) and not bool(torch.isfinite(t).all())]
+
+
+def check_finite_model(model: nn.Module, source: str) -> nn.Module:
+    """ModelLoadError when a parameter or buffer of `model` holds NaN/inf."""
+    bad = nonfinite_names(dict(model.state_dict()))
+    if bad:
+        raise ModelLoadError(
+            f"{source} holds NaN/inf weights in {len(bad)} tensor(s) (first: {bad[:3]}): the "
+            "training that made it diverged, and it would only output silence or NaN. Use an "
+            "earlier checkpoint or retrain with a lower optim.lr / optim.clip_grad")
+    return model
+
+
+def divergence_error(cfg: DictConfig, where: str, what: str, kept: str) -> TrainingDiverged:
+    """The one-line error of a diverged run: where, what is kept, what to try."""
+    optim = cfg.optim
+    tips = [f"a lower optim.lr (now {optim.lr:g})"]
+    if not optim.clip_grad:
+        tips.append("gradient clipping optim.clip_grad=1.0 (now off)")
+    if cfg.mixed_precision == "fp16":
+        tips.append("mixed_precision=bf16 or false (fp16 overflows above 65504)")
+    tips.append("optim.skip_nonfinite=N to skip up to N such steps per epoch")
+    return TrainingDiverged(f"training diverged at {where}: {what}. {kept}. Try "
+                            f"{', '.join(tips)} (a new XP: the same command diverges again)")
