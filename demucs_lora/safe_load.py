@@ -17,7 +17,6 @@ dequantized; demucs' own DiffQ states (``state['__quantized']``) need ``diffq``.
 """
 from __future__ import annotations
 
-import fractions
 import inspect
 import logging
 import pickle
@@ -32,6 +31,7 @@ from demucs.hdemucs import HDemucs
 from demucs.htdemucs import HTDemucs
 
 from .errors import ModelLoadError
+from .package_bounds import SAFE_FRACTION
 from .quantize import Int8Package
 
 logger = logging.getLogger(__name__)
@@ -39,8 +39,9 @@ logger = logging.getLogger(__name__)
 MODEL_CLASSES: tp.Tuple[type, ...] = (HTDemucs, HDemucs, Demucs)
 """Classes a package's ``klass`` may name. demucs.wdemucs.WDemucs is HDemucs."""
 
-PLAIN_GLOBALS: tp.Tuple[tp.Any, ...] = (fractions.Fraction,)
-"""Non-tensor types found in the kwargs of real demucs packages."""
+PLAIN_GLOBALS: tp.Tuple[tp.Any, ...] = (SAFE_FRACTION,)
+"""Non-tensor types found in the kwargs of real demucs packages: ``fractions.Fraction``,
+bound to a constructor that refuses huge numerators (``package_bounds``)."""
 
 SAFE_GLOBALS: tp.List[tp.Any] = [*MODEL_CLASSES, *PLAIN_GLOBALS, Int8Package]
 """Int8Package: the ``klass`` of int8 packages (it only refuses the stock loader)."""
@@ -49,6 +50,8 @@ PACKAGE_KEYS = ("klass", "args", "kwargs", "state")
 
 
 def _qualname(obj: tp.Any) -> str:
+    if isinstance(obj, tuple):  # (callable, "the.name.it.stands.for")
+        return obj[1]
     return f"{obj.__module__}.{obj.__qualname__}"
 
 
