@@ -211,6 +211,7 @@ class Solver:
     def _adapter_header(self) -> dict:
         return {"targets": list(self.cfg.htdemucs.lora_targets),
                 "rank_mode": self.cfg.htdemucs.lora_rank_mode,
+                "save_dtype": self.cfg.htdemucs.get("lora_save_dtype", "float32"),
                 "source_init": OmegaConf.to_container(self.cfg.source_init)
                 if self.cfg.source_init is not None else None,
                 "xp": self.xp.sig}
