@@ -156,7 +156,7 @@ class Solver:
             torch.distributed.all_reduce(loss)
         return {"loss": float(loss[0] / max(loss[1], 1)), "grad_norm": grad_norm,
                 "lr": self.optimizer.param_groups[0]["lr"],
-                "seconds": time.time() - start}
+                "seconds": time.time() - start, "batches": count}
 
     def _profiler(self):
         from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
