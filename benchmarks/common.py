@@ -38,7 +38,8 @@ def base_parser(description: str, rounds: int) -> argparse.ArgumentParser:
     parser.add_argument("--rounds", type=int, default=None,
                         help=f"timed rounds (default {rounds}; smoke: 2)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
-                        help="cuda: memory is torch.cuda.max_memory_allocated")
+                        help="cuda: memory is torch.cuda.max_memory_allocated; with --smoke "
+                             "and no CUDA device the CUDA suite runs on CPU (and says so)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: 1 on CPU, see TIME_METRIC_NOTE)")
     parser.add_argument("--time-metric", default="auto", choices=["auto", "cpu", "wall"],
@@ -56,7 +57,23 @@ TIME_METRIC_NOTE = (
     "single-thread CPU time stayed within a few percent; wall-time ratios are reported too")
 
 
+NO_CUDA_SMOKE = ("--device cuda --smoke: no CUDA device visible to torch, so the CUDA suite "
+                 "(its configurations, precisions, SDPA kernel check) runs on CPU; CUDA "
+                 "timings and torch.cuda.max_memory_allocated were NOT measured")
+
+
 def finish_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Defaults that depend on the device. `args.suite` is the device asked for (it names
+    the results file); `args.device` the one used: a --smoke run of the CUDA suite on a
+    machine without CUDA falls back to CPU (`args.cuda_fallback`), a real run refuses."""
+    args.suite = args.device
+    args.cuda_fallback = False
+    if args.device == "cuda" and not torch.cuda.is_available():
+        if not args.smoke:
+            raise SystemExit("--device cuda: no CUDA device visible to torch (the CPU smoke "
+                             "of the CUDA suite is --device cuda --smoke)")
+        print("note: " + NO_CUDA_SMOKE, flush=True)
+        args.device, args.cuda_fallback = "cpu", True
     if args.time_metric == "auto":
         args.time_metric = "wall" if args.device == "cuda" else "cpu"
     if args.threads is None and args.device == "cpu":
@@ -65,8 +82,6 @@ def finish_args(args: argparse.Namespace) -> argparse.Namespace:
         args.rounds = 2 if args.smoke else args.default_rounds
     if args.rounds < 1:
         raise SystemExit("--rounds must be >= 1")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device visible to torch")
     return args
 
 
@@ -160,8 +175,12 @@ def peak_rss_bytes() -> int:
 
 
 def release_memory() -> None:
-    """Give freed heap memory back to the OS (so idle workers do not hold RAM)."""
+    """Give freed heap memory back to the OS (so idle workers do not hold RAM), and the
+    CUDA allocator's cached blocks back to the device (so idle workers hold no more GPU
+    memory than their tensors)."""
     gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except OSError:
@@ -195,6 +214,14 @@ class PeakMemory:
             torch.cuda.synchronize()
             return torch.cuda.max_memory_allocated() - self.baseline
         return peak_rss_bytes() - self.baseline
+
+    def peak_total(self) -> tp.Optional[int]:
+        """CUDA: torch.cuda.max_memory_allocated itself (weights, optimizer state and
+        activations: what has to fit on the card). CPU: None (RSS includes the runtime)."""
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated()
+        return None
 
 
 # ----------------------------------------------------------------------------- timing
@@ -232,16 +259,51 @@ def round_ratios(times: tp.Mapping[str, tp.Sequence[float]], reference: str
 
 
 # ----------------------------------------------------------------------------- models
-def model_config(size: str = "full", segment: float = 4.0, channels: tp.Optional[int] = None,
-                 sources: tp.Sequence[str] = SOURCES, **htdemucs: tp.Any):
+# Architectures the benchmarks run on: name -> (conf/model file, overrides, label).
+# "released" is the htdemucs users fine-tune (conf/model/htdemucs.yaml: dconv_mode=3,
+# bottom_channels=512, 41.98M params); "default" the HTDemucs() constructor defaults
+# (26.9M params, what every benchmark measured before; kept as a second row).
+ARCHS: tp.Dict[str, tp.Tuple[str, dict, str]] = {
+    "released": ("htdemucs.yaml", {}, "released htdemucs architecture, 41.98M params"),
+    "default": ("htdemucs.yaml", {"dconv_mode": 1, "bottom_channels": 0, "t_dropout": 0.0},
+                "HTDemucs() constructor defaults, 26.9M params"),
+    "tiny": ("htdemucs_tiny.yaml", {}, "tiny HTDemucs (smoke)"),
+}
+
+
+def add_arch_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--arch", default=None,
+                        help="comma-separated architectures (the first is the one targets are "
+                             f"checked on): {', '.join(a for a in ARCHS if a != 'tiny')}; "
+                             "default released,default (CUDA suite: released); --smoke: tiny")
+
+
+def archs(args: argparse.Namespace) -> tp.List[str]:
+    if args.smoke:
+        return ["tiny"]
+    if args.arch is None:
+        return ["released"] if getattr(args, "suite", "cpu") == "cuda" else ["released",
+                                                                             "default"]
+    names = [a for a in args.arch.split(",") if a]
+    bad = [a for a in names if a not in ARCHS]
+    if bad or not names:
+        raise SystemExit(f"--arch {args.arch}: choose from {list(ARCHS)}")
+    return names
+
+
+def model_config(size: str = "released", segment: float = 4.0,
+                 channels: tp.Optional[int] = None, sources: tp.Sequence[str] = SOURCES,
+                 **htdemucs: tp.Any):
     """A run config for `demucs_lora.model.build_model`: random base, conf/model values.
 
-    size: "full" (conf/model/htdemucs.yaml) or "tiny" (htdemucs_tiny.yaml); `htdemucs`
-    overrides keys of the model node (lora_rank, lora_rank_mode, ...).
+    size: an ARCHS name ("released", "default", "tiny"); `htdemucs` overrides keys of the
+    model node (lora_rank, lora_rank_mode, ...).
     """
     from omegaconf import OmegaConf
-    name = {"full": "htdemucs.yaml", "tiny": "htdemucs_tiny.yaml"}[size]
+    name, arch_overrides, _ = ARCHS[size]
     node = OmegaConf.load(CONF_DIR / "model" / name).htdemucs
+    for key, value in arch_overrides.items():
+        node[key] = value
     if channels is not None:
         node.channels = int(channels)
     for key, value in htdemucs.items():
@@ -313,11 +375,17 @@ def results_dir(args: argparse.Namespace) -> Path:
     return Path(args.out) if args.out else RESULTS_DIR
 
 
+def result_name(name: str, suite: str = "cpu", smoke: bool = False) -> str:
+    """NAME (CPU suite), NAME_cuda (CUDA suite), + _smoke in smoke mode."""
+    return f"{name}{'_cuda' if suite == 'cuda' else ''}{'_smoke' if smoke else ''}"
+
+
 def write_result(name: str, data: dict, args: argparse.Namespace) -> Path:
-    """benchmarks/results/NAME.json (NAME_smoke.json in smoke mode), written atomically."""
+    """benchmarks/results/NAME.json (NAME_cuda.json for the CUDA suite, + _smoke in smoke
+    mode), written atomically."""
     folder = results_dir(args)
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{name}{'_smoke' if args.smoke else ''}.json"
+    path = folder / f"{result_name(name, getattr(args, 'suite', 'cpu'), args.smoke)}.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(_jsonable(data), indent=2) + "\n")
     os.replace(tmp, path)

@@ -1,9 +1,10 @@
 """Inference time of the base model vs LoRA unmerged vs merged, and merge exactness.
 
-    python -m benchmarks.inference [--rounds 5] [--seconds 4] [--device cpu|cuda] [--smoke]
+    python -m benchmarks.inference [--arch released,default] [--rounds 5] [--seconds 4]
+                                   [--device cpu|cuda] [--smoke]
 
-Full-size HTDemucs in eval mode under no_grad, one input of a few seconds (the model's
-segment, so nothing is padded). The adapters get random non-zero B factors (B starts at
+HTDemucs (the released architecture, then the constructor-default one) in eval mode
+under no_grad, one input of a few seconds (the model's segment, so nothing is padded). The adapters get random non-zero B factors (B starts at
 zero, which would make merged == base trivially). `base_again` times the base model a
 second time per round: its ratio is the noise level of the measurement.
 "Unmerged" keeps the adapters apart from the base weights (hot-swappable); under no_grad
@@ -60,8 +61,7 @@ def _forward(model, mix):
         return model(mix)
 
 
-def measure(args) -> dict:
-    size = "tiny" if args.smoke else "full"
+def measure(args, size: str) -> dict:
     models = build_models(size, args.seconds, args.seed, args.device)
     gen = torch.Generator().manual_seed(args.seed)
     mix = (0.1 * torch.randn(1, 2, int(args.seconds * common.SAMPLERATE), generator=gen))
@@ -75,7 +75,7 @@ def measure(args) -> dict:
             wall, cpu_s = common.timed(lambda: _forward(model, mix), args.device)
             times[name].append(wall)
             cpu[name].append(cpu_s)
-        print(f"round {i + 1}/{args.rounds} (wall/cpu s): " + ", ".join(
+        print(f"[{size}] round {i + 1}/{args.rounds} (wall/cpu s): " + ", ".join(
             f"{n} {times[n][-1]:.2f}/{cpu[n][-1]:.2f}" for n in CONFIGS), flush=True)
     unmerged, merged = outputs["unmerged"].double(), outputs["merged"].double()
     scale = unmerged.abs().max().item()
@@ -112,41 +112,53 @@ def summarize(raw: dict, metric: str) -> tp.Tuple[dict, tp.List[dict]]:
     return {"configs": configs, "exactness": exactness}, targets
 
 
-def report(summary: dict, targets: tp.List[dict]) -> str:
-    rows = [[f"{n}: {c['label']}", f"{c['time_s']:.3f}", f"{c['cpu_s']:.3f}",
-             f"{c['time_ratio']:.3f}", f"{c['wall_ratio']:.3f}"]
-            for n, c in summary["configs"].items()]
-    text = common.format_table(["configuration", "wall s", "cpu s", "time x", "wall x"], rows)
-    e = summary["exactness"]
-    text += (f"\nmerged vs unmerged: max abs diff {e['max_abs_diff_merged_vs_unmerged']:.3g}"
-             f" (relative {e['relative_diff']:.3g}); adapter effect on the output "
-             f"{e['max_abs_effect_of_adapter']:.3g}; timing noise (base vs base) "
-             f"{e['noise']:.3f}")
-    return text + "\ntargets:\n" + common.format_targets(targets)
+def report(runs: tp.Sequence[dict], targets: tp.List[dict]) -> str:
+    blocks = []
+    for run in runs:
+        rows = [[f"{n}: {c['label']}", f"{c['time_s']:.3f}", f"{c['cpu_s']:.3f}",
+                 f"{c['time_ratio']:.3f}", f"{c['wall_ratio']:.3f}"]
+                for n, c in run["configs"].items()]
+        text = f"-- {run['arch']} ({run['arch_label']})\n" + common.format_table(
+            ["configuration", "wall s", "cpu s", "time x", "wall x"], rows)
+        e = run["exactness"]
+        text += (f"\nmerged vs unmerged: max abs diff "
+                 f"{e['max_abs_diff_merged_vs_unmerged']:.3g} (relative "
+                 f"{e['relative_diff']:.3g}); adapter effect on the output "
+                 f"{e['max_abs_effect_of_adapter']:.3g}; timing noise (base vs base) "
+                 f"{e['noise']:.3f}")
+        blocks.append(text)
+    return "\n\n".join(blocks) + "\ntargets:\n" + common.format_targets(targets)
 
 
 def main(argv=None) -> dict:
     parser = common.base_parser(__doc__.split("\n")[0], rounds=5)
     parser.add_argument("--seconds", type=float, default=None,
-                        help="audio length and model segment (default 4; smoke 1)")
+                        help="audio length and model segment (default 4, CUDA suite 7.8; "
+                             "smoke 1)")
+    common.add_arch_argument(parser)
     args = common.finish_args(parser.parse_args(argv))
     common.setup_torch(args)
     if args.seconds is None:
-        args.seconds = 1.0 if args.smoke else 4.0
+        args.seconds = 1.0 if args.smoke else (7.8 if args.suite == "cuda" else 4.0)
     machine = common.describe_machine(args.device)
-    settings = {"model": "tiny HTDemucs (smoke)" if args.smoke else "HTDemucs (full size)",
+    sizes = common.archs(args)
+    settings = {"suite": args.suite, "device": args.device, "archs": sizes,
                 "seconds": args.seconds, "batch": 1, "rounds": args.rounds, "rank": RANK,
                 "mode": "eval, no_grad", "threads": args.threads,
-                "time_metric": args.time_metric}
+                "time_metric": args.time_metric,
+                "note": common.NO_CUDA_SMOKE if args.cuda_fallback else None}
     print(common.header("inference: base vs LoRA unmerged vs merged", machine, settings),
           flush=True)
-    raw = measure(args)
-    summary, targets = summarize(raw, args.time_metric)
-    print(report(summary, targets))
+    runs, targets = [], None
+    for size in sizes:
+        summary, arch_targets = summarize(measure(args, size), args.time_metric)
+        runs.append({"arch": size, "arch_label": common.ARCHS[size][2], **summary})
+        targets = arch_targets if targets is None else targets  # on the first architecture
+    print(report(runs, targets))
     if args.time_metric == "cpu":
         print("time x = " + common.TIME_METRIC_NOTE)
     result = {"benchmark": "inference", "machine": machine, "settings": settings,
-              "reference": "base", **summary, "targets": targets}
+              "reference": "base", "runs": runs, "targets": targets}
     path = common.write_result("inference", result, args)
     print(f"wrote {path}")
     return result

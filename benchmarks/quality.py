@@ -1,30 +1,38 @@
-"""Adaptation quality at an equal wall-clock training budget: LoRA rank modes vs full FT.
+"""Adaptation quality, fairly: every method at its best lr, equal steps, a data-size curve.
 
-    python -m benchmarks.quality [--budget-seconds S] [--out benchmarks/results]
-    python -m benchmarks.quality --smoke --out TMP --workdir TMP/work      # CI, < 2 min
+    python -m benchmarks.quality [--methods full,uniform_r8,...] [--epochs 8] [--out DIR]
+    python -m benchmarks.quality --smoke --out TMP --workdir TMP/work      # CI
 
 From the same base (the shipped `demucs_lora/assets/base_tiny_A.th`, a tiny HTDemucs
-trained on synthetic domain A, 4 stems), every configuration adapts to synthetic domain B
-(`dset.synth.domain=B`, same 4 stems) with `train_budget_seconds=S`: training stops after
-the epoch in which the summed train time reaches S (`epochs` is set high so the budget is
-what stops it). Each configuration is a real `dora run` subprocess, as a user types it:
+trained on synthetic domain A, 4 stems), every run adapts to synthetic domain B
+(`dset.synth.domain=B`, same 4 stems). Each run is a real `dora run` subprocess, as a
+user types it. Methods (METHODS):
 
-    full FT          htdemucs.lora_rank=0 optim.lr=3e-4
-    uniform r=4/8/16 htdemucs.lora_rank=R optim.lr=LORA_LR
-    heuristic r=8    htdemucs.lora_rank_mode=heuristic (not budget-matched)
-    gradient r=8     htdemucs.lora_rank_mode=gradient (the parameter budget of uniform r=8)
+    full FT            htdemucs.lora_rank=0
+    uniform r=4/8/16   htdemucs.lora_rank=R
+    heuristic r=8 bm   htdemucs.lora_rank_mode=heuristic htdemucs.lora_budget_match=true
+    gradient r=8       htdemucs.lora_rank_mode=gradient (the parameter budget of uniform r=8)
 
-The gain of a run is its best validation nSDR (the epoch with the best mean, i.e. the
-model `best.th` holds) minus `valid_initial_nsdr*` (the base on valid B, before training),
-per source and mean, all read from the XP's history.json. Trainable parameters: the sum of
-`layers[].trainable` in ranks.json for LoRA runs, `Trainable parameters` of train.log for
-the full fine-tune. Targets: uniform r=8 gain / full-FT gain >= 0.90, and gradient gain >=
-uniform gain (same rank, same parameter budget).
+Protocol (why: a single lr per method, or a sweep that stops one step early, decides the
+comparison; equal wall-clock favours whichever run the machine's load slowed least):
 
-Writes NAME.json (`quality.json`, `quality_smoke.json` in smoke mode) and two figures,
-NAME_gain_vs_params.png and NAME_ranks.png, to --out. XPs land in `outputs/xps` under
---workdir (default: the repository root; Dora resumes them, and a configuration whose
-budget is already spent is not run again, so re-running only re-reads the results).
+1. Equal steps: every run trains `epochs` x `max_batches` batches of 4 (no time budget).
+2. lr sweep per method: 3 values a factor ~3 apart (full FT from 3e-4, LoRA from 1e-3, on
+   the LR_LADDER); when the best (on the valid split) is at an edge of the values tried,
+   the next value beyond it is run too, up to --max-extend times, so the best is inside
+   the sweep (`best_at_edge` in the JSON says when it is not).
+3. The best lr is chosen on the valid split (best valid nSDR over epochs, the model
+   best.th keeps); that model is scored on the test split: gain = test nSDR of best.th
+   minus test nSDR of the base.
+4. Data-size curve: each method at its best lr (from the sweep at the largest size) with
+   fewer training tracks (TRACKS, e.g. 2, 4, 8); the valid and test tracks are the same
+   at every size (synthetic track i of a split does not depend on the other splits).
+
+Writes NAME.json (`quality.json`, `quality_smoke.json` in smoke mode) and figures
+NAME_gain_vs_params.png (test gain at the best lr), NAME_gain_vs_tracks.png (the
+data-size curve), NAME_lr_sweep.png (valid gain vs lr) and NAME_ranks.png to --out.
+XPs land in `outputs/xps` under --workdir (default: the repository root); a finished XP
+is not run again, so re-running only re-reads (and re-scores, cached per XP) the results.
 """
 from __future__ import annotations
 
@@ -43,28 +51,30 @@ from . import common
 from .common import ROOT
 
 NAME = "quality"
+PROTOCOL = "lr-sweep, equal steps, valid-selected, test-scored, data-size curve"
 BASE = ROOT / "demucs_lora" / "assets" / "base_tiny_A.th"
 SOURCES = common.SOURCES
-FULL_LR = "3e-4"
-LORA_LR = "2e-3"
-DEFAULT_BUDGET = 90.0
+LR_LADDER = ("1e-4", "3e-4", "1e-3", "3e-3", "1e-2", "3e-2", "1e-1")   # a factor ~3 apart
+START_LRS = {"full": ("3e-4", "1e-3", "3e-3"), "lora": ("1e-3", "3e-3", "1e-2")}
+TRACKS = (2, 4, 8)          # data-size curve; the sweep runs at the largest
+DEFAULT_EPOCHS = 8
 
-# Shared by every run (the base, domain B and its size, batch). max_batches=4 makes an
-# epoch ~4 steps: the budget is checked after each epoch, so short epochs keep the train
-# time of the runs close (with whole epochs of 12 steps, ~50 s here, one run could get
-# an extra epoch, +50%, over another). Validation runs after every epoch (test.every=1),
-# so the last epoch before the budget stop is always scored.
-COMMON = ["model=htdemucs_tiny", "dset.synth.domain=B", "dset.synth.tracks=8",
-          "dset.synth.valid_tracks=2", "dset.synth.test_tracks=2", "dset.synth.seconds=8",
-          "batch_size=4", "max_batches=4", "epochs=50"]
-# Smoke: one epoch of 2 batches on a tiny dataset (overrides COMMON's values).
-SMOKE = ["model=htdemucs_tiny", "dset.synth.domain=B", "dset.synth.tracks=2",
-         "dset.synth.valid_tracks=1", "dset.synth.test_tracks=1", "dset.synth.seconds=3",
-         "dset.segment=1", "batch_size=2", "max_batches=2", "epochs=1", "test.initial=true",
+# Shared by every run. max_batches=3: a 2-track set (8 s tracks, 3 s train examples, hop
+# 1 s: 6 examples a track) has 3 batches of 4, so every run at every size takes exactly
+# epochs x 3 optimizer steps. Validation after every epoch (test.every=1).
+COMMON = ["model=htdemucs_tiny", "dset.synth.domain=B", "dset.synth.valid_tracks=2",
+          "dset.synth.test_tracks=4", "dset.synth.seconds=8", "batch_size=4",
+          "max_batches=3"]
+# Smoke: a tiny dataset, 1 epoch of 1 batch; the sweep and the curve shrunk (SMOKE_PLAN).
+SMOKE = ["model=htdemucs_tiny", "dset.synth.domain=B", "dset.synth.valid_tracks=1",
+         "dset.synth.test_tracks=1", "dset.synth.seconds=3", "dset.segment=1",
+         "batch_size=2", "max_batches=1", "test.initial=true",
          "htdemucs.lora_gradient_batches=2"]
+SMOKE_PLAN = {"methods": ("full", "uniform_r4"), "lrs": {"full": ("1e-3",)},
+              "tracks": (1, 2), "epochs": 1, "max_extend": 0}
 
 
-class Run(tp.NamedTuple):
+class Method(tp.NamedTuple):
     key: str
     label: str
     mode: str          # full | uniform | heuristic | gradient
@@ -72,22 +82,74 @@ class Run(tp.NamedTuple):
     args: tp.Tuple[str, ...]
 
 
-def runs(smoke: bool, lora_lr: str, full_lr: str = FULL_LR) -> tp.List[Run]:
-    def lora(mode: str, rank: int) -> Run:
-        return Run(f"{mode}_r{rank}", f"{mode} r={rank}", mode, rank,
-                   (f"htdemucs.lora_rank={rank}", f"htdemucs.lora_rank_mode={mode}",
-                    f"optim.lr={lora_lr}"))
-    full = Run("full", "full FT", "full", 0, ("htdemucs.lora_rank=0", f"optim.lr={full_lr}"))
-    if smoke:
-        return [full, lora("uniform", 4), lora("gradient", 4)]
-    return [full, lora("uniform", 4), lora("uniform", 8), lora("uniform", 16),
-            lora("heuristic", 8), lora("gradient", 8)]
+def _lora(key: str, label: str, mode: str, rank: int, *extra: str) -> Method:
+    return Method(key, label, mode, rank, (f"htdemucs.lora_rank={rank}",
+                                           f"htdemucs.lora_rank_mode={mode}", *extra))
+
+
+METHODS: tp.Dict[str, Method] = {m.key: m for m in [
+    Method("full", "full FT", "full", 0, ("htdemucs.lora_rank=0",)),
+    _lora("uniform_r4", "uniform r=4", "uniform", 4),
+    _lora("uniform_r8", "uniform r=8", "uniform", 8),
+    _lora("uniform_r16", "uniform r=16", "uniform", 16),
+    _lora("heuristic_r8_bm", "heuristic r=8 budget-matched", "heuristic", 8,
+          "htdemucs.lora_budget_match=true"),
+    _lora("gradient_r8", "gradient r=8", "gradient", 8),
+]}
+
+
+class Run(tp.NamedTuple):
+    method: Method
+    lr: str
+    tracks: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.method.key}@lr={self.lr},tracks={self.tracks}"
+
+
+# ----------------------------------------------------------------------------- sweep logic
+def start_lrs(method: Method, override: tp.Optional[tp.Mapping[str, tp.Sequence[str]]] = None
+              ) -> tp.List[str]:
+    if override and method.key in override:
+        return list(override[method.key])
+    return list(START_LRS["full" if method.mode == "full" else "lora"])
+
+
+def next_lr(tried: tp.Sequence[str], scores: tp.Mapping[str, float]) -> tp.Optional[str]:
+    """The ladder value beyond the best lr when the best is at an edge of `tried`, else
+    None (best inside, or the ladder ends, or nothing scored)."""
+    valid = {lr: s for lr, s in scores.items() if lr in tried and s is not None
+             and math.isfinite(s)}
+    if len(valid) < 2:
+        return None
+    ordered = sorted(tried, key=float)
+    best = max(valid, key=valid.get)
+    index = LR_LADDER.index(best) if best in LR_LADDER else None
+    if index is None:
+        return None
+    if best == ordered[0] and index > 0:
+        return LR_LADDER[index - 1]
+    if best == ordered[-1] and index + 1 < len(LR_LADDER):
+        return LR_LADDER[index + 1]
+    return None
+
+
+def best_lr(scores: tp.Mapping[str, float]) -> tp.Tuple[tp.Optional[str], bool]:
+    """(lr with the best valid score, whether it is at an edge of the lrs tried)."""
+    valid = {lr: s for lr, s in scores.items() if s is not None and math.isfinite(s)}
+    if not valid:
+        return None, True
+    best = max(valid, key=valid.get)
+    ordered = sorted(scores, key=float)
+    return best, len(ordered) < 3 or best in (ordered[0], ordered[-1])
 
 
 # ----------------------------------------------------------------------------- XPs
-def overrides(run: Run, base: str, budget: float, smoke: bool) -> tp.List[str]:
+def overrides(run: Run, base: str, epochs: int, smoke: bool) -> tp.List[str]:
     shared = SMOKE if smoke else COMMON
-    return [f"continue_from={base}", *shared, f"train_budget_seconds={budget:g}", *run.args]
+    return [f"continue_from={base}", *shared, f"dset.synth.tracks={run.tracks}",
+            f"epochs={epochs}", *run.method.args, f"optim.lr={run.lr}"]
 
 
 def xp_folder(args: tp.Sequence[str], workdir: Path) -> Path:
@@ -108,16 +170,6 @@ def xp_folder(args: tp.Sequence[str], workdir: Path) -> Path:
 def read_history(folder: Path) -> tp.List[dict]:
     path = folder / "history.json"
     return json.loads(path.read_text()) if path.exists() else []
-
-
-def finished(history: tp.List[dict], budget: float, epochs: int) -> bool:
-    """Whether the solver stopped this XP for good (budget spent or all epochs done).
-
-    A budget-stopped XP is not 'done' for Dora (epochs remain), and re-running it would
-    train one more epoch before the budget check: such runs are not launched again.
-    """
-    spent = sum(h.get("train_seconds", 0.0) for h in history)
-    return bool(history) and (spent >= budget or len(history) >= epochs)
 
 
 def dora_run(args: tp.Sequence[str], workdir: Path, log: Path) -> tp.Tuple[int, float]:
@@ -145,69 +197,72 @@ def read_ranks(folder: Path) -> tp.Optional[dict]:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def finished(history: tp.List[dict], epochs: int) -> bool:
+    return len(history) >= epochs
+
+
+def _nsdr(summary: tp.Mapping[str, float]) -> tp.Dict[str, float]:
+    out = {s: summary.get(f"nsdr_{s}", float("nan")) for s in SOURCES}
+    out["mean"] = summary.get("nsdr", float("nan"))
+    return out
+
+
+def test_scores(model_path: Path, data_args: tp.Sequence[str], workdir: Path,
+                cache: tp.Optional[Path] = None) -> tp.Dict[str, float]:
+    """nSDR per source and mean of a model file on the test split of the run's data
+    (demucs_lora.evaluate, as `tools.test_pretrained --split test` computes it)."""
+    if cache is not None and cache.exists() and \
+            cache.stat().st_mtime >= model_path.stat().st_mtime:
+        return json.loads(cache.read_text())
+    from demucs_lora.evaluate import build_dataset, compose, evaluate_model
+    from demucs_lora.safe_load import load_model_file
+    cwd = Path.cwd()
+    os.chdir(workdir)   # dset.metadata (./metadata) is relative to where dora ran
+    try:
+        cfg = compose([a for a in data_args if not a.startswith("continue_from=")])
+        model = load_model_file(model_path)
+        dataset = build_dataset(cfg, list(model.sources), "test", model.samplerate,
+                                model.audio_channels, progress=False)
+        scores = _nsdr(evaluate_model(model, dataset, metrics=("nsdr",), progress=False,
+                                      split=bool(cfg.test.split),
+                                      overlap=float(cfg.test.overlap))["summary"])
+    finally:
+        os.chdir(cwd)
+    if cache is not None:
+        cache.write_text(json.dumps(scores))
+    return scores
+
+
 def summarize(run: Run, folder: Path) -> dict:
-    """Gains, params, epochs and train time of one XP (from its folder only)."""
+    """Valid gains, params, epochs, steps and train time of one XP (from its folder)."""
     history = read_history(folder)
     trainable, total = trainable_from_log(folder)
-    ranks = read_ranks(folder) if run.mode != "full" else None
+    ranks = read_ranks(folder) if run.method.mode != "full" else None
     lora_params = sum(row["trainable"] for row in ranks["layers"]) if ranks else None
-    out = {"label": run.label, "mode": run.mode, "rank": run.rank, "xp": folder.name,
-           "overrides": list(run.args), "trainable_total": trainable, "model_params": total,
-           "lora_params": lora_params,
-           "params": lora_params if run.mode != "full" else trainable,
+    nan = float("nan")
+    out = {"method": run.method.key, "label": run.method.label, "mode": run.method.mode,
+           "rank": run.method.rank, "lr": run.lr, "tracks": run.tracks, "xp": folder.name,
+           "trainable_total": trainable, "model_params": total, "lora_params": lora_params,
+           "params": lora_params if run.method.mode != "full" else trainable,
            "epochs": len(history),
-           "seconds_per_epoch": (sum(h.get("train_seconds", 0.0) for h in history)
-                                 / len(history)) if history else None,
+           "steps": sum(h.get("train_batches", 0) for h in history) or None,
            "train_seconds": sum(h.get("train_seconds", 0.0) for h in history)}
     first = history[0] if history else {}
     initial = {s: first.get(f"valid_initial_nsdr_{s}") for s in SOURCES}
     initial["mean"] = first.get("valid_initial_nsdr")
     scored = [h for h in history if h.get("valid_nsdr") is not None]
-    nan = float("nan")
-    if not scored or initial["mean"] is None:
-        out.update(initial=initial, best={}, gain={k: nan for k in [*SOURCES, "mean"]},
-                   best_epoch=None, curve=[])
-        return out
-    best = max(scored, key=lambda h: h["valid_nsdr"])
-    best_values = {s: best.get(f"valid_nsdr_{s}", nan) for s in SOURCES}
-    best_values["mean"] = best["valid_nsdr"]
-    out.update(initial=initial, best=best_values, best_epoch=best["epoch"],
-               gain={k: best_values[k] - initial[k] for k in best_values},
-               curve=[{"epoch": h["epoch"], "valid_nsdr": h["valid_nsdr"],
-                       "train_seconds": h.get("train_seconds")} for h in scored])
+    out.update(valid_initial=initial, valid_best={}, valid_gain=nan, best_epoch=None,
+               curve=[])
+    if scored and initial["mean"] is not None:
+        best = max(scored, key=lambda h: h["valid_nsdr"])
+        out.update(valid_best={**{s: best.get(f"valid_nsdr_{s}", nan) for s in SOURCES},
+                               "mean": best["valid_nsdr"]},
+                   valid_gain=best["valid_nsdr"] - initial["mean"], best_epoch=best["epoch"],
+                   curve=[{"epoch": h["epoch"], "valid_nsdr": h["valid_nsdr"]}
+                          for h in scored])
     if ranks:
         out["ranks"] = [{"layer": row["layer"], "rank": row["rank"]} for row in ranks["layers"]]
     return out
-
-
-def carry_over(results: tp.Dict[str, dict], previous: Path) -> None:
-    """Wall time and load of runs not launched now, from the JSON of the run that did."""
-    try:
-        before = json.loads(previous.read_text())["runs"]
-    except (OSError, ValueError, KeyError):
-        return
-    for key, result in results.items():
-        old = before.get(key) or {}
-        if not result["launched"] and old.get("xp") == result["xp"]:
-            for name in ("wall_seconds", "load_avg_1m"):
-                if result.get(name) is None:
-                    result[name] = old.get(name)
-
-
-def equal_step_gains(results: tp.Dict[str, dict]) -> dict:
-    """Mean gain of each run within the first E epochs, E = the fewest epochs of any run.
-
-    Every epoch has the same batches (max_batches), so this compares the runs at equal
-    optimizer steps: it separates "learns more per step" from "takes more steps in the
-    budget" (a faster step, or a machine that was less loaded during that run).
-    """
-    curves = {k: r["curve"] for k, r in results.items() if r["curve"]}
-    if not curves:
-        return {"epoch": None, "gain": {}}
-    epoch = min(len(c) for c in curves.values())
-    return {"epoch": epoch, "gain": {
-        k: max(c["valid_nsdr"] for c in curve[:epoch]) - results[k]["initial"]["mean"]
-        for k, curve in curves.items()}}
 
 
 # ----------------------------------------------------------------------------- targets
@@ -217,16 +272,22 @@ def ratio(a: float, b: float) -> float:
     return a / b
 
 
-def targets(results: tp.Dict[str, dict], rank: int) -> tp.List[dict]:
-    full = results["full"]["gain"]["mean"]
-    uniform = results[f"uniform_r{rank}"]["gain"]["mean"]
-    gradient = results[f"gradient_r{rank}"]["gain"]["mean"]
-    return [
-        common.target_row(f"uniform r={rank} gain / full-FT gain", ratio(uniform, full),
-                          0.90, ">="),
-        common.target_row(f"gradient r={rank} gain - uniform r={rank} gain (dB)",
-                          gradient - uniform, 0.0, ">="),
-    ]
+def targets(best: tp.Mapping[str, dict]) -> tp.List[dict]:
+    """On the test gains at each method's best lr (present methods only)."""
+    rows = []
+    if "full" in best and "uniform_r8" in best:
+        rows.append(common.target_row("uniform r=8 test gain / full-FT test gain (best lrs)",
+                                      ratio(best["uniform_r8"]["test_gain"]["mean"],
+                                            best["full"]["test_gain"]["mean"]), 0.90, ">="))
+    if "gradient_r8" in best and "uniform_r8" in best:
+        rows.append(common.target_row(
+            "gradient r=8 test gain - uniform r=8 test gain (dB, best lrs)",
+            best["gradient_r8"]["test_gain"]["mean"] - best["uniform_r8"]["test_gain"]["mean"],
+            0.0, ">="))
+    edges = sum(1 for b in best.values() if b["best_at_edge"])
+    rows.append(common.target_row("methods whose best lr is at the edge of its sweep",
+                                  edges, 0, "<="))
+    return rows
 
 
 # ----------------------------------------------------------------------------- figures
@@ -340,34 +401,214 @@ def plot_ranks(results: tp.Dict[str, dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def plot_gain_vs_tracks(best: tp.Mapping[str, dict], path: Path, title: str) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for b in best.values():
+        points = sorted((int(t), g) for t, g in b["curve"].items()
+                        if g is not None and math.isfinite(g))
+        if not points:
+            continue
+        ax.plot(*zip(*points), marker=MARKERS[b["mode"]], color=_color(b), lw=1.4,
+                label=f"{b['label']} (lr {b['lr']})")
+    ax.set_xscale("log", base=2)
+    ticks = sorted({int(t) for b in best.values() for t in b["curve"]})
+    ax.set_xticks(ticks or [1])
+    ax.set_xticklabels([str(t) for t in ticks] or ["1"])
+    ax.set_xlabel("training tracks (valid and test tracks fixed)")
+    ax.set_ylabel("mean nSDR gain on test B (dB)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.axhline(0, color="grey", lw=0.8)
+    if best:
+        ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_lr_sweep(best: tp.Mapping[str, dict], path: Path, title: str) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for b in best.values():
+        points = sorted((float(lr), s["valid_gain"]) for lr, s in b["sweep"].items()
+                        if s["valid_gain"] is not None and math.isfinite(s["valid_gain"]))
+        if not points:
+            continue
+        ax.plot(*zip(*points), marker=MARKERS[b["mode"]], color=_color(b), lw=1.2,
+                label=b["label"])
+        if b["lr"] is not None:
+            ax.scatter([float(b["lr"])], [b["sweep"][b["lr"]]["valid_gain"]], s=120,
+                       facecolors="none", edgecolors=_color(b), zorder=4)
+    ax.set_xscale("log")
+    ax.set_xlabel("optim.lr (circle: the best, chosen on valid)")
+    ax.set_ylabel("best mean nSDR gain on valid B (dB)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.axhline(0, color="grey", lw=0.8)
+    if best:
+        ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 # ----------------------------------------------------------------------------- main
-def format_results(results: tp.Dict[str, dict]) -> str:
-    header = ["run", "params", "epochs", "train s", *SOURCES, "mean gain", "base", "best"]
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _cell(v, fmt: str = "{:+.2f}") -> str:
+    return fmt.format(v) if _finite(v) else "-"
+
+
+def format_results(best: tp.Mapping[str, dict], tracks: tp.Sequence[int]) -> str:
+    header = ["method", "params", "lrs tried", "best lr", "edge", "valid gain",
+              *[f"test {s}" for s in SOURCES], "test mean", *[f"{t} tracks" for t in tracks]]
     rows = []
-    for r in results.values():
-        g = r["gain"]
-        cell = lambda v: "nan" if v is None or not math.isfinite(v) else f"{v:+.3f}"  # noqa
-        rows.append([r["label"], f"{r['params']:,}" if r["params"] else "-", r["epochs"],
-                     f"{r['train_seconds']:.0f}", *[cell(g.get(s)) for s in SOURCES],
-                     cell(g.get("mean")), f"{r['initial'].get('mean') or float('nan'):.3f}",
-                     f"{r['best'].get('mean', float('nan')):.3f}"])
+    for b in best.values():
+        g = b["test_gain"]
+        rows.append([b["label"], f"{b['params']:,}" if b["params"] else "-",
+                     ",".join(sorted(b["sweep"], key=float)), b["lr"] or "-",
+                     "yes" if b["best_at_edge"] else "no", _cell(b["valid_gain"]),
+                     *[_cell(g.get(s)) for s in SOURCES], _cell(g.get("mean")),
+                     *[_cell(b["curve"].get(str(t))) for t in tracks]])
     return common.format_table(header, rows)
+
+
+def table_lines(r: dict) -> tp.List[str]:
+    """README rows of a quality result (the old protocol's JSON is labelled as such)."""
+    if r.get("protocol") is None:
+        return _old_table_lines(r)
+    s = r["settings"]
+    tracks = s["tracks"]
+    lines = [f"**Quality** (synthetic domain A -> B from the shipped tiny base; every run "
+             f"{s['steps']} steps ({s['epochs']} epochs x {s['max_batches']} batches of "
+             f"{s['batch_size']}); each method at its best lr of a sweep chosen on the valid "
+             f"split ({s['valid_tracks']} tracks), scored on the test split "
+             f"({s['test_tracks']} tracks); nSDR gain over the base, dB; sweep at "
+             f"{max(tracks)} training tracks)", "",
+             "| method | trainable params | lrs tried | best lr | valid gain | " +
+             " | ".join(f"test {x}" for x in SOURCES) + " | test mean | " +
+             " | ".join(f"{t} tracks" for t in tracks) + " |",
+             "|---|---|---|---|---|" + "---|" * (len(SOURCES) + 1 + len(tracks))]
+    for b in r["best"].values():
+        g = b["test_gain"]
+        edge = " (edge)" if b["best_at_edge"] else ""
+        lines.append(f"| {b['label']} | {b['params']:,} | "
+                     f"{', '.join(sorted(b['sweep'], key=float))} | {b['lr']}{edge} | "
+                     f"{_cell(b['valid_gain'])} | " +
+                     " | ".join(_cell(g.get(x)) for x in SOURCES) + f" | {_cell(g.get('mean'))} | "
+                     + " | ".join(_cell(b["curve"].get(str(t))) for t in tracks) + " |")
+    lines += ["", f"Scale run: {s['scale']}."]
+    for t in r.get("targets", []):
+        lines.append(f"- {t['name']}: {_cell(t['value'], '{:.2f}')} (target {t['op']} "
+                     f"{t['target']}): **{'PASS' if t['pass'] else 'MISS'}**")
+    stem = "benchmarks/results/" + NAME
+    lines.append(f"\n![test gain vs params]({stem}_gain_vs_params.png) "
+                 f"![gain vs training tracks]({stem}_gain_vs_tracks.png) "
+                 f"![lr sweep]({stem}_lr_sweep.png)")
+    return lines
+
+
+def _old_table_lines(r: dict) -> tp.List[str]:
+    s = r["settings"]
+    gains = next(iter(r["runs"].values()))["gain"]
+    lines = ["**Quality, old protocol** (not re-run for this table: equal wall-clock budget "
+             f"{s['budget_seconds']:.0f} s each, one lr per method: LoRA {s['lora_lr']}, full "
+             f"FT {s['full_lr']}, too low for it; valid split only. `python -m "
+             "benchmarks.quality` runs the fair protocol: lr sweeps, equal steps, test split, "
+             "data-size curve)", "",
+             "| run | trainable params | epochs | " + " | ".join(gains) + " |",
+             "|---|---|---|" + "---|" * len(gains)]
+    for run in r["runs"].values():
+        lines.append(f"| {run['label']} | {run['params']:,} | {run['epochs']} | " +
+                     " | ".join(f"{v:+.2f}" for v in run["gain"].values()) + " |")
+    lines.append("")
+    for t in r.get("targets", []):
+        lines.append(f"- {t['name']}: {t['value']:.2f} (target {t['op']} {t['target']}): "
+                     f"**{'PASS' if t['pass'] else 'MISS'}**")
+    lines.append("\n![gain vs params](benchmarks/results/quality_gain_vs_params.png) "
+                 "![ranks per layer](benchmarks/results/quality_ranks.png)")
+    return lines
 
 
 def _load() -> tp.Optional[float]:
     return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
 
 
+class Runner:
+    """Runs (or re-reads) XPs, scores their best.th on the test split."""
+
+    def __init__(self, base: str, epochs: int, smoke: bool, workdir: Path, log: Path):
+        self.base, self.epochs, self.smoke = base, epochs, smoke
+        self.workdir, self.log = workdir, log
+        self.results: tp.Dict[str, dict] = {}
+        self.errors: tp.List[str] = []
+
+    def __call__(self, run: Run) -> dict:
+        if run.key in self.results:
+            return self.results[run.key]
+        xp_args = overrides(run, self.base, self.epochs, self.smoke)
+        folder = xp_folder(xp_args, self.workdir)
+        wall, launched, load = None, False, _load()
+        if finished(read_history(folder), self.epochs):
+            print(f"{run.key}: XP {folder.name} finished, not run again")
+        else:
+            launched = True
+            rc, wall = dora_run(xp_args, self.workdir, self.log)
+            if rc != 0:
+                self.errors.append(f"{run.key}: dora run exited {rc} (see {self.log})")
+                print(f"{run.key}: FAILED (exit {rc}), see {self.log}", file=sys.stderr)
+        result = summarize(run, folder)
+        best_th = folder / "best.th"
+        result["test"] = test_scores(best_th, xp_args, self.workdir,
+                                     folder / "quality_test.json") if best_th.exists() else {}
+        result.update(command="dora run " + " ".join(xp_args), launched=launched,
+                      wall_seconds=wall,
+                      load_avg_1m={"start": load, "end": _load()} if launched else None)
+        self.results[run.key] = result
+        print(f"{run.key}: XP {folder.name}, {result['epochs']} epochs / {result['steps']} "
+              f"steps, {result['train_seconds']:.0f} s train, valid gain "
+              f"{_cell(result['valid_gain'], '{:+.3f}')} dB, test "
+              f"{_cell(result['test'].get('mean'), '{:.3f}')}", flush=True)
+        return result
+
+
+def sweep(method: Method, runner: Runner, tracks: int, lrs: tp.Sequence[str],
+          max_extend: int) -> tp.Tuple[tp.Dict[str, dict], tp.Optional[str], bool]:
+    """Run `lrs`, extend past an edge best up to `max_extend` times; (runs, best, at edge)."""
+    tried = list(lrs)
+    runs = {lr: runner(Run(method, lr, tracks)) for lr in tried}
+    for _ in range(max_extend):
+        lr = next_lr(tried, {k: v["valid_gain"] for k, v in runs.items()})
+        if lr is None:
+            break
+        print(f"{method.label}: best lr at the edge of {sorted(tried, key=float)}: adding {lr}")
+        tried.append(lr)
+        runs[lr] = runner(Run(method, lr, tracks))
+    best, at_edge = best_lr({k: v["valid_gain"] for k, v in runs.items()})
+    return runs, best, at_edge
+
+
+def _gain(test: tp.Mapping[str, float], base: tp.Mapping[str, float]) -> tp.Dict[str, float]:
+    return {k: test.get(k, float("nan")) - base[k] for k in base}
+
+
 def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--smoke", action="store_true",
-                        help="CI: full FT, uniform r=4, gradient r=4; 1 epoch of 2 batches")
-    parser.add_argument("--budget-seconds", type=float, default=None,
-                        help=f"train_budget_seconds of every run (default {DEFAULT_BUDGET:g})")
-    parser.add_argument("--lora-lr", default=LORA_LR, help="optim.lr of every LoRA run")
-    parser.add_argument("--full-lr", default=FULL_LR, help="optim.lr of the full fine-tune")
-    parser.add_argument("--only", default=None, help="comma-separated run keys (e.g. full,"
-                        "uniform_r8): run and report only these (no targets)")
+                        help="CI: full FT (1 lr) and uniform r=4 (3 lrs), 1 step each, "
+                             "curve at 1 and 2 tracks")
+    parser.add_argument("--methods", default=None,
+                        help="comma-separated subset of " + ",".join(METHODS))
+    parser.add_argument("--epochs", type=int, default=None,
+                        help=f"epochs of every run (default {DEFAULT_EPOCHS})")
+    parser.add_argument("--tracks", default=None,
+                        help="training-track counts of the data-size curve (default "
+                             f"{','.join(map(str, TRACKS))}; the sweep runs at the largest)")
+    parser.add_argument("--max-extend", type=int, default=None,
+                        help="lr values added past an edge best, per method (default 2)")
     parser.add_argument("--out", default=None,
                         help=f"results folder (default {common.RESULTS_DIR.relative_to(ROOT)})")
     parser.add_argument("--workdir", default=None,
@@ -375,8 +616,20 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
                         "data to WORKDIR/metadata (default: the repository root)")
     args = parser.parse_args(argv)
     common.passive_omp()
-    budget = args.budget_seconds if args.budget_seconds is not None else \
-        (1.0 if args.smoke else DEFAULT_BUDGET)
+    plan = dict(SMOKE_PLAN) if args.smoke else {
+        "methods": tuple(METHODS), "lrs": {}, "tracks": TRACKS, "epochs": DEFAULT_EPOCHS,
+        "max_extend": 2}
+    if args.methods:
+        plan["methods"] = tuple(args.methods.split(","))
+    unknown = [m for m in plan["methods"] if m not in METHODS]
+    if unknown:
+        parser.error(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
+    if args.epochs is not None:
+        plan["epochs"] = args.epochs
+    if args.tracks:
+        plan["tracks"] = tuple(sorted(int(t) for t in args.tracks.split(",")))
+    if args.max_extend is not None:
+        plan["max_extend"] = args.max_extend
     workdir = Path(args.workdir).resolve() if args.workdir else ROOT
     workdir.mkdir(parents=True, exist_ok=True)
     base = str(BASE.relative_to(ROOT)) if workdir == ROOT else str(BASE)
@@ -385,77 +638,81 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     stem = NAME + ("_smoke" if args.smoke else "")
     log = workdir / "outputs" / f"{stem}_dora.log"  # the runs' output (git-ignored there)
     log.parent.mkdir(parents=True, exist_ok=True)
-    plan = runs(args.smoke, args.lora_lr, args.full_lr)
-    if args.only:
-        keys = args.only.split(",")
-        unknown = [k for k in keys if k not in {r.key for r in plan}]
-        if unknown:
-            parser.error(f"unknown run(s) {unknown}; choose from {[r.key for r in plan]}")
-        plan = [r for r in plan if r.key in keys]
+    shared = SMOKE if args.smoke else COMMON
+    opt = dict(a.split("=", 1) for a in shared)
+    main_tracks = max(plan["tracks"])
+    batch, max_batches = int(opt["batch_size"]), int(opt["max_batches"])
+    settings = {"smoke": args.smoke, "workdir": str(workdir), "base": base, "common": shared,
+                "methods": list(plan["methods"]), "epochs": plan["epochs"],
+                "max_batches": max_batches, "batch_size": batch,
+                "steps": plan["epochs"] * max_batches, "tracks": list(plan["tracks"]),
+                "sweep_tracks": main_tracks, "max_extend": plan["max_extend"],
+                "valid_tracks": int(opt["dset.synth.valid_tracks"]),
+                "test_tracks": int(opt["dset.synth.test_tracks"]),
+                "lr_ladder": list(LR_LADDER), "start_lrs": START_LRS,
+                "lrs_override": plan["lrs"]}
+    settings["scale"] = (f"{len(plan['methods'])} methods ({', '.join(plan['methods'])}), "
+                         f"{settings['steps']} steps per run, lr sweep at {main_tracks} "
+                         f"training tracks, curve at {', '.join(map(str, plan['tracks']))} "
+                         f"tracks, up to {plan['max_extend']} lr extensions per method")
     machine = common.describe_machine("cpu")
-    settings = {"budget_seconds": budget, "lora_lr": args.lora_lr, "full_lr": args.full_lr,
-                "smoke": args.smoke, "workdir": str(workdir), "base": base,
-                "common": SMOKE if args.smoke else COMMON}
-    print(common.header("Adaptation quality at equal train budget (domain A -> B)", machine,
-                        {"budget_s": f"{budget:g}", "lora_lr": args.lora_lr,
-                         "full_lr": args.full_lr, "workdir": workdir}), flush=True)
-    epochs = 1 if args.smoke else 50
-    results: tp.Dict[str, dict] = {}
-    errors = []
-    for run in plan:
-        xp_args = overrides(run, base, budget, args.smoke)
-        folder = xp_folder(xp_args, workdir)
-        wall, launched, load = None, False, _load()
-        if finished(read_history(folder), budget, epochs):
-            print(f"{run.label}: XP {folder.name} already spent its budget, not run again")
-        else:
-            launched = True
-            rc, wall = dora_run(xp_args, workdir, log)
-            if rc != 0:
-                errors.append(f"{run.key}: dora run exited {rc} (see {log})")
-                print(f"{run.label}: FAILED (exit {rc}), see {log}", file=sys.stderr)
-        result = summarize(run, folder)
-        result.update(command="dora run " + " ".join(xp_args), launched=launched,
-                      wall_seconds=wall,
-                      load_avg_1m={"start": load, "end": _load()} if launched else None)
-        results[run.key] = result
-        print(f"{run.label}: XP {folder.name}, {result['epochs']} epochs, "
-              f"{result['train_seconds']:.0f} s train"
-              + (f", {wall:.0f} s wall" if wall else "")
-              + f", mean gain {result['gain']['mean']:+.3f} dB", flush=True)
-    carry_over(results, out_dir / f"{stem}.json")
-    equal_steps = equal_step_gains(results)
-    rank = 4 if args.smoke else 8
-    target_rows = [] if args.only else targets(results, rank)
-    data = {"benchmark": NAME, "machine": machine, "settings": settings, "runs": results,
-            "targets": target_rows, "equal_steps": equal_steps, "errors": errors}
-    if not args.only:
-        data["ratios"] = {
-            f"{k}_gain_over_full": ratio(r["gain"]["mean"], results["full"]["gain"]["mean"])
-            for k, r in results.items() if k != "full"}
-        data["gradient_over_uniform"] = ratio(results[f"gradient_r{rank}"]["gain"]["mean"],
-                                              results[f"uniform_r{rank}"]["gain"]["mean"])
+    print(common.header("Adaptation quality (domain A -> B): " + PROTOCOL, machine,
+                        {"scale": settings["scale"], "workdir": workdir}), flush=True)
+    runner = Runner(base, plan["epochs"], args.smoke, workdir, log)
+    any_run = overrides(Run(METHODS[plan["methods"][0]], "1e-3", main_tracks), base,
+                        plan["epochs"], args.smoke)
+    base_test = test_scores(BASE, any_run, workdir)   # the same test tracks at every size
+    best: tp.Dict[str, dict] = {}
+    for key in plan["methods"]:
+        method = METHODS[key]
+        runs, lr, at_edge = sweep(method, runner, main_tracks,
+                                  start_lrs(method, plan["lrs"]), plan["max_extend"])
+        chosen = runs.get(lr) if lr else None
+        entry = {"method": key, "label": method.label, "mode": method.mode,
+                 "rank": method.rank, "lr": lr, "best_at_edge": at_edge,
+                 "params": chosen["params"] if chosen else None,
+                 "valid_gain": chosen["valid_gain"] if chosen else float("nan"),
+                 "test_gain": _gain(chosen["test"], base_test) if chosen and chosen["test"]
+                 else {k: float("nan") for k in base_test},
+                 "sweep": {k: {"valid_gain": v["valid_gain"],
+                               "test_gain": _gain(v["test"], base_test)["mean"]
+                               if v["test"] else float("nan"), "xp": v["xp"]}
+                           for k, v in runs.items()},
+                 "ranks": chosen.get("ranks") if chosen else None, "curve": {}}
+        entry["gain"] = entry["test_gain"]  # what the gain-vs-params figure plots
+        for tracks in plan["tracks"]:
+            if lr is None:
+                break
+            run = chosen if tracks == main_tracks else runner(Run(method, lr, tracks))
+            entry["curve"][str(tracks)] = _gain(run["test"], base_test)["mean"] \
+                if run["test"] else float("nan")
+        best[key] = entry
+    steps = sorted({r["steps"] for r in runner.results.values() if r["steps"]})
+    target_rows = targets(best)
+    data = {"benchmark": NAME, "protocol": PROTOCOL, "machine": machine, "settings": settings,
+            "base_test": base_test, "best": best, "runs": runner.results,
+            "equal_steps": {"steps": steps, "equal": len(steps) == 1},
+            "targets": target_rows, "errors": runner.errors}
     path = common.write_result(NAME, data, argparse.Namespace(smoke=args.smoke,
                                                               out=str(out_dir)))
-    title = (f"domain A -> B, equal train budget {budget:g} s, tiny HTDemucs "
-             f"(LoRA lr {args.lora_lr}, full FT lr {args.full_lr})")
-    figures = [out_dir / f"{stem}_gain_vs_params.png", out_dir / f"{stem}_ranks.png"]
-    plot_gain_vs_params(results, figures[0], "mean nSDR gain vs trainable params\n" + title)
-    plot_ranks(results, figures[1], "per-layer LoRA ranks by mode")
+    title = f"domain A -> B, tiny HTDemucs, {settings['steps']} steps per run, best lr each"
+    figures = [out_dir / f"{stem}_{n}.png" for n in ("gain_vs_params", "gain_vs_tracks",
+                                                      "lr_sweep", "ranks")]
+    plot_gain_vs_params(best, figures[0], "mean nSDR gain on test vs trainable params\n" + title)
+    plot_gain_vs_tracks(best, figures[1], "data-size curve (each method at its best lr)")
+    plot_lr_sweep(best, figures[2], f"lr sweep at {main_tracks} tracks (valid split)")
+    plot_ranks({k: b for k, b in best.items() if b.get("ranks")}, figures[3],
+               "per-layer LoRA ranks by mode")
     print()
-    print(format_results(results))
-    if equal_steps["epoch"]:
-        print(f"at equal steps (best mean gain within the first {equal_steps['epoch']} epochs, "
-              "the fewest any run did; every epoch has the same number of batches): "
-              + ", ".join(f"{results[k]['label']} {v:+.3f}"
-                          for k, v in equal_steps["gain"].items()))
+    print(format_results(best, plan["tracks"]))
+    print(f"equal steps: every run took {steps} optimizer steps")
     if target_rows:
         print("targets:")
         print(common.format_targets(target_rows))
-    print(f"wrote {path}, {figures[0].name}, {figures[1].name}")
-    if errors:
-        print("errors: " + "; ".join(errors), file=sys.stderr)
-    return 1 if errors else 0
+    print(f"wrote {path}, " + ", ".join(f.name for f in figures))
+    if runner.errors:
+        print("errors: " + "; ".join(runner.errors), file=sys.stderr)
+    return 1 if runner.errors else 0
 
 
 if __name__ == "__main__":

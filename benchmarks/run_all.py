@@ -1,6 +1,7 @@
 """Run every benchmark, then regenerate the results table of the README.
 
-    python -m benchmarks.run_all [--smoke] [--device cpu|cuda] [--only train_step,size]
+    python -m benchmarks.run_all [--smoke] [--only train_step,size]   # the CPU suite
+    python -m benchmarks.run_all --device cuda [--smoke]   # the CUDA suite (make bench-gpu)
     python -m benchmarks.run_all --table-only      # rebuild the table from results/*.json
 
 Each benchmark runs in a fresh process and writes benchmarks/results/NAME.json; the table
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 import typing as tp
@@ -20,6 +22,11 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 BENCHMARKS = ("train_step", "inference", "size", "data_loading", "quality")
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+GPU_COMMAND = "python -m benchmarks.run_all --device cuda"  # or `make bench-gpu`
+
+
+CUDA_BENCHMARKS = ("train_step", "inference")   # what the CUDA suite measures
+DEVICE_INDEPENDENT = ("size", "data_loading", "quality")
 
 
 def run_benchmark(name: str, extra: tp.Sequence[str]) -> int:
@@ -29,16 +36,21 @@ def run_benchmark(name: str, extra: tp.Sequence[str]) -> int:
 
 
 def load_results(folder: Path, smoke: bool = False) -> tp.Dict[str, dict]:
+    """{NAME: result} of the CPU suite and {NAME_cuda: result} of the CUDA suite."""
     out = {}
     for name in BENCHMARKS:
-        path = folder / f"{name}{'_smoke' if smoke else ''}.json"
-        if path.exists():
-            out[name] = json.loads(path.read_text())
+        for suite in ("cpu", "cuda"):
+            key = f"{name}_cuda" if suite == "cuda" else name
+            path = folder / f"{key}{'_smoke' if smoke else ''}.json"
+            if path.exists():
+                out[key] = json.loads(path.read_text())
     return out
 
 
 def _x(value, digits: int = 2) -> str:
-    return "-" if value is None else f"{value:.{digits}f}x"
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    return f"{value:.{digits}f}x"
 
 
 def _verdicts(result: dict) -> tp.Dict[str, str]:
@@ -51,61 +63,160 @@ def _target_cell(result: dict, *names: str) -> str:
                      for t in rows)
 
 
+def _config_targets(result: dict, config: str, run_index: int) -> str:
+    """Targets of `config`, shown on the first run only (the one they are checked on)."""
+    if run_index != 0:
+        return ""
+    rows = [t for t in result.get("targets", []) if t.get("config") == config]
+    return "; ".join(f"{t['name'].split(' vs ')[-1] if ' vs ' in t['name'] else t['name']}"
+                     f" {t['op']} {t['target']}: **{'PASS' if t['pass'] else 'MISS'}**"
+                     for t in rows)
+
+
+def _params(c: dict) -> str:
+    if c.get("trainable") is None:
+        return "-"
+    return f"{c['trainable'] / 1e6:.2f}M ({c['trainable_pct']:.1f}%)"
+
+
+def _floor_cells(c: dict) -> tp.Tuple[str, str]:
+    if not c.get("floor"):
+        return "", ""
+    return c["floor"], f"{_x(c.get('floor_time_ratio'))} / {_x(c.get('floor_mem_ratio'))}"
+
+
+def upsampler_cost(run: dict, metric: str = "cpu") -> tp.Dict[str, dict]:
+    """What the `upsampler` group (in the default targets) costs each mode: params, and
+    step time / peak memory as ratios to the same mode without it (medians of per-round
+    ratios)."""
+    from .common import median
+    key = "cpu_s_rounds" if metric == "cpu" else "step_s_rounds"
+    out = {}
+    for mode in ("uniform", "heuristic"):
+        a, b = run["configs"].get(f"{mode}_no_upsampler"), run["configs"].get(mode)
+        if not a or not b or not a.get(key) or not b.get(key) or not a.get("trainable"):
+            continue
+        extra = b["trainable"] - a["trainable"]
+        out[mode] = {"params": extra, "params_pct": 100.0 * extra / a["trainable"],
+                     "time": median([y / x for x, y in zip(a[key], b[key]) if x]),
+                     "memory": (b["peak_mem_bytes"] / a["peak_mem_bytes"])
+                     if a.get("peak_mem_bytes") and b.get("peak_mem_bytes") else None}
+    return out
+
+
 def _train_table(r: dict) -> tp.List[str]:
     s = r["settings"]
-    lines = [f"**Train step** ({s['model']}, batch {s['batch']} x {s['segment_s']} s, "
-             f"median of {s['rounds']} interleaved rounds; ratios vs full fine-tune)", "",
-             f"| configuration | trainable params | step time ({s.get('time_metric', 'wall')}) | "
-             "step time (wall) | peak memory | targets (time; memory) |",
-             "|---|---|---|---|---|---|"]
-    targets = {"heuristic": ("heuristic step time vs full FT", "heuristic peak memory vs full FT"),
-               "heuristic_ckpt": ("heuristic+checkpointing peak memory vs full FT",),
-               "uniform": ("uniform step time vs full FT", "uniform peak memory vs full FT"),
-               "ours_peft_set": ("ours / PEFT step time, same layers",)}
-    for name, c in r["configs"].items():
-        params = "-" if c["trainable"] is None else \
-            f"{c['trainable'] / 1e6:.2f}M ({c['trainable_pct']:.1f}%)"
-        lines.append(f"| {c['label']} | {params} | {_x(c['time_ratio'])} | "
-                     f"{_x(c.get('wall_ratio'))} | {_x(c['mem_ratio'])} | "
-                     f"{_target_cell(r, *targets.get(name, ()))} |")
-    lines.append("")
-    lines.append(f"Our LoRA vs PEFT on the same layers: step time {_x(r['ours_vs_peft_time'], 3)},"
-                 f" peak memory {_x(r['ours_vs_peft_mem'], 3)}.")
+    metric = s.get("time_metric", "wall")
+    lines = []
+    for i, run in enumerate(r["runs"]):
+        lines += [f"**Train step, {run['arch_label']}** ({run['arch']}, {run['precision']}, "
+                  f"batch {s['batch']} x {s['segment_s']} s, median of {s['rounds']} "
+                  "interleaved rounds; ratios vs full fine-tune, and vs each configuration's "
+                  "own floor)", "",
+                  f"| configuration | trainable params | step time ({metric}) | "
+                  "step time (wall) | peak memory | own floor | vs own floor (time / memory)"
+                  " | targets |", "|---|---|---|---|---|---|---|---|"]
+        for name, c in run["configs"].items():
+            floor, dist = _floor_cells(c)
+            lines.append(f"| {c['label']} | {_params(c)} | {_x(c['time_ratio'])} | "
+                         f"{_x(c.get('wall_ratio'))} | {_x(c['mem_ratio'])} | {floor} | {dist} "
+                         f"| {_config_targets(r, name, i)} |")
+        if "peft" in run["configs"]:
+            lines += ["", f"Our LoRA vs PEFT on the same layers: step time "
+                      f"{_x(run['ours_vs_peft_time'], 3)}, peak memory "
+                      f"{_x(run['ours_vs_peft_mem'], 3)}."]
+        cost = upsampler_cost(run, metric)
+        if cost:
+            lines += ["", "What the `upsampler` group costs (" + "; ".join(
+                f"{mode}: +{c['params']:,} params (+{c['params_pct']:.1f}%), step time "
+                f"{_x(c['time'], 3)}, peak memory {_x(c['memory'], 3)}"
+                for mode, c in cost.items()) + "; median of per-round ratios, same run)."]
+        lines.append("")
     if s.get("note"):
         lines.append(f"Note: {s['note']}.")
-    if s.get("time_metric") == "cpu":
+    if metric == "cpu":
         lines.append("Step time (cpu): process CPU time of a single-threaded step, robust to "
-                     "other jobs on a shared machine; wall-clock ratios alongside.")
+                     "other jobs on a shared machine; wall-clock ratios alongside. Peak memory: "
+                     "peak RSS of each configuration's own process over its RSS after the "
+                     "model is built.")
+    return lines
+
+
+def _cuda_train_table(r: dict) -> tp.List[str]:
+    s = r["settings"]
+    m = r["machine"]
+    gpu = m.get("gpu") or "no GPU (CPU fallback of the smoke run)"
+    lines = [f"**GPU train step** ({gpu}; {r['runs'][0]['arch_label']}, batch {s['batch']} "
+             f"x {s['segment_s']} s, median of {s['rounds']} interleaved rounds; "
+             "torch.cuda.max_memory_allocated)", "",
+             "| precision | configuration | trainable params | step s | time x | "
+             "max allocated | memory x | vs own floor (time / memory) | SDPA kernel |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for run in r["runs"]:
+        for name, c in run["configs"].items():
+            total = c.get("max_allocated_bytes")
+            _, dist = _floor_cells(c)
+            lines.append(f"| {run['precision']} | {c['label']} | {_params(c)} | "
+                         f"{c['step_s']:.3f} | {_x(c['time_ratio'])} | "
+                         f"{'-' if not total else f'{total / 2**30:.2f} GiB'} | "
+                         f"{_x(c['mem_ratio'])} | {dist} | {', '.join(c.get('sdpa') or [])} |")
+    lines.append("")
+    for t in r.get("targets", []):
+        if t["value"] is None or not math.isfinite(t["value"]):
+            lines.append(f"- {t['name']}: not measured (target {t['op']} {t['target']})")
+            continue
+        lines.append(f"- {t['name']}: {t['value']:.2f} (target {t['op']} {t['target']}): "
+                     f"**{'PASS' if t['pass'] else 'MISS'}**")
+    if s.get("note"):
+        lines.append(f"\nNote: {s['note']}.")
     return lines
 
 
 def _inference_table(r: dict) -> tp.List[str]:
     s = r["settings"]
-    lines = [f"**Inference** ({s['model']}, {s['seconds']} s of audio, eval + no_grad, "
-             f"median of {s['rounds']} rounds; ratios vs base)", "",
-             "| configuration | time | target |", "|---|---|---|"]
-    cells = {"merged": _target_cell(r, "merged time vs base (1.00x within noise)"),
-             "unmerged": _target_cell(r, "unmerged (uniform) time vs base")}
-    for name, c in r["configs"].items():
-        lines.append(f"| {c['label']} | {_x(c['time_ratio'], 3)} | {cells.get(name, '')} |")
-    e = r["exactness"]
-    lines += ["", f"Merged vs unmerged output: max abs diff {e['max_abs_diff_merged_vs_unmerged']:.2g}"
-              f" ({e['relative_diff']:.2g} of the output peak; "
-              f"{_target_cell(r, 'merged vs unmerged max abs diff (relative)')})."]
-    return lines
+    lines = []
+    for i, run in enumerate(r["runs"]):
+        lines += [f"**Inference, {run['arch_label']}** ({s['seconds']} s of audio, eval + "
+                  f"no_grad, median of {s['rounds']} rounds; ratios vs base)", "",
+                  "| configuration | time | target |", "|---|---|---|"]
+        cells = {"merged": _target_cell(r, "merged time vs base (1.00x within noise)"),
+                 "unmerged": _target_cell(r, "unmerged (uniform) time vs base")} \
+            if i == 0 else {}
+        for name, c in run["configs"].items():
+            lines.append(f"| {c['label']} | {_x(c['time_ratio'], 3)} | {cells.get(name, '')} |")
+        e = run["exactness"]
+        lines += ["", f"Merged vs unmerged output: max abs diff "
+                  f"{e['max_abs_diff_merged_vs_unmerged']:.2g} ({e['relative_diff']:.2g} of the "
+                  "output peak" + (f"; {_target_cell(r, 'merged vs unmerged max abs diff (relative)')}"
+                                   if i == 0 else "") + ").", ""]
+    return lines[:-1]
 
 
 def _size_table(r: dict) -> tp.List[str]:
-    base = r["base"]
-    lines = [f"**Adapter size** (vs the float32 demucs checkpoint, {base['bytes'] / 2**20:.1f} MB,"
-             f" {base['params'] / 1e6:.1f}M params)", "",
-             "| adapter | params | size | % of base | target |", "|---|---|---|---|---|"]
-    for name, c in r["configs"].items():
-        cell = _target_cell(r, "adapter / base bytes at r=8 uniform (%)") \
-            if name == "uniform_r8" else ""
-        lines.append(f"| {c['mode']} r={c['rank']} | {c['params'] / 1e6:.3f}M | "
-                     f"{c['bytes'] / 2**20:.2f} MB | {c['percent']:.2f}% | {cell} |")
-    return lines
+    lines = []
+    for i, run in enumerate(r["runs"]):
+        base = run["base"]
+        lines += [f"**Adapter size, {run['arch_label']}** (vs the demucs checkpoint: float32 "
+                  f"{base['bytes'] / 2**20:.1f} MB, float16 {base['bytes_float16'] / 2**20:.1f} MB"
+                  " as released)", "",
+                  "| adapter | stored as | params | size | % of float32 base | % of float16 base "
+                  "| output error (of peak / of adapter effect) | target |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for name, c in run["configs"].items():
+            cell = ""
+            if i == 0 and name == "uniform_r8":
+                cell = _target_cell(r, "adapter / base bytes at r=8 uniform, both float32 (%)")
+            elif i == 0 and name == "uniform_r8_float16":
+                cell = _target_cell(r, "float16 adapter / float16 base (the released format) "
+                                       "at r=8 uniform (%)")
+            err = f"{c['error_vs_output_peak']:.1e} / {c['error_vs_adapter_effect']:.1e}" \
+                if "max_abs_error" in c else "exact"
+            lines.append(f"| {c['mode']} r={c['rank']} | {c['save_dtype']} | "
+                         f"{c['params'] / 1e6:.3f}M | {c['bytes'] / 2**20:.2f} MB | "
+                         f"{c['percent']:.2f}% | {c['percent_of_float16_base']:.2f}% | {err} | "
+                         f"{cell} |")
+        lines.append("")
+    return lines[:-1]
 
 
 def _data_table(r: dict) -> tp.List[str]:
@@ -118,38 +229,34 @@ def _data_table(r: dict) -> tp.List[str]:
 
 
 def _quality_table(r: dict) -> tp.List[str]:
-    s = r["settings"]
-    lines = [f"**Quality** (synthetic domain A -> B from the shipped base, equal training "
-             f"budget {s['budget_seconds']:.0f} s each; LoRA lr {s['lora_lr']}, full FT lr "
-             f"{s['full_lr']}; nSDR gain on valid B, dB)", "",
-             "| run | trainable params | epochs | " + " | ".join(
-                 k for k in next(iter(r["runs"].values()))["gain"]) + " |",
-             "|---|---|---|" + "---|" * len(next(iter(r["runs"].values()))["gain"])]
-    for run in r["runs"].values():
-        lines.append(f"| {run['label']} | {run['params']:,} | {run['epochs']} | " +
-                     " | ".join(f"{v:+.2f}" for v in run["gain"].values()) + " |")
-    lines.append("")
-    for t in r.get("targets", []):
-        lines.append(f"- {t['name']}: {t['value']:.2f} (target {t['op']} {t['target']}): "
-                     f"**{'PASS' if t['pass'] else 'MISS'}**")
-    lines.append("\n![gain vs params](benchmarks/results/quality_gain_vs_params.png) "
-                 "![ranks per layer](benchmarks/results/quality_ranks.png)")
-    return lines
+    from .quality import table_lines
+    return table_lines(r)
 
 
 def make_table(results: tp.Mapping[str, dict]) -> str:
     """Markdown of all results (whatever subset exists)."""
     if not results:
         return "_No benchmark results yet: run `python -m benchmarks.run_all`._\n"
-    machine = next(iter(results.values()))["machine"]
     from .common import format_machine
-    lines = [f"Measured on {format_machine(machine)}; `python -m benchmarks.run_all` "
-             "regenerates this table (raw numbers in benchmarks/results/*.json).", ""]
+    cpu = {k: v for k, v in results.items() if not k.endswith("_cuda")}
+    lines = []
+    if cpu:
+        machine = next(iter(cpu.values()))["machine"]
+        lines += [f"Measured on {format_machine(machine)}; `python -m benchmarks.run_all` "
+                  "regenerates this table (raw numbers in benchmarks/results/*.json).", ""]
     for name, fn in (("train_step", _train_table), ("inference", _inference_table),
                      ("size", _size_table), ("data_loading", _data_table),
                      ("quality", _quality_table)):
         if name in results:
             lines += fn(results[name]) + [""]
+    if "train_step_cuda" in results:
+        lines += _cuda_train_table(results["train_step_cuda"]) + [""]
+    else:
+        lines += [f"**GPU train step**: not measured yet (no GPU here). On a CUDA machine, "
+                  f"`{GPU_COMMAND}` measures it (batch 4 x 7.8 s, released architecture, "
+                  "fp32 / bf16 / fp16 AMP) and adds its rows here.", ""]
+    if "inference_cuda" in results:
+        lines += _inference_table(results["inference_cuda"]) + [""]
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -175,7 +282,10 @@ def update_readme(path: tp.Union[str, Path], table: tp.Optional[str] = None) -> 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="run all benchmarks, then the README table")
     parser.add_argument("--smoke", action="store_true")
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="cuda: the CUDA suite (" + ", ".join(CUDA_BENCHMARKS) + "; "
+                             "results NAME_cuda.json); with --smoke and no CUDA device it "
+                             "runs on CPU and says so")
     parser.add_argument("--only", default=None, help="comma-separated subset of " +
                         ",".join(BENCHMARKS))
     parser.add_argument("--out", default=None, help="results folder")
@@ -183,18 +293,25 @@ def main(argv=None) -> int:
                         help="do not run anything, rebuild the table from the JSON files")
     parser.add_argument("--readme", default=str(ROOT / "README.md"))
     args = parser.parse_args(argv)
-    names = BENCHMARKS if args.only is None else tuple(args.only.split(","))
+    default = CUDA_BENCHMARKS if args.device == "cuda" else BENCHMARKS
+    names = default if args.only is None else tuple(args.only.split(","))
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
         parser.error(f"unknown benchmark(s) {unknown}; choose from {BENCHMARKS}")
+    if args.device == "cuda":
+        skipped = [n for n in names if n not in CUDA_BENCHMARKS]
+        if skipped:
+            print(f"--device cuda: skipping {skipped} (device-independent or CPU-bound; "
+                  "run them without --device cuda)")
+        names = tuple(n for n in names if n in CUDA_BENCHMARKS)
     folder = Path(args.out) if args.out else RESULTS_DIR
     failed = []
     if not args.table_only:
-        extra = ["--device", args.device] + (["--smoke"] if args.smoke else []) + \
+        extra = (["--smoke"] if args.smoke else []) + \
             (["--out", str(folder)] if args.out else [])
         for name in names:
-            if run_benchmark(name, extra if name not in ("size", "data_loading", "quality")
-                             else [e for e in extra if e not in ("--device", args.device)]):
+            device = [] if name in DEVICE_INDEPENDENT else ["--device", args.device]
+            if run_benchmark(name, device + extra):
                 failed.append(name)
     table = make_table(load_results(folder, smoke=args.smoke))
     folder.mkdir(parents=True, exist_ok=True)

@@ -23,6 +23,7 @@ CHOICES = {
     "optim.schedule": ("cosine", "linear", "constant"),
     "optim.loss": ("l1", "mse"),
     "mixed_precision": (False, "bf16", "fp16"),
+    "htdemucs.lora_save_dtype": ("float32", "float16", "bfloat16"),
     "device": ("auto", "cpu", "cuda"),
 }
 TARGET_GROUPS = ("encoder", "decoder", "transformer", "upsampler", "freq_emb")

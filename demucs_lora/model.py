@@ -26,7 +26,8 @@ logger = logging.getLogger(__name__)
 LORA_KEYS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_rslora", "lora_targets",
              "lora_bias", "lora_rank_mode", "lora_budget_match", "lora_max_rank",
              "layer_ranks", "min_rank", "max_rank", "lora_enable_qkv",
-             "lora_gradient_batches", "lora_rank_adaptation", "lora_adapt_every")
+             "lora_gradient_batches", "lora_rank_adaptation", "lora_adapt_every",
+             "lora_save_dtype")
 
 
 def architecture_kwargs(cfg: DictConfig) -> dict:

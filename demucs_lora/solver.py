@@ -197,7 +197,8 @@ class Solver(SolverGuards):
         if distrib.world_size() > 1:
             torch.distributed.all_reduce(loss)
         out = {"loss": float(loss[0] / max(loss[1], 1)), "grad_norm": progress.grad_norm,
-               "lr": self.optimizer.param_groups[0]["lr"], "seconds": time.time() - start}
+               "lr": self.optimizer.param_groups[0]["lr"], "seconds": time.time() - start,
+               "batches": progress.count}
         if progress.skipped:
             out["skipped"] = progress.skipped
         return out
@@ -303,6 +304,7 @@ class Solver(SolverGuards):
         return {"targets": list(self.cfg.htdemucs.lora_targets),
                 "rank_mode": self.cfg.htdemucs.lora_rank_mode,
                 "rank_adaptation": self.adaptation is not None,
+                "save_dtype": self.cfg.htdemucs.get("lora_save_dtype", "float32"),
                 "source_init": OmegaConf.to_container(self.cfg.source_init)
                 if self.cfg.source_init is not None else None,
                 "xp": self.xp.sig}

@@ -1,8 +1,9 @@
-"""CI smoke run of benchmarks/quality.py: real `dora run`s, tiny data, one epoch of 2 batches.
+"""benchmarks/quality.py: the sweep logic, and a CI smoke run of real `dora run`s.
 
-`python -m benchmarks.quality --smoke --out TMP --workdir TMP/work` runs full FT, uniform
-r=4 and gradient r=4 from the shipped base with their XPs (and synthetic data) under a
-temporary folder, so outputs/ and benchmarks/results of the repository are never touched.
+`python -m benchmarks.quality --smoke --out TMP --workdir TMP/work` runs full FT at one lr
+and uniform r=4 at three lrs (one step each, 2 training tracks), then both at their best lr
+with 1 training track (the data-size curve), from the shipped base; XPs and synthetic data
+live under a temporary folder, so outputs/ and benchmarks/results are never touched.
 """
 import json
 import math
@@ -13,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks import quality
+
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = ["drums", "bass", "other", "vocals"]
 
@@ -21,55 +24,94 @@ def finite(x):
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+def test_sweep_extends_past_an_edge_best():
+    tried = ["1e-3", "3e-3", "1e-2"]
+    assert quality.next_lr(tried, {"1e-3": 1.0, "3e-3": 2.0, "1e-2": 3.0}) == "3e-2"
+    assert quality.next_lr(tried, {"1e-3": 3.0, "3e-3": 2.0, "1e-2": 1.0}) == "3e-4"
+    assert quality.next_lr(tried, {"1e-3": 1.0, "3e-3": 3.0, "1e-2": 2.0}) is None
+    assert quality.next_lr(["1e-1", "3e-2", "1e-2"], {"1e-1": 3, "3e-2": 2, "1e-2": 1}) is None
+    assert quality.best_lr({"1e-3": 1.0, "3e-3": 3.0, "1e-2": 2.0}) == ("3e-3", False)
+    assert quality.best_lr({"1e-3": 1.0, "3e-3": 3.0, "1e-2": float("nan")}) == ("3e-3", False)
+    assert quality.best_lr({"1e-3": 3.0, "3e-3": 1.0, "1e-2": 2.0}) == ("1e-3", True)
+    assert quality.best_lr({"1e-3": 1.0}) == ("1e-3", True)   # one value: always an edge
+    # the ladder is a factor ~3 apart, and every default sweep has 3 values on it
+    ladder = [float(x) for x in quality.LR_LADDER]
+    assert all(2.9 < b / a < 3.4 for a, b in zip(ladder, ladder[1:]))
+    assert all(len(v) >= 3 and set(v) <= set(quality.LR_LADDER)
+               for v in quality.START_LRS.values())
+
+
+def test_every_run_of_every_size_takes_the_same_steps():
+    # 2 tracks of 8 s, 3 s train examples, hop 1 s: 6 examples a track, 3 batches of 4
+    opt = dict(a.split("=", 1) for a in quality.COMMON)
+    per_track = math.ceil((float(opt["dset.synth.seconds"]) - 3.0) / 1.0) + 1
+    assert min(quality.TRACKS) * per_track // int(opt["batch_size"]) >= int(opt["max_batches"])
+
+
 def run_quality(out, workdir):
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, "-m", "benchmarks.quality", "--smoke", "--out",
                            str(out), "--workdir", str(workdir)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=170)
+                          capture_output=True, text=True, timeout=290)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(300)
 def test_quality_smoke(tmp_path):
     out, workdir = tmp_path / "results", tmp_path / "work"
     stdout = run_quality(out, workdir)
     result = json.loads((out / "quality_smoke.json").read_text())
-    assert result["benchmark"] == "quality"
+    assert result["benchmark"] == "quality" and result["protocol"] == quality.PROTOCOL
     assert result["machine"]["cores"] >= 1 and result["machine"]["torch"]
     assert not result["errors"]
     runs = result["runs"]
-    assert set(runs) == {"full", "uniform_r4", "gradient_r4"}
+    # full FT at 1 lr, uniform r=4 at 3 lrs (2 tracks), both again at 1 track
+    assert len(runs) == 1 + 3 + 2
+    assert result["equal_steps"]["equal"] and result["equal_steps"]["steps"] == [1]
     for key, run in runs.items():
-        assert run["epochs"] == 1, key
-        assert finite(run["train_seconds"]) and run["train_seconds"] > 0, key
-        assert set(run["gain"]) == {*SOURCES, "mean"}, key
-        assert all(finite(v) for v in run["gain"].values()), (key, run["gain"])
-        assert finite(run["initial"]["mean"]) and finite(run["best"]["mean"]), key
+        assert run["epochs"] == 1 and run["steps"] == 1, key
+        assert finite(run["valid_gain"]), key
+        assert set(run["test"]) == {*SOURCES, "mean"} and finite(run["test"]["mean"]), key
         assert isinstance(run["params"], int) and run["params"] > 0, key
         # the XPs live under the work folder, not in the repository's outputs/
         assert (workdir / "outputs" / "xps" / run["xp"] / "history.json").exists(), key
     # every run starts from the same base on the same valid set
-    assert len({round(r["initial"]["mean"], 6) for r in runs.values()}) == 1
-    full, uniform, gradient = runs["full"], runs["uniform_r4"], runs["gradient_r4"]
-    assert full["params"] == full["model_params"] > uniform["params"]
-    assert len(uniform["ranks"]) == len(gradient["ranks"]) > 0
+    assert len({round(r["valid_initial"]["mean"], 6) for r in runs.values()}) == 1
+    best = result["best"]
+    assert set(best) == {"full", "uniform_r4"}
+    uniform, full = best["uniform_r4"], best["full"]
+    assert set(uniform["sweep"]) == {"1e-3", "3e-3", "1e-2"} and uniform["lr"] in uniform["sweep"]
+    assert uniform["sweep"][uniform["lr"]]["valid_gain"] == max(
+        s["valid_gain"] for s in uniform["sweep"].values())       # chosen on valid
+    assert full["best_at_edge"] and list(full["sweep"]) == ["1e-3"]
+    for b in best.values():
+        assert set(b["curve"]) == {"1", "2"} and all(finite(v) for v in b["curve"].values())
+        assert set(b["test_gain"]) == {*SOURCES, "mean"} and finite(b["test_gain"]["mean"])
+    assert full["params"] > uniform["params"]
     assert {r["rank"] for r in uniform["ranks"]} <= {1, 2, 3, 4}
-    # gradient mode spends the parameter budget of uniform at the same rank (within 5%)
-    assert abs(gradient["params"] - uniform["params"]) <= 0.05 * uniform["params"]
     assert [t["name"] for t in result["targets"]] == [
-        "uniform r=4 gain / full-FT gain", "gradient r=4 gain - uniform r=4 gain (dB)"]
-    for row in result["targets"]:
-        assert set(row) >= {"name", "value", "target", "op", "pass"}
+        "methods whose best lr is at the edge of its sweep"]
     assert "PASS" in stdout or "MISS" in stdout
-    for name in ("quality_smoke_gain_vs_params.png", "quality_smoke_ranks.png"):
-        path = out / name
+    for name in ("gain_vs_params", "gain_vs_tracks", "lr_sweep", "ranks"):
+        path = out / f"quality_smoke_{name}.png"
         assert path.exists() and path.stat().st_size > 1000, name
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    from benchmarks.run_all import make_table
+    table = make_table({"quality": result})
+    assert "best lr" in table and "old protocol" not in table
 
     # re-running re-reads the finished XPs: nothing trains again
     stdout = run_quality(out, workdir)
-    assert stdout.count("not run again") == 3, stdout[-2000:]
-    again = json.loads((out / "quality_smoke.json").read_text())["runs"]
-    for key, run in again.items():
-        assert run["epochs"] == 1 and run["gain"] == runs[key]["gain"], key
+    assert stdout.count("not run again") == 6, stdout[-2000:]
+    again = json.loads((out / "quality_smoke.json").read_text())["best"]
+    for key, b in again.items():
+        assert b["test_gain"] == best[key]["test_gain"] and b["lr"] == best[key]["lr"], key
+
+
+def test_old_protocol_results_are_labelled():
+    from benchmarks.run_all import make_table
+    old = json.loads((ROOT / "benchmarks" / "results" / "quality.json").read_text())
+    if old.get("protocol") is not None:
+        pytest.skip("benchmarks/results/quality.json is from the new protocol")
+    assert "old protocol" in make_table({"quality": old})

@@ -134,15 +134,36 @@ def _sha256(path: tp.Union[str, Path]) -> str:
     return digest.hexdigest()
 
 
-def save_adapter(model: nn.Module, path: tp.Union[str, Path], **extra) -> tp.Tuple[Path, Path]:
+SAVE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _stored(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """LoRA factors in `dtype` (other trained tensors, e.g. heads, stay as they are)."""
+    if dtype == torch.float32 or not name.rsplit(".", 1)[-1].startswith("lora_"):
+        return tensor
+    out = tensor.to(dtype)
+    if not torch.isfinite(out).all():
+        raise ValueError(f"{name} does not fit in {dtype} (values up to "
+                         f"{tensor.abs().max().item():.3g}): save it with save_dtype=float32")
+    return out
+
+
+def save_adapter(model: nn.Module, path: tp.Union[str, Path], save_dtype: str = "float32",
+                 **extra) -> tp.Tuple[Path, Path]:
     """Write `path.safetensors` + `path.json` as a pair; extra keys go into the header.
 
     Both go to temporary files first and are renamed together, the header last; the
     header carries the tensors' sha256, so a pair torn by a kill between the two renames
-    is detected on load instead of mixing two versions."""
+    is detected on load instead of mixing two versions. `save_dtype` (float32 | float16 |
+    bfloat16, `htdemucs.lora_save_dtype`): the dtype of the stored LoRA factors, recorded
+    in the header; loading casts them back to the model's dtype, so only float32 reloads
+    bit-exactly."""
+    if save_dtype not in SAVE_DTYPES:
+        raise ValueError(f"save_dtype={save_dtype!r}: allowed values are {list(SAVE_DTYPES)}")
     tensors_path, header_path = adapter_paths(path)
-    header = adapter_header(model, **extra)
-    tensors = {k: v.contiguous().cpu() for k, v in get_lora_state(model).items()}
+    header = adapter_header(model, save_dtype=save_dtype, **extra)
+    tensors = {k: _stored(k, v, SAVE_DTYPES[save_dtype]).contiguous().cpu()
+               for k, v in get_lora_state(model).items()}
     metadata = {"demucs_lora": json.dumps({k: v for k, v in header.items()
                                            if k != "base_fingerprint"})}
     digest: tp.Dict[str, str] = {}

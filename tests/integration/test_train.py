@@ -63,14 +63,18 @@ def test_five_stem_variant_from_four_stem_base(tmp_path):
     dora(tmp_path, "run", "variant=five_stem", f"continue_from={BASE_ASSET}",
          "htdemucs.lora_rank=4", "epochs=1", "max_batches=2", "batch_size=2",
          "dset.synth.tracks=2", "dset.synth.valid_tracks=1", "dset.synth.test_tracks=1",
-         "dset.synth.seconds=3", "dset.segment=1", "test.initial=false")
+         "dset.synth.seconds=3", "dset.segment=1", "test.initial=false",
+         "htdemucs.lora_save_dtype=float16")
     (xp,) = xps(tmp_path)
     header = json.loads((xp / "lora_best.json").read_text())
     assert header["sources"] == ["other", "kick", "vocals", "bass", "hihat"]
     assert header["source_init"] == {"kick": "drums", "hihat": "drums"}
+    assert header["save_dtype"] == "float16"
     with safe_open(str(xp / "lora_best.safetensors"), "pt") as f:
         head = f.get_tensor("decoder.3.conv_tr.weight")
+        factors = {f.get_tensor(k).dtype for k in f.keys() if ".lora_" in k}
     assert head.shape[1] == 5 * 2 * 2  # 5 sources x 2 channels x complex-as-channels
+    assert head.dtype == torch.float32 and factors == {torch.float16}  # heads kept float32
     package = torch.load(xp / "best.th", weights_only=False)
     assert package["kwargs"]["sources"] == header["sources"]
     assert set(history(xp)[0]) >= {f"valid_nsdr_{s}" for s in header["sources"]}

@@ -1,0 +1,115 @@
+"""`htdemucs.lora_save_dtype`: adapter factors stored in float16 / bfloat16.
+
+The file about halves, loading casts back to float32, and the output moves by a small,
+reported amount; float32 (the default) reloads bit-exactly.
+"""
+import json
+
+import pytest
+import torch
+from demucs.htdemucs import HTDemucs
+from omegaconf import OmegaConf
+from safetensors import safe_open
+
+from demucs_lora.config_check import check_config
+from demucs_lora.errors import ConfigError
+from demucs_lora.lora.inject import inject_lora
+from demucs_lora.lora.state import adapter_paths, load_lora_weights, save_adapter
+from demucs_lora.lora.targets import lora_target_names
+
+TARGETS = ["encoder", "decoder", "transformer"]
+
+
+def base(seed=0):
+    torch.manual_seed(seed)
+    return HTDemucs(sources=["drums", "bass", "other", "vocals"], channels=8, t_layers=2,
+                    depth=4, segment=1).eval()
+
+
+def adapted(seed=0):
+    model = base(seed)
+    inject_lora(model, {n: 8 for n in lora_target_names(model, TARGETS)})
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # a trained-looking adapter: non-zero B
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def mix():
+    return torch.randn(1, 2, 44100, generator=torch.Generator().manual_seed(1))
+
+
+def run(model, x):
+    with torch.no_grad():
+        return model(x)
+
+
+def test_default_float32_reloads_bit_exact(mix, tmp_path):
+    model = adapted()
+    tensors, header = save_adapter(model, tmp_path / "a")
+    assert json.loads(header.read_text())["save_dtype"] == "float32"
+    loaded = load_lora_weights(base(), tmp_path / "a").eval()
+    mine, theirs = dict(model.named_parameters()), dict(loaded.named_parameters())
+    assert all(torch.equal(mine[k], theirs[k]) for k in mine)
+    assert torch.equal(run(model, mix), run(loaded, mix))
+
+
+@pytest.mark.parametrize("dtype,limit", [("float16", 1e-3), ("bfloat16", 1e-2)])
+def test_half_precision_halves_the_file(dtype, limit, mix, tmp_path, capsys):
+    model = adapted()
+    full, _ = save_adapter(model, tmp_path / "f32")
+    half, header = save_adapter(model, tmp_path / dtype, save_dtype=dtype)
+    assert json.loads(header.read_text())["save_dtype"] == dtype
+    with safe_open(str(half), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {getattr(torch, dtype)}
+    ratio = half.stat().st_size / full.stat().st_size
+    assert 0.45 < ratio < 0.56, ratio
+    loaded = load_lora_weights(base(), tmp_path / dtype).eval()
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())
+    ref, out, plain = run(model, mix), run(loaded, mix), run(base(), mix)
+    error = ((out - ref).abs().max() / ref.abs().max()).item()
+    effect = ((out - ref).abs().max() / (ref - plain).abs().max()).item()
+    with capsys.disabled():
+        print(f"\n{dtype} adapter: file {ratio:.3f}x of float32; output max abs error "
+              f"{error:.2e} of the output peak, {effect:.2e} of the adapter's effect")
+    assert 0 < error < limit and effect < 10 * limit
+
+
+def test_trained_heads_stay_float32(tmp_path):
+    model = base()
+    heads = ["decoder.3.conv_tr", "tdecoder.3.conv_tr"]
+    names = [n for n in lora_target_names(model, TARGETS) if n not in heads]
+    inject_lora(model, {n: 4 for n in names}, train_extra=heads)
+    tensors, _ = save_adapter(model, tmp_path / "a", save_dtype="bfloat16")
+    with safe_open(str(tensors), "pt") as f:
+        dtypes = {k: f.get_tensor(k).dtype for k in f.keys()}
+    assert dtypes["decoder.3.conv_tr.weight"] == torch.float32
+    assert {d for k, d in dtypes.items() if ".lora_" in k} == {torch.bfloat16}
+
+
+def test_bad_dtype_and_overflow(tmp_path):
+    model = adapted()
+    with pytest.raises(ValueError, match="save_dtype"):
+        save_adapter(model, tmp_path / "a", save_dtype="int8")
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if "lora_B" in n).fill_(1e6)
+    with pytest.raises(ValueError, match="float32"):
+        save_adapter(model, tmp_path / "b", save_dtype="float16")
+    assert not adapter_paths(tmp_path / "b")[0].exists()
+    save_adapter(model, tmp_path / "b", save_dtype="bfloat16")  # bf16 has float32's range
+
+
+def test_config_validates_lora_save_dtype():
+    from demucs_lora.data.verify import compose_config
+    cfg = compose_config(["model=htdemucs_tiny", "variant=debug"])
+    assert cfg.htdemucs.lora_save_dtype == "float32"
+    check_config(cfg)
+    for value in ("float16", "bfloat16"):
+        check_config(compose_config(["model=htdemucs_tiny",
+                                     f"htdemucs.lora_save_dtype={value}"]))
+    with pytest.raises(ConfigError, match="lora_save_dtype.*bfloat16"):
+        check_config(compose_config(["model=htdemucs_tiny", "htdemucs.lora_save_dtype=fp8"]))
+    assert compose_config(["model=htdemucs"]).htdemucs.lora_save_dtype == "float32"
