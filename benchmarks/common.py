@@ -310,9 +310,9 @@ def model_config(size: str = "released", segment: float = 4.0,
         node[key] = value
     return OmegaConf.create({
         "continue_from": None, "pretrained_repo": None, "trust_remote_code": False,
-        "sources": list(sources), "source_init": None, "residual_source": None,
-        "train_heads": None, "htdemucs": node,
-        "dset": {"samplerate": SAMPLERATE, "channels": 2, "segment": float(segment)}})
+        "source_init": None, "residual_source": None, "train_heads": None, "htdemucs": node,
+        "dset": {"sources": list(sources), "samplerate": SAMPLERATE, "channels": 2,
+                 "segment": float(segment)}})
 
 
 def build(cfg, seed: int = 0):

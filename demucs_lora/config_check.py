@@ -22,7 +22,7 @@ CHOICES = {
     "optim.optim": ("adam", "adamw"),
     "optim.schedule": ("cosine", "linear", "constant"),
     "optim.loss": ("l1", "mse"),
-    "mixed_precision": (False, "bf16", "fp16"),
+    "mixed_precision": (False, True, "bf16", "fp16"),
     "htdemucs.lora_save_dtype": ("float32", "float16", "bfloat16"),
     "device": ("auto", "cpu", "cuda"),
 }
@@ -76,13 +76,15 @@ def check_config(cfg: DictConfig) -> None:
     if lcfg.layer_ranks is not None and not isinstance(lcfg.layer_ranks, DictConfig):
         raise ConfigError(f"htdemucs.layer_ranks={lcfg.layer_ranks!r}: give a mapping "
                           "glob -> rank, e.g. htdemucs.layer_ranks='{encoder.0.*:4}'")
-    sources = list(cfg.sources)
-    if len(set(sources)) != len(sources) or not sources:
-        raise ConfigError(f"sources={sources}: names must be unique and non-empty")
-    if cfg.residual_source is not None and cfg.residual_source not in sources:
+    sources = cfg.dset.sources  # null: the base's (resolved once the base is loaded)
+    sources = list(sources) if sources is not None else None
+    if sources is not None and (len(set(sources)) != len(sources) or not sources):
+        raise ConfigError(f"dset.sources={sources}: names must be unique and non-empty")
+    if cfg.residual_source is not None and sources is not None and \
+            cfg.residual_source not in sources:
         raise ConfigError(f"residual_source={cfg.residual_source!r} must be one of "
-                          f"sources={sources}")
-    if cfg.weights is not None and len(cfg.weights) != len(sources):
+                          f"dset.sources={sources}")
+    if cfg.weights is not None and sources is not None and len(cfg.weights) != len(sources):
         raise ConfigError(f"weights={list(cfg.weights)}: give one weight per source "
                           f"({len(sources)}: {sources}) or null")
     if cfg.source_init is not None and not isinstance(cfg.source_init, DictConfig):

@@ -89,6 +89,9 @@ def check_base_values(cfg: DictConfig, base: tp.Any) -> None:
     `htdemucs.layer_ranks` globs against its layers (ConfigError naming the key)."""
     from .lora.targets import lora_target_names
     from .model import source_plan
+    if base is None:  # a new model: its layers follow the config
+        return
+    base = getattr(base, "models", [base])[0]  # a bag: the globs apply to every member
     sources = list(_get(cfg, "dset.sources") or _get(cfg, "sources") or base.sources)
     source_init = _get(cfg, "source_init")
     source_plan(list(base.sources), sources,

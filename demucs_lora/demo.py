@@ -102,7 +102,7 @@ def _test_mixture(xp: Path) -> tp.Optional[Path]:
     from omegaconf import OmegaConf
     from .data.stems import dataset_root
     cfg = OmegaConf.load(xp / "config.yaml")
-    mixes = sorted(dataset_root(cfg, list(cfg.sources), progress=False).glob(
+    mixes = sorted(dataset_root(cfg, list(cfg.dset.sources), progress=False).glob(
         "test/*/mixture.wav"))
     return mixes[0] if mixes else None
 

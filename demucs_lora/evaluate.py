@@ -50,16 +50,20 @@ GROUPS = ("model", "dset", "optim", "variant")
 
 # ----------------------------------------------------------------------------- config
 def compose(overrides: tp.Sequence[str] = ()) -> "DictConfig":
-    """``conf/config.yaml`` composed with Hydra overrides (no Hydra run, no chdir)."""
+    """``conf/config.yaml`` composed with Hydra overrides (no Hydra run, no chdir); the
+    guide's spellings are accepted (demucs_lora.config_aliases)."""
     from hydra import compose as hydra_compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
+    from .config_keys import canonical_checked, prepare_argv
+    overrides = prepare_argv(overrides)
     if not CONF_DIR.is_dir():
         raise ConfigError(f"no Hydra config folder at {CONF_DIR}: run from a source checkout")
     if GlobalHydra.instance().is_initialized():
         GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3",
                                job_name="test_pretrained"):
-        return hydra_compose(config_name="config", overrides=list(overrides))
+        return canonical_checked(hydra_compose(config_name="config", overrides=overrides),
+                                 overrides)
 
 
 def _flat(cfg: tp.Mapping, prefix: str = "") -> tp.Dict[str, tp.Any]:
@@ -76,7 +80,9 @@ def xp_config(config_file: Path, overrides: tp.Sequence[str]) -> "DictConfig":
     """An XP's config.yaml with overrides: groups as their delta over the defaults,
     ``key=value`` set directly (the key must exist: a typo is an error, not a no-op)."""
     from omegaconf import OmegaConf
-    cfg = OmegaConf.load(config_file)
+    from .config_aliases import canonical_config, normalize_argv
+    cfg = canonical_config(OmegaConf.load(config_file))     # older files: top-level sources
+    overrides = normalize_argv(overrides)
     groups = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in GROUPS]
     values = [o for o in overrides if o not in groups]
     if groups:
@@ -103,14 +109,15 @@ def xp_config(config_file: Path, overrides: tp.Sequence[str]) -> "DictConfig":
 def build_dataset(cfg: "DictConfig", sources: tp.Sequence[str], split: str,
                   samplerate: int, channels: int, progress: bool = True):
     """Whole-track, un-normalized StemDataset of ``split`` for ``sources``."""
-    from .data.stems import _abspath, build_metadata, dataset_root, StemDataset
+    from .data.stems import _abspath, build_metadata, dataset_root, stem_files, StemDataset
     from .errors import DatasetError
     residual = cfg.get("residual_source")
     root = dataset_root(cfg, list(sources), progress=progress)
-    meta = build_metadata(root, list(sources), _abspath(cfg.dset.metadata), residual)
+    files = stem_files(cfg)
+    meta = build_metadata(root, list(sources), _abspath(cfg.dset.metadata), residual, files)
     dataset = StemDataset(root, split, list(sources), meta, segment=None,
                           samplerate=samplerate, channels=channels, normalize=False,
-                          residual_source=residual)
+                          residual_source=residual, stem_files=files)
     if len(dataset) == 0:
         raise DatasetError(f"{root}: no tracks in {split}/ (expected {root / split}/TRACK/"
                            f"{{mixture,{','.join(sources)}}}.wav); use --split valid or "
@@ -250,9 +257,10 @@ def run(args: argparse.Namespace) -> dict:
                       trust_remote_code=args.trust_remote_code)
     xp = _source_xp(args.name, args.adapter)
     cfg = xp_config(xp / "config.yaml", args.overrides) if xp else compose(args.overrides)
-    if list(cfg.sources) != list(model.sources):
+    sources = cfg.dset.get("sources")
+    if sources is not None and list(sources) != list(model.sources):
         print(f"note: evaluating the model's sources {list(model.sources)} (config has "
-              f"{list(cfg.sources)})", file=sys.stderr)
+              f"{list(sources)})", file=sys.stderr)
     dataset = build_dataset(cfg, list(model.sources), args.split, model.samplerate,
                             model.audio_channels, progress=not args.no_progress)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

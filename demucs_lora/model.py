@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import typing as tp
-import warnings
 from pathlib import Path
 
 import torch
@@ -31,9 +30,12 @@ LORA_KEYS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_rslora", "lora_tar
 
 
 def architecture_kwargs(cfg: DictConfig) -> dict:
-    """HTDemucs constructor kwargs from the config (htdemucs.* minus the lora keys)."""
+    """HTDemucs constructor kwargs from the config (the htdemucs.* keys that HTDemucs takes;
+    the lora keys and the derived hop_length are not among them)."""
+    from .config_keys import htdemucs_kwargs
+    known = htdemucs_kwargs()
     kwargs = {k: v for k, v in OmegaConf.to_container(cfg.htdemucs, resolve=True).items()
-              if k not in LORA_KEYS}
+              if k in known}
     kwargs.update(samplerate=cfg.dset.samplerate, audio_channels=cfg.dset.channels,
                   segment=cfg.dset.segment)
     return kwargs
@@ -104,28 +106,23 @@ def _new_head(w_blocks, b_blocks, plan: tp.List[tp.List[int]], head: nn.Module) 
 
 def source_plan(base_sources: tp.Sequence[str], sources: tp.Sequence[str],
                 source_init: tp.Optional[tp.Mapping] = None) -> tp.List[tp.List[int]]:
-    """For each new source, the indices of the base heads it starts from."""
+    """For each new source, the indices of the base heads it starts from: `source_init`,
+    else the base's head of that name or spelling, else the default taxonomy
+    (demucs_lora.source_taxonomy: kick -> drums, guitar -> other, ...), else zero."""
+    from .source_taxonomy import plan_sources
     source_init = dict(source_init or {})
     for new, old in source_init.items():
         olds = [old] if isinstance(old, str) else list(old)
         bad = [o for o in olds if o not in base_sources]
         if new not in sources or bad:
             raise ConfigError(
-                f"source_init={{{new}: {old}}}: keys must be in sources={list(sources)} and "
-                f"values in the base model's sources={list(base_sources)}")
-    plan = []
-    for name in sources:
-        if name in source_init:
-            init = source_init[name]
-            plan.append([base_sources.index(o) for o in ([init] if isinstance(init, str)
-                                                         else init)])
-        elif name in base_sources:
-            plan.append([base_sources.index(name)])
-        else:
-            warnings.warn(f"new source '{name}' has no source_init entry: its head starts "
-                          f"from zero (set source_init={{{name}: <one of {list(base_sources)}>}})")
-            plan.append([])
-    return plan
+                f"source_init={{{new}: {old}}}: keys must be in dset.sources={list(sources)} "
+                f"and values in the base model's sources={list(base_sources)}")
+    plan = plan_sources(base_sources, sources, source_init)
+    for choice in plan:
+        if choice.why == "zero":
+            logger.info(choice.line)
+    return [[list(base_sources).index(o) for o in choice.init] for choice in plan]
 
 
 def remap_sources(model: HTDemucs, sources: tp.Sequence[str],
@@ -161,19 +158,32 @@ def build_base(cfg: DictConfig, root: tp.Optional[Path] = None) -> HTDemucs:
                      cfg.get("bag_member"))
     if base is None:
         kwargs = architecture_kwargs(cfg)
-        return HTDemucs(sources=list(cfg.sources), **kwargs)
+        return HTDemucs(sources=list(run_sources(cfg)), **kwargs)
+    check_audio_format(cfg, base)
+    return base
+
+
+def check_audio_format(cfg: DictConfig, base: nn.Module) -> None:
     if base.samplerate != cfg.dset.samplerate or base.audio_channels != cfg.dset.channels:
         raise ConfigError(
             f"the base model works at {base.samplerate} Hz / {base.audio_channels} channels but "
             f"dset.samplerate={cfg.dset.samplerate} dset.channels={cfg.dset.channels}: set "
             "them to the model's values")
-    return base
+
+
+def run_sources(cfg: DictConfig, base: tp.Optional[nn.Module] = None) -> tp.List[str]:
+    """dset.sources, or (null) the base's sources, or the 4 demucs stems for a new model."""
+    sources = cfg.dset.get("sources")
+    if sources is not None:
+        return list(sources)
+    from .source_taxonomy import DEFAULT_SOURCES
+    return list(base.sources) if base is not None else list(DEFAULT_SOURCES)
 
 
 def should_train_heads(cfg: DictConfig, base_sources: tp.Sequence[str]) -> bool:
     if cfg.train_heads is not None:
         return bool(cfg.train_heads)
-    return list(cfg.sources) != list(base_sources)
+    return run_sources(cfg) != list(base_sources)
 
 
 def build_model(cfg: DictConfig, root: tp.Optional[Path] = None,
@@ -188,7 +198,7 @@ def build_model(cfg: DictConfig, root: tp.Optional[Path] = None,
     from .lora.inject import inject_lora, trainable_summary
     base = build_base(cfg, root) if base is None else base
     base_sources = list(base.sources)
-    model = remap_sources(base, list(cfg.sources), cfg.source_init)
+    model = remap_sources(base, run_sources(cfg, base), cfg.source_init)
     if isinstance(model, BagOfModels):
         from .bag import TrainableBag
         model = model if isinstance(model, TrainableBag) else TrainableBag(

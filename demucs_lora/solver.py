@@ -68,7 +68,7 @@ class Solver(SolverGuards):
         if self.is_master:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(str(self.folder / "tensorboard"))
-        weights = cfg.weights or [1.0] * len(cfg.sources)
+        weights = cfg.weights or [1.0] * len(cfg.dset.sources)
         self.weights = torch.tensor(list(weights), dtype=torch.float32, device=device)
         self.base = ckpt.base_record(self.model, cfg)  # checked against checkpoint.th
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -171,8 +171,9 @@ class Solver(SolverGuards):
                                else rngs[0])
         bar = tqdm.tqdm(total=self.steps_per_epoch, initial=progress.step, leave=False,
                         desc=f"train {epoch + 1}", disable=not self.is_master, mininterval=1.0)
-        profiler = (self._profiler() if self.cfg.enable_profiling and epoch == 0
-                    and not progress.step else None)
+        profiling = self.cfg.enable_profiling or self.cfg.get("profile_memory")
+        profiler = (self._profiler() if profiling and epoch == 0 and not progress.step
+                    else None)
         start = time.time() - progress.seconds
         every = max(1, self.steps_per_epoch // max(1, self.cfg.misc.num_prints))
         while progress.step < self.steps_per_epoch:
@@ -254,8 +255,10 @@ class Solver(SolverGuards):
         from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA]
                                                if self.device.type == "cuda" else [])
+        memory = bool(self.cfg.get("profile_memory"))  # memory timeline in the trace
         prof = profile(activities=activities, schedule=schedule(wait=1, warmup=1, active=3),
-                       on_trace_ready=tensorboard_trace_handler(str(self.folder / "profile")))
+                       on_trace_ready=tensorboard_trace_handler(str(self.folder / "profile")),
+                       profile_memory=memory, record_shapes=memory, with_stack=False)
         prof.start()
         return prof
 
@@ -270,7 +273,7 @@ class Solver(SolverGuards):
         model.eval()
         dataset = self.loaders["valid"].dataset
         indices = list(range(distrib.rank(), len(dataset), distrib.world_size()))
-        sums = torch.zeros(len(self.cfg.sources) + 1, dtype=torch.float64)
+        sums = torch.zeros(len(self.cfg.dset.sources) + 1, dtype=torch.float64)
         for index in tqdm.tqdm(indices, desc=f"valid {epoch + 1}", leave=False,
                                disable=not self.is_master):
             track = dataset[index].to(self.device)
@@ -285,7 +288,7 @@ class Solver(SolverGuards):
         if swap is not None:
             ckpt.load_trainable_state(model, swap)
         per_source = (sums[:-1] / sums[-1].clamp(min=1)).tolist()
-        metrics = {f"nsdr_{name}": value for name, value in zip(self.cfg.sources, per_source)}
+        metrics = {f"nsdr_{name}": value for name, value in zip(self.cfg.dset.sources, per_source)}
         metrics["nsdr"] = sum(per_source) / len(per_source)
         return metrics
 

@@ -1,12 +1,16 @@
 """Hydra + Dora entry point: `dora run [overrides]` finds this module's `main`.
 
-Order matters: check the config, verify the data (one report of every problem), and
-only then build the model and hand over to the solver, so bad input costs no compute.
+Order matters: check the config (canonical keys only, demucs_lora.config_keys), load the
+base (its sources and architecture decide the rest: demucs_lora.run_config), verify the
+data (one report of every problem), and only then build the model and hand over to the
+solver, so bad input costs no compute. `dora run -d` without a GPU and `-f NAME` for a
+model name: demucs_lora.dora_cli.
 """
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import typing as tp
 from pathlib import Path
@@ -16,7 +20,9 @@ from dora import distrib, get_xp
 from dora.hydra import HydraMain
 from omegaconf import DictConfig, OmegaConf
 
-from .config_check import check_config, normalize_overrides, resolve_paths
+from .config_keys import canonical_checked, hydra_error, is_hydra_error, prepare_argv
+from .dora_cli import (DDP_NOTE, argv_from_model, install_cpu_ddp_fallback,
+                       install_excepthook)
 from .dora_files import check_job_pickle
 from .errors import DatasetError, DemucsLoRAError, exit_on_user_error
 from .lora.rank_adaptation import check_config as check_rank_adaptation
@@ -50,7 +56,7 @@ def build_loaders(cfg: DictConfig) -> tp.Tuple[dict, torch.nn.Module]:
     from torch.utils.data import DataLoader
     from torch.utils.data.distributed import DistributedSampler
     from .data.stems import build_augment, get_datasets
-    train_set, valid_set, test_set = get_datasets(cfg, list(cfg.sources))
+    train_set, valid_set, test_set = get_datasets(cfg, list(cfg.dset.sources))
     world = distrib.world_size()
     if cfg.batch_size % world:
         raise DemucsLoRAError(f"batch_size={cfg.batch_size} must be divisible by the number "
@@ -105,31 +111,51 @@ def enable_checkpointing(model: torch.nn.Module) -> None:
         layer.forward = wrapped
 
 
-def run(cfg: DictConfig) -> tp.List[dict]:
-    from .config_values import check_base_values
-    from .lora.inject import format_report
-    from .model import build_base, build_model
-    from .solver import Solver
-    xp = get_xp()
-    folder = Path(xp.folder)
-    check_config(cfg)
-    check_rank_adaptation(cfg)
-    cfg = resolve_paths(cfg)
-    device = pick_device(cfg)
-    distrib.init(backend="nccl" if device.type == "cuda" else "gloo")
+def _start_logging(folder: Path) -> None:
     if not distrib.is_master():  # one train.log, written by rank 0 (Hydra's job logging)
         root = logging.getLogger()
         for handler in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
             root.removeHandler(handler)
-    else:
-        atomic_write_text(folder / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+
+
+def run(cfg: DictConfig) -> tp.List[dict]:
+    from .config_values import check_base_values
+    from .lora.inject import format_report
+    from .model import build_model, check_audio_format, load_base
+    from .run_config import (apply_runtime_kwargs, data_banner, prepare_config,
+                             resolve_precision, resolve_with_base, what_is_trained)
+    from .solver import Solver
+    xp = get_xp()
+    folder = Path(xp.folder)
+    cfg = prepare_config(cfg)
+    check_rank_adaptation(cfg)
+    device = pick_device(cfg)
+    cfg, notes = resolve_precision(cfg, device.type)
+    distrib.init(backend="nccl" if device.type == "cuda" else "gloo")
+    _start_logging(folder)
     logger.info("XP %s in %s", xp.sig, folder)
+    if os.environ.get(DDP_NOTE):
+        logger.info(os.environ[DDP_NOTE])
     torch.manual_seed(cfg.seed)
-    base = build_base(cfg)  # continue_from, its sample rate: before any data is made
+    # The base first (continue_from, its sample rate, sources, architecture): before any
+    # data is made, so a wrong name or key costs nothing.
+    base = load_base(cfg.continue_from, cfg.pretrained_repo, cfg.trust_remote_code, None,
+                     cfg.get("bag_member"))
+    if base is not None:
+        check_audio_format(cfg, base)
+    cfg, lines = resolve_with_base(cfg, base)
+    if base is not None:
+        apply_runtime_kwargs(base, cfg)
     check_base_values(cfg, base)  # source_init, layer_ranks globs against the base
+    for line in notes + lines:
+        logger.info(line)
+    banner = data_banner(cfg)
+    if banner:
+        logger.warning(banner)
     rng = torch.get_rng_state()  # the data checks below must not shift the init draws
-    if distrib.is_master():  # generates synthetic data and the caches once
-        verify_or_raise(cfg)
+    if distrib.is_master():  # the config that runs: canonical keys, the base's architecture
+        atomic_write_text(folder / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        verify_or_raise(cfg)  # generates synthetic data and the caches once
     if distrib.world_size() > 1:
         torch.distributed.barrier()
     torch.set_rng_state(rng)
@@ -146,6 +172,7 @@ def run(cfg: DictConfig) -> tp.List[dict]:
     logger.info("Trainable parameters: %d / %d (%.2f%%)%s", t["trainable"], t["total"],
                 t["percent"], f", heads trained fully: {report['train_heads']}"
                 if report["train_heads"] else "")
+    logger.info(what_is_trained(cfg, report))
     if cfg.misc.show:
         print(model)
         return []
@@ -175,19 +202,38 @@ def trusted_argv_from_xp(argv: tp.Sequence[str], source: str) -> tp.List[str]:
 
 
 class _LoRAHydraMain(HydraMain):
-    """Dora's Hydra main, reading JSON-style dict overrides too (normalize_overrides).
+    """Dora's Hydra main that speaks the guide's dialect: alias keys and JSON-style dicts
+    normalized before Dora signs the XP, unknown keys refused, Hydra's errors in one
+    screen, `dset=wav` (a `???` default) signed, and `-f NAME` for a model name.
     An XP folder is untrusted input: `dora run -f SIG` never inherits trust_remote_code
     (or hydra.*) from the XP's .argv.json, and an XP's job.pkl naming anything but the
     submitit job classes is refused before Dora unpickles it."""
 
     def get_xp(self, argv: tp.Sequence[str]):
-        xp = super().get_xp(normalize_overrides(argv))
+        argv = prepare_argv(argv)
+        try:
+            xp = super().get_xp(argv)
+        except Exception as exc:  # hydra/omegaconf composition errors: one screen
+            if not is_hydra_error(exc):
+                raise
+            raise hydra_error(exc) from None
+        canonical_checked(xp.cfg, argv)
         check_job_pickle(xp.folder, self.dora.shep.job_file)  # before Dora unpickles it
         return xp
+
+    def _get_argv(self) -> tp.List[str]:
+        sys.argv[1:] = prepare_argv(sys.argv[1:])
+        return sys.argv[1:]
+
+    def _get_delta(self, init: DictConfig, other: DictConfig):
+        # A required `???` value (dset.wav of dset=wav) cannot be read for the comparison.
+        return super()._get_delta(_filled(init), _filled(other))
 
     def get_argv_from_sig(self, sig: str) -> tp.Sequence[str]:
         try:
             argv = super().get_argv_from_sig(sig)
+        except RuntimeError:  # no XP of that signature: maybe a model name
+            return argv_from_model(sig, sys.argv, self.dora.dir / "xps")
         except ValueError:  # json.JSONDecodeError
             argv = None
         if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
@@ -195,9 +241,22 @@ class _LoRAHydraMain(HydraMain):
                              "(edited or corrupt): start from your own command line instead")
         return trusted_argv_from_xp(argv, f"XP {sig}'s .argv.json")
 
-    def _get_argv(self) -> tp.List[str]:
-        sys.argv[1:] = normalize_overrides(sys.argv[1:])
-        return sys.argv[1:]
+
+def _filled(cfg: DictConfig) -> DictConfig:
+    """A copy where required (`???`) values read as the string '???'."""
+    if not OmegaConf.missing_keys(cfg):
+        return cfg
+    data = OmegaConf.to_container(cfg, resolve=False, throw_on_missing=False)
+    out = OmegaConf.create(_replace_missing(data))
+    return out
+
+
+def _replace_missing(node):
+    if isinstance(node, dict):
+        return {k: _replace_missing(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_replace_missing(v) for v in node]
+    return "<required: ???>" if node == "???" else node
 
 
 def main(cfg: DictConfig):
@@ -219,6 +278,7 @@ def main(cfg: DictConfig):
         stop.restore()
 
 
+install_cpu_ddp_fallback()
+install_excepthook()
 # Same name as the function: Dora pickles the main as "module.function_name".
 main = _LoRAHydraMain(main, config_name="config", config_path="../conf", version_base="1.3")
-

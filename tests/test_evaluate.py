@@ -84,7 +84,7 @@ def test_xp_config_overrides(xp):
     assert cfg.test.shifts == 3 and cfg.dset.wav == "/elsewhere"
     assert cfg.optim.optim == "adamw"                        # the group's delta applied
     assert cfg.htdemucs.channels == saved.htdemucs.channels  # the rest kept from the XP
-    assert list(cfg.sources) == list(saved.sources)
+    assert cfg.dset.sources == saved.dset.sources
     with pytest.raises(ConfigError, match="test.shfts"):
         xp_config(file, ["test.shfts=2"])
 

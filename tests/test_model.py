@@ -1,4 +1,5 @@
 """Base loading and source remapping (demucs_lora.model)."""
+import logging
 
 import pytest
 import torch
@@ -7,7 +8,7 @@ from demucs.states import serialize_model
 from omegaconf import OmegaConf
 
 from demucs_lora.errors import ConfigError, ModelLoadError
-from demucs_lora.model import load_base, remap_sources
+from demucs_lora.model import _head_blocks, load_base, remap_sources
 
 SOURCES = ["drums", "bass", "other", "vocals"]
 
@@ -61,10 +62,17 @@ def test_sum_init_is_close_to_sum_of_heads(mix):
     assert (out[:, 1] - summed).abs().max() / summed.abs().max() < 0.05
 
 
-def test_new_source_without_init_warns_and_bad_names_fail():
+def test_new_sources_follow_the_taxonomy_and_bad_names_fail(caplog):
+    caplog.set_level(logging.INFO)
     base = tiny()
-    with pytest.warns(UserWarning, match="starts from zero"):
-        remap_sources(base, ["drums", "piano"])
+    new = remap_sources(base, ["drums", "piano", "vocal", "theremin"])
+    w_base = _head_blocks(base.decoder[-1].conv_tr, 4)[0]
+    w_new = _head_blocks(new.decoder[-1].conv_tr, 4)[0]
+    src = base.sources
+    assert torch.equal(w_new[:, 1], w_base[:, src.index("other")])   # piano <- other
+    assert torch.equal(w_new[:, 2], w_base[:, src.index("vocals")])  # a spelling of vocals
+    assert not w_new[:, 3].any()                                       # unknown: zero head
+    assert "source theremin: new stem that the taxonomy does not know" in caplog.text
     with pytest.raises(ConfigError, match="source_init"):
         remap_sources(base, ["drums", "kick"], {"kick": "cowbell"})
 

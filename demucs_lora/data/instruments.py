@@ -177,6 +177,25 @@ def _other(rng, d, grid, chords, n, sr):
     return out
 
 
+def _piano(rng, d, grid, chords, n, sr):
+    """Struck chords (a hammer click, bright attack, decaying harmonics) on beats 1 and 3."""
+    out = np.zeros((2, n))
+    k = np.arange(1, 16)
+    amps = 1 / k ** 1.3
+    env = lambda t: np.minimum(t / 0.003, 1) * np.exp(-t / 0.6)  # noqa: E731
+    for b, chord in enumerate(chords):
+        for s in (0, 8):
+            i = b * 16 + s
+            if i >= grid["n_steps"] or rng.random() < 0.2:
+                continue
+            vel = rng.uniform(0.7, 1.0)
+            for j, m in enumerate([chord[0] - 12] + chord):
+                note = _note(_midi_hz(m + 12), 1.2, sr, amps, env, bright_decay=2.5) * vel
+                pan = 0.35 + 0.1 * j
+                _add(out, np.stack([note * (1 - pan), note * pan]) * 2, grid["onsets"][i])
+    return out
+
+
 def _melody(rng, d, grid, chords, root):
     """Note list (start_step, n_steps, midi, vowel) in phrases separated by rests."""
     scale = np.array([root + 12 * o + s for o in range(-1, 6) for s in d["scale"]])

@@ -79,9 +79,11 @@ def list_tracks(split_dir):
     return sorted(tracks)
 
 
-def disk_sources(sources, residual_source=None):
-    """The files a track must have: mixture + every source but the residual one."""
-    return [MIXTURE] + [s for s in sources if s != residual_source]
+def disk_sources(sources, residual_source=None, stem_files=None):
+    """The files a track must have: mixture + every source but the residual one
+    (`stem_files` maps a source to its file name when they differ: {vocal: vocals})."""
+    files = dict(stem_files or {})
+    return [MIXTURE] + [files.get(s, s) for s in sources if s != residual_source]
 
 
 # ----------------------------------------------------------------------------- metadata
@@ -125,14 +127,14 @@ class Metadata(dict):
     scanned = 0
 
 
-def build_metadata(root, sources, cache_dir, residual_source=None):
+def build_metadata(root, sources, cache_dir, residual_source=None, stem_files=None):
     """Metadata of every track of every split, cached in cache_dir/stems_<hash>.json.
 
     A track is rescanned only when one of its files changed (size or mtime) or the set of
     files it needs changed. Missing split folders give empty splits.
     """
     root = Path(root)
-    names = disk_sources(sources, residual_source)
+    names = disk_sources(sources, residual_source, stem_files)
     path = cache_path(cache_dir, root, "stems")
     cache = load_cache(path)
     new_cache, meta = {}, Metadata()
@@ -188,7 +190,8 @@ class StemDataset:
     """
 
     def __init__(self, root, split, sources, metadata, segment=None, shift=None,
-                 samplerate=44100, channels=2, normalize=True, residual_source=None):
+                 samplerate=44100, channels=2, normalize=True, residual_source=None,
+                 stem_files=None):
         if residual_source is not None and residual_source not in sources:
             raise ConfigError(f"residual_source={residual_source!r} is not in sources "
                               f"{list(sources)}")
@@ -202,6 +205,7 @@ class StemDataset:
         self.channels = int(channels)
         self.normalize = normalize
         self.residual_source = residual_source
+        self.files = {s: dict(stem_files or {}).get(s, s) for s in self.sources}
         self.num_examples = []
         for meta in self.metadata.values():
             duration = meta["length"] / meta["samplerate"]
@@ -237,15 +241,16 @@ class StemDataset:
             frames = int(math.ceil(sr * self.segment))
         folder = self.root / name
         mix = self._read(folder / f"{MIXTURE}{EXT}", offset, frames)
-        stems = {s: self._read(folder / f"{s}{EXT}", offset, frames)
+        stems = {s: self._read(folder / f"{self.files[s]}{EXT}", offset, frames)
                  for s in self.sources if s != self.residual_source}
         if self.residual_source is not None:
             stems[self.residual_source] = mix - sum(stems.values(), torch.zeros_like(mix))
         length = mix.shape[-1]
         for s, wav in stems.items():
             if wav.shape[-1] != length:
-                raise DatasetError(f"{folder / (s + EXT)} has {wav.shape[-1]} frames at offset "
-                                   f"{offset}, {folder / (MIXTURE + EXT)} has {length}")
+                raise DatasetError(f"{folder / (self.files[s] + EXT)} has {wav.shape[-1]} "
+                                   f"frames at offset {offset}, "
+                                   f"{folder / (MIXTURE + EXT)} has {length}")
         example = torch.stack([mix] + [stems[s] for s in self.sources])
         if sr != self.samplerate:
             example = julius.resample_frac(example, sr, self.samplerate)
@@ -336,12 +341,19 @@ def dataset_root(cfg, sources, progress=True, check=True):
         from .synth import ensure_synth
         cfg_dset = dict(dset)
         cfg_dset["metadata"] = str(_abspath(dset.metadata))
-        return ensure_synth(cfg_dset, sources, cfg.get("residual_source"), progress=progress)
+        return ensure_synth(cfg_dset, sources, cfg.get("residual_source"), progress=progress,
+                            stem_files=stem_files(cfg))
     root = _abspath(Path(str(dset.wav)).expanduser())
     if check and not root.is_dir():
         raise DatasetError(f"dset.wav={dset.wav}: {root} is not a folder. Fix: point it to "
                            "a folder with train/ and valid/ (TRACK/mixture.wav + stems).")
     return root
+
+
+def stem_files(cfg):
+    """dset.stem_files as a dict (source -> file name), {} when unset."""
+    files = cfg.dset.get("stem_files") if "dset" in cfg else None
+    return dict(OmegaConf.to_container(files) if OmegaConf.is_config(files) else files or {})
 
 
 def train_segment(cfg_dset):
@@ -357,9 +369,10 @@ def get_datasets(cfg, sources):
     dset = cfg.dset
     residual = cfg.get("residual_source")
     root = dataset_root(cfg, sources)
-    meta = build_metadata(root, sources, _abspath(dset.metadata), residual)
+    files = stem_files(cfg)
+    meta = build_metadata(root, sources, _abspath(dset.metadata), residual, files)
     common = dict(sources=sources, metadata=meta, samplerate=dset.samplerate,
-                  channels=dset.channels, residual_source=residual)
+                  channels=dset.channels, residual_source=residual, stem_files=files)
     train = StemDataset(root, "train", segment=train_segment(dset), shift=dset.shift, **common)
     valid = StemDataset(root, "valid", **common)
     test = StemDataset(root, "test", **common)

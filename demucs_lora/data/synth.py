@@ -6,7 +6,10 @@ chords ("other": pads or plucks) following a progression, and a voice-like melod
 ("vocals": harmonic source with vibrato and formants, in phrases with rests).
 
 Layouts: 4 stems [drums, bass, other, vocals]; 5 stems [other, kick, vocals, bass, hihat]
-with the snare in `other`. The mixture is the exact sum of the written stems.
+with the snare in `other`; 6 stems [drums, bass, other, vocals, guitar, piano] (the
+htdemucs_6s layout: a plucked guitar arpeggio and struck piano chords join the parts).
+`dset.synth.stems: null` picks the smallest layout that holds the requested sources.
+The mixture is the exact sum of the written stems.
 `domain` A/B changes tempo, key, timbre, brightness and balance (B is faster and brighter).
 
     python -m demucs_lora.data.synth OUT --tracks 8 --seconds 6 --seed 0 --domain A --stems 4
@@ -24,11 +27,13 @@ import numpy as np
 import soundfile as sf
 
 from ..errors import ConfigError
-from .instruments import _grid, _drums, _chords, _bass, _other, _vocals, _peak, _pan
+from .instruments import _grid, _drums, _chords, _bass, _other, _piano, _vocals, _peak, _pan
 
 VERSION = 1
 LAYOUTS = {4: ["drums", "bass", "other", "vocals"],
-           5: ["other", "kick", "vocals", "bass", "hihat"]}
+           5: ["other", "kick", "vocals", "bass", "hihat"],
+           6: ["drums", "bass", "other", "vocals", "guitar", "piano"]}
+EXTRA_LEVELS = {"A": dict(guitar=.07, piano=.08), "B": dict(guitar=.09, piano=.07)}
 MAJOR, MINOR = [0, 2, 4, 5, 7, 9, 11], [0, 2, 3, 5, 7, 8, 10]
 DOMAINS = {
     "A": dict(bpm=(84, 112), root=(40, 47), scale=MINOR, swing=0.12, kick=(0, 8),
@@ -44,12 +49,19 @@ DOMAINS = {
               progressions=[[0, 4, 5, 3], [0, 3, 4, 3], [5, 3, 0, 4], [0, 5, 3, 4]],
               levels=dict(kick=.15, snare=.12, hihat=.08, bass=.10, other=.15, vocals=.075)),
 }
+def _balance(rng, parts, levels):
+    """In place: each part at its domain level, +-1.5 dB per track."""
+    for name, x in parts.items():
+        rms = np.sqrt(np.vdot(x, x) / x.size) + 1e-12
+        parts[name] = x * (levels[name] / rms * 10 ** (rng.uniform(-1.5, 1.5) / 20))
+
+
 def synth_track(rng, seconds, samplerate=44100, domain="A", stems=4, channels=2):
     """Render one track: dict stem name -> float32 array (channels, T), plus 'mixture'."""
     if domain not in DOMAINS:
         raise ConfigError(f"dset.synth.domain={domain!r}: expected one of {sorted(DOMAINS)}")
     if stems not in LAYOUTS:
-        raise ConfigError(f"dset.synth.stems={stems!r}: expected 4 or 5")
+        raise ConfigError(f"dset.synth.stems={stems!r}: expected one of {sorted(LAYOUTS)}")
     if channels not in (1, 2):
         raise ConfigError(f"dset.channels={channels!r}: the synthetic data has 1 or 2 channels")
     d, sr = DOMAINS[domain], int(samplerate)
@@ -65,10 +77,18 @@ def synth_track(rng, seconds, samplerate=44100, domain="A", stems=4, channels=2)
         "other": _other(rng, d, grid, chords, n, sr),
         "vocals": _pan(_vocals(rng, d, grid, chords, root, n, sr), rng.uniform(-0.1, 0.1)),
     }
-    for name, x in parts.items():               # balance: domain levels, +-1.5 dB per track
-        rms = np.sqrt(np.vdot(x, x) / x.size) + 1e-12
-        parts[name] = x * (d["levels"][name] / rms * 10 ** (rng.uniform(-1.5, 1.5) / 20))
-    if stems == 4:
+    _balance(rng, parts, d["levels"])
+    if stems == 6:                              # drawn last: the 4/5-stem tracks stay the same
+        extra = {"guitar": _other(rng, dict(d, other="pluck"), grid,
+                                  [[m - 12 for m in c] for c in chords], n, sr),
+                 "piano": _piano(rng, d, grid, chords, n, sr)}
+        _balance(rng, extra, EXTRA_LEVELS[domain])
+        parts.update(extra)
+    if stems == 6:
+        out = {"drums": parts["kick"] + parts["snare"] + parts["hihat"], "bass": parts["bass"],
+               "other": parts["other"], "vocals": parts["vocals"], "guitar": parts["guitar"],
+               "piano": parts["piano"]}
+    elif stems == 4:
         out = {"drums": parts["kick"] + parts["snare"] + parts["hihat"], "bass": parts["bass"],
                "other": parts["other"], "vocals": parts["vocals"]}
     else:
@@ -133,33 +153,52 @@ def generate_dataset(root, tracks=8, seconds=6.0, seed=0, domain="A", stems=4,
     return root
 
 
-def synth_params(cfg_dset):
+def choose_layout(stems, sources, residual_source=None):
+    """dset.synth.stems, or (null) the smallest layout holding every source (a spelling
+    such as 'vocal' for 'vocals' counts; 4 when none does: the error names the sources)."""
+    from ..source_taxonomy import spelling_of
+    if stems is not None:
+        return int(stems)
+    wanted = [s for s in sources if s != residual_source]
+    for n in sorted(LAYOUTS):
+        if all(w in LAYOUTS[n] or spelling_of(w, LAYOUTS[n]) for w in wanted):
+            return n
+    return 4
+
+
+def synth_params(cfg_dset, sources=None, residual_source=None):
     """The generation parameters of a `dset` config (its `synth` block + rate/channels)."""
     s = cfg_dset["synth"]
+    stems = choose_layout(s.get("stems"), sources or [], residual_source)
     return dict(version=VERSION, seconds=float(s["seconds"]), seed=int(s["seed"]),
-                domain=str(s["domain"]), stems=int(s["stems"]),
+                domain=str(s["domain"]), stems=stems,
                 splits={"train": int(s["tracks"]), "valid": int(s["valid_tracks"]),
                         "test": int(s["test_tracks"])},
                 samplerate=int(cfg_dset["samplerate"]), channels=int(cfg_dset["channels"]))
 
 
-def ensure_synth(cfg_dset, sources, residual_source=None, progress=True):
+def ensure_synth(cfg_dset, sources, residual_source=None, progress=True, stem_files=None):
     """Generate (once) the synthetic dataset that `cfg_dset` describes; return its root.
 
     Cached under `<dset.metadata>/synth/<hash of params>/`, written atomically (temporary
-    folder, then rename). `sources` (minus `residual_source`) must be stems of the layout.
+    folder, then rename). The files of `sources` (minus `residual_source`; `stem_files`
+    maps a source to its file name) must be stems of the layout.
     """
-    params = synth_params(cfg_dset)
+    files = [dict(stem_files or {}).get(s, s) for s in sources]
+    residual = dict(stem_files or {}).get(residual_source, residual_source)
+    params = synth_params(cfg_dset, files, residual)
     layout = LAYOUTS.get(params["stems"])
     if layout is None:
-        raise ConfigError(f"dset.synth.stems={params['stems']}: expected 4 or 5")
-    missing = [s for s in sources if s not in layout and s != residual_source]
+        raise ConfigError(f"dset.synth.stems={params['stems']}: expected one of "
+                          f"{sorted(LAYOUTS)}")
+    missing = [s for s in files if s not in layout and s != residual]
     if missing:
         raise ConfigError(
-            f"sources {list(sources)}: {missing} not in the synthetic {params['stems']}-stem "
-            f"layout {layout}. Fix: use those names, set dset.synth.stems="
-            f"{5 if params['stems'] == 4 else 4} (or variant=five_stem), or name the "
-            "missing one residual_source.")
+            f"dset.sources={list(sources)}: {missing} not in the synthetic "
+            f"{params['stems']}-stem layout: the synthetic files have {layout}; set "
+            f"dset.sources=[{', '.join(layout)}] (or a subset with residual_source), another "
+            f"dset.synth.stems (layouts: {', '.join(f'{k}: {v}' for k, v in LAYOUTS.items())}),"
+            " or give your own data with dset.wav=PATH")
     digest = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
     base = Path(str(cfg_dset["metadata"])).expanduser()
     if not base.is_absolute():

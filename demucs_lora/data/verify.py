@@ -27,6 +27,7 @@ from .stems import (BLOCK, EXT, MIXTURE, SPLITS, cache_path, disk_sources, file_
 
 CLIP_LEVEL, CLIP_RATIO, SILENCE = 0.999, 1e-3, 1e-5
 REQUIRED_SPLITS = ("train", "valid")
+CHECKS_VERSION = 2                 # bump when a check or its message changes (cache key)
 
 
 @dataclass
@@ -104,10 +105,16 @@ def _open_files(folder, names, residual):
     for name in names:
         file = folder / f"{name}{EXT}"
         if not file.is_file():
+            have = sorted(p.stem for p in folder.glob(f"*{EXT}") if p.stem != MIXTURE)
             if name == MIXTURE:
                 fix = "write mixture.wav: the sum of the track's stems"
+            elif have:
+                fix = (f"your files have {', '.join(have)}; set dset.sources=[{', '.join(have)}]"
+                       f" (or add {name}.wav"
+                       + (")" if residual else f", or set residual_source={name}: computed "
+                          "as mixture - other stems)"))
             else:
-                fix = (f"add {name}.wav, or remove '{name}' from `sources`"
+                fix = (f"add {name}.wav, or remove '{name}' from dset.sources"
                        + ("" if residual else f", or set residual_source={name} "
                           "(computed as mixture - other stems)"))
             problems.append(("error", file, f"missing file {file.name}", fix))
@@ -213,7 +220,8 @@ def check_track(folder, names, residual=None, sum_tolerance=1e-3):
 
 # ----------------------------------------------------------------------------- dataset
 def _params_key(names, residual, samplerate, channels, tol):
-    blob = json.dumps([names, residual, samplerate, channels, tol, CLIP_LEVEL, CLIP_RATIO, SILENCE])
+    blob = json.dumps([names, residual, samplerate, channels, tol, CLIP_LEVEL, CLIP_RATIO,
+                       SILENCE, CHECKS_VERSION])
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
 
@@ -247,10 +255,11 @@ def _split_problems(root, report):
 
 
 def verify_dataset(root, sources, samplerate, channels, cache_dir, sum_tolerance=1e-3,
-                   residual_source=None, strict=False, progress=True):
+                   residual_source=None, strict=False, progress=True, stem_files=None):
     """Check every track of every split of `root`; returns a Report (see `Report.ok`)."""
     root = Path(root)
-    names = disk_sources(list(sources), residual_source)
+    files = dict(stem_files or {})
+    names = disk_sources(list(sources), residual_source, files)
     report = Report(str(root), list(sources), strict=strict)
     splits = _split_problems(root, report)
     todo = [(s, t) for s in splits for t in list_tracks(root / s)]
@@ -309,8 +318,9 @@ def verify_dataset(root, sources, samplerate, channels, cache_dir, sum_tolerance
 
 def verify_config(cfg, strict=False, progress=True):
     """verify_dataset for a composed config (cfg.dset, sources, residual_source)."""
-    from .stems import _abspath, dataset_root
-    sources = list(cfg.sources)
+    from ..source_taxonomy import DEFAULT_SOURCES
+    from .stems import _abspath, dataset_root, stem_files
+    sources = list(cfg.dset.get("sources") or DEFAULT_SOURCES)
     residual = cfg.get("residual_source")
     if residual is not None and residual not in sources:
         raise ConfigError(f"residual_source={residual!r} must be one of sources {sources}")
@@ -318,7 +328,7 @@ def verify_config(cfg, strict=False, progress=True):
     return verify_dataset(root, sources, int(cfg.dset.samplerate), int(cfg.dset.channels),
                           _abspath(cfg.dset.metadata),
                           float(cfg.dset.get("sum_tolerance", 1e-3)), residual,
-                          strict=strict, progress=progress)
+                          strict=strict, progress=progress, stem_files=stem_files(cfg))
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -326,13 +336,16 @@ CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
 def compose_config(overrides):
+    """conf/ composed with overrides in any spelling (the guide's aliases included)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
+    from ..config_keys import canonical_checked, prepare_argv
+    overrides = prepare_argv(overrides)
     if GlobalHydra.instance().is_initialized():
         GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3",
                                job_name="verify_dataset"):
-        return compose(config_name="config", overrides=list(overrides))
+        return canonical_checked(compose(config_name="config", overrides=overrides), overrides)
 
 
 def run(argv=None):

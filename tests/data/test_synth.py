@@ -41,7 +41,7 @@ def test_deterministic_per_seed(tmp_path):
     assert np.abs(alone - _read(a / "train/track000/vocals.wav")[0]).max() < 1e-6
 
 
-@pytest.mark.parametrize("stems", [4, 5])
+@pytest.mark.parametrize("stems", [4, 5, 6])
 def test_stems_sum_to_mixture(tmp_path, stems):
     root = synth.generate_dataset(tmp_path, tracks=2, seconds=2, seed=0, domain="B",
                                   stems=stems, samplerate=SR, splits={"train": 2})
@@ -132,3 +132,24 @@ def test_ensure_synth_rejects_unknown_sources(tmp_path):
         synth.ensure_synth(_cfg(tmp_path), ["drums", "kick"], progress=False)
     with pytest.raises(ConfigError, match="domain"):
         synth.ensure_synth(_cfg(tmp_path, domain="C"), ["drums"], progress=False)
+
+
+def test_six_stem_layout_keeps_the_four_stem_music():
+    """htdemucs_6s' layout: guitar and piano join; the 4 other parts are the same music."""
+    assert synth.LAYOUTS[6] == ["drums", "bass", "other", "vocals", "guitar", "piano"]
+    four, six = _track(seed=2, stems=4), _track(seed=2, stems=6)
+    for name in ("drums", "bass", "vocals"):
+        a, b = four[name].astype(np.float64), six[name].astype(np.float64)
+        ratio = np.vdot(b, a) / np.vdot(a, a)
+        assert np.abs(b - a * ratio).max() < 1e-4 * np.abs(b).max(), name
+
+
+def test_layout_follows_the_sources(tmp_path):
+    assert synth.choose_layout(None, ["drums", "bass", "other", "vocals"]) == 4
+    assert synth.choose_layout(None, ["other", "kick", "vocal", "bass", "hihat"]) == 5
+    assert synth.choose_layout(None, ["drums", "guitar", "piano"]) == 6
+    assert synth.choose_layout(5, ["drums"]) == 5
+    root = synth.ensure_synth(_cfg(tmp_path, stems=None), ["drums", "piano"], progress=False)
+    assert (root / "valid/track000/piano.wav").is_file()
+    with pytest.raises(ConfigError, match=r"the synthetic files have \[.*\]; set dset.sources"):
+        synth.ensure_synth(_cfg(tmp_path, stems=None), ["drums", "cowbell"], progress=False)

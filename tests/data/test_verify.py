@@ -84,6 +84,18 @@ def test_missing_stem(ds, cli):
     assert code == 1
     assert f"{ds}/train/track001/bass.wav: missing file bass.wav" in out
     assert "residual_source=bass" in out           # the fix
+    # Files named after other stems: the fix names them.
+    code, out = cli(ds, "dset.sources=[drums,kick,other,vocals]")
+    assert code == 1 and "missing file kick.wav" in out
+    assert "your files have bass, drums, other, vocals; set dset.sources=[bass, drums, " \
+           "other, vocals]" in out
+
+
+def test_stem_files_read_another_file_name(ds, cli):
+    for track in ds.glob("*/*"):
+        (track / "vocals.wav").rename(track / "vox.wav")
+    code, out = cli(ds, "dset.stem_files={vocals:vox}")
+    assert code == 0, out
 
 
 def test_samplerate_mismatch(ds, cli):

@@ -1,0 +1,286 @@
+"""Every key that reaches a run is a known key: anything else is a ConfigError.
+
+The known keys are read from conf/ itself: `config.yaml` composed with the default
+option of each group (model, dset, optim; variants only overlay), plus the constructor
+arguments of demucs' HTDemucs under `htdemucs.` (the common ones are in
+conf/model/*.yaml, the others may be given too). A key added to conf/ is known at once.
+
+Checked: command-line overrides before Hydra composes (`check_argv`), and the composed
+config (`check_known_keys`): a key written in a YAML file, a dotted key inside YAML that
+names nothing, a variant file without `# @package _global_` (its keys land under
+`variant.`). Each error names the key, a close known key or the alias table entry. Hydra's
+own composition errors become the same one-screen ConfigError (`hydra_error`).
+"""
+from __future__ import annotations
+
+import difflib
+import functools
+import inspect
+import typing as tp
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from .config_aliases import ALIASES, canonical_key, split_override
+from .errors import ConfigError
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+GROUPS = ("model", "dset", "optim", "variant")
+_PACKAGE = "# @package _global_"
+# HTDemucs arguments that come from elsewhere in the config (dset.*), not htdemucs.*.
+_NOT_HTDEMUCS = ("self", "sources", "samplerate", "audio_channels", "segment")
+
+
+def _load_group_file(path: Path) -> dict:
+    """A group option's keys, placed where Hydra puts them (_global_ or under the group)."""
+    data = OmegaConf.to_container(OmegaConf.load(path), resolve=False) or {}
+    defaults = data.pop("defaults", None) or []
+    out: dict = {}
+    for item in defaults:                     # e.g. dset/five_stem: defaults: [synth]
+        if isinstance(item, str) and item != "_self_":
+            out = _merge(out, _load_group_file(path.parent / f"{item}.yaml"))
+    if not path.read_text().lstrip().startswith(_PACKAGE):
+        data = {path.parent.name: data}
+    return _merge(out, data)
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for key, value in b.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def htdemucs_kwargs() -> tp.Dict[str, tp.Any]:
+    """HTDemucs constructor arguments that `htdemucs.*` may set, with their defaults."""
+    from demucs.htdemucs import HTDemucs
+    params = inspect.signature(HTDemucs.__init__).parameters
+    return {name: p.default for name, p in params.items() if name not in _NOT_HTDEMUCS}
+
+
+@functools.lru_cache(maxsize=None)
+def _schema(conf_dir: str) -> dict:
+    conf = Path(conf_dir)
+    root = OmegaConf.to_container(OmegaConf.load(conf / "config.yaml"), resolve=False)
+    root.pop("hydra", None)
+    out: dict = {}
+    for item in root.pop("defaults", []):
+        if isinstance(item, dict):
+            ((group, option),) = item.items()
+            if group != "variant" and option is not None:
+                out = _merge(out, _load_group_file(conf / group / f"{option}.yaml"))
+        elif item == "_self_":
+            out = _merge(out, root)
+    htdemucs = out.setdefault("htdemucs", {})
+    for key, default in htdemucs_kwargs().items():
+        htdemucs.setdefault(key, default)
+    return out
+
+
+def schema() -> dict:
+    """The known keys as a nested dict of their defaults (a copy of the cache)."""
+    import copy
+    return copy.deepcopy(_schema(str(CONF_DIR)))
+
+
+def _lookup(path: str) -> tp.Tuple[bool, bool]:
+    """(known, closed): known = the path or one of its parents is a known key; closed =
+    the path is a known section whose keys are all known (a dict in the schema)."""
+    node: tp.Any = _schema(str(CONF_DIR))
+    for part in path.split("."):
+        if not isinstance(node, dict):
+            return True, False        # under a free-form leaf (layer_ranks, source_init...)
+        if part not in node:
+            return False, False
+        node = node[part]
+    return True, isinstance(node, dict)
+
+
+def is_known(path: str) -> bool:
+    return _lookup(path)[0]
+
+
+def is_closed(path: str) -> bool:
+    return _lookup(path)[1]
+
+
+def in_yaml_conf(path: str) -> bool:
+    """The key is written in conf/ (so Hydra can override it without `++`)."""
+    node: tp.Any = _yaml_only(str(CONF_DIR))
+    for part in path.split("."):
+        if not isinstance(node, dict):
+            return True
+        if part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def _yaml_only(conf_dir: str) -> dict:
+    data = dict(_schema(conf_dir))
+    kwargs = htdemucs_kwargs()
+    model = OmegaConf.to_container(OmegaConf.load(Path(conf_dir) / "model" / "htdemucs.yaml"))
+    data["htdemucs"] = {k: v for k, v in data["htdemucs"].items()
+                        if k in model["htdemucs"] or k not in kwargs}
+    return data
+
+
+def _all_paths(node: tp.Any, prefix: str = "") -> tp.List[str]:
+    if not isinstance(node, dict):
+        return [prefix] if prefix else []
+    out = [prefix] if prefix else []
+    for key, value in node.items():
+        out += _all_paths(value, f"{prefix}.{key}" if prefix else str(key))
+    return out
+
+
+def _leaf_paths(node: dict, prefix: str) -> tp.List[str]:
+    out = []
+    for key, value in node.items():
+        full = f"{prefix}.{key}"
+        out += _leaf_paths(value, full) if isinstance(value, dict) and value else [full]
+    return out
+
+
+def suggest(path: str) -> str:
+    """' (did you mean X?)', the alias entry, or ''."""
+    if path in ALIASES:
+        return f" (the guide's spelling of {ALIASES[path].canonical})"
+    schema_ = _schema(str(CONF_DIR))
+    parent, _, leaf = path.rpartition(".")
+    section = schema_
+    for part in parent.split(".") if parent else []:
+        section = section.get(part) if isinstance(section, dict) else None
+    prefix = f"{parent}." if parent else ""
+    siblings = list(section) if isinstance(section, dict) else []
+    siblings += [a[len(prefix):] for a in ALIASES if a.startswith(prefix)
+                 and "." not in a[len(prefix):]]
+    picks = [prefix + k for k in difflib.get_close_matches(leaf, siblings, n=2, cutoff=0.7)]
+    known = _all_paths(schema_) + list(ALIASES)
+    picks += [k for k in known if k.rsplit(".", 1)[-1] == leaf and k != path]
+    picks += difflib.get_close_matches(path, known, n=2, cutoff=0.85)
+    picks = list(dict.fromkeys(picks))[:3]
+    if not picks:
+        return ""
+    shown = [f"{p} (= {ALIASES[p].canonical})" if p in ALIASES else p for p in picks]
+    return f" (did you mean {' or '.join(shown)}?)"
+
+
+def _unknown_message(path: str, where: str) -> str:
+    if path.startswith("variant."):
+        inner = path[len("variant."):]
+        return (f"{path} ({where}): a variant file without `{_PACKAGE}` as its first line puts "
+                f"its keys under `variant.`, so {inner} would be ignored. Fix: add "
+                f"`{_PACKAGE}` as the variant's first line")
+    return f"unknown key {path} ({where}){suggest(path)}"
+
+
+def check_argv(argv: tp.Sequence[str]) -> tp.List[str]:
+    """Refuse unknown keys in (already alias-normalized) overrides; known HTDemucs
+    arguments absent from conf/ get Hydra's `++` (add or override). Returns the argv."""
+    out, problems = [], []
+    for arg in argv:
+        prefix, key, value = split_override(arg)
+        if value is None and prefix != "~":
+            problems.append(f"override {arg!r}: expected key=value (e.g. epochs=10)")
+            continue
+        if key in GROUPS or key.startswith("hydra.") or "/" in key or key == "hydra":
+            out.append(arg)
+            continue
+        if not is_known(key):
+            problems.append(_unknown_message(key, "command line"))
+            continue
+        if prefix in ("", "+") and not in_yaml_conf(key):
+            arg = f"++{key}={value}"
+        elif prefix == "+":
+            arg = f"++{key}={value}"      # the key exists already: `+` would be refused
+        out.append(arg)
+    if problems:
+        raise ConfigError("; ".join(problems) if len(problems) == 1 else
+                          "\n  " + "\n  ".join(problems))
+    return out
+
+
+def unknown_keys(cfg: tp.Any, path: str = "") -> tp.List[str]:
+    """Paths of `cfg` (a canonical config) that name no known key."""
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_container(cfg, resolve=False)
+    out = []
+    for key, value in cfg.items():
+        full = f"{path}.{key}" if path else str(key)
+        if full in ("hydra",):
+            continue
+        known, closed = _lookup(full)
+        if not known and full == "variant" and isinstance(value, dict):
+            out += _leaf_paths(value, full)
+        elif not known:
+            out.append(full)
+        elif closed and isinstance(value, dict):
+            out += unknown_keys(value, full)
+    return out
+
+
+def check_known_keys(cfg: DictConfig, where: str = "in the composed config") -> None:
+    """ConfigError naming every unknown key of a canonical config (one line each)."""
+    bad = unknown_keys(cfg)
+    if not bad:
+        return
+    lines = [_unknown_message(p, where) for p in bad]
+    raise ConfigError(lines[0] if len(lines) == 1 else "\n  " + "\n  ".join(lines))
+
+
+def cli_keys(argv: tp.Sequence[str]) -> tp.List[str]:
+    """Canonical keys set by command-line overrides (groups and hydra.* left out)."""
+    keys = []
+    for arg in argv:
+        _, key, value = split_override(arg)
+        if value is not None and key not in GROUPS and not key.startswith("hydra"):
+            keys.append(canonical_key(key))
+    return keys
+
+
+def hydra_error(exc: BaseException) -> ConfigError:
+    """One-screen ConfigError from a Hydra/OmegaConf composition error."""
+    text = str(exc).strip()
+    cause = exc.__cause__ or exc.__context__
+    if cause is not None and str(cause).strip() and str(cause).strip() not in text:
+        text = f"{text}\n{str(cause).strip()}"
+    lines = [line for line in text.splitlines() if line.strip()
+             and not line.lstrip().startswith(("full_key:", "object_type", "reference_type",
+                                               "Set the environment variable HYDRA_FULL",
+                                               "provider=", "Config search path"))]
+    key = None
+    for line in lines:
+        if "Key '" in line and "not in struct" in line:
+            key = line.split("Key '", 1)[1].split("'", 1)[0]
+    if len(lines) > 12:
+        lines = lines[:12] + [f"... ({len(lines) - 12} more lines)"]
+    message = "\n  ".join(lines)
+    if key is not None:
+        message += suggest(key)
+    if type(exc).__module__.split(".")[0] == "yaml":
+        return ConfigError(f"a config file is not valid YAML: {message}")
+    return ConfigError(f"the config cannot be composed from these overrides: {message}")
+
+
+def is_hydra_error(exc: BaseException) -> bool:
+    return type(exc).__module__.split(".")[0] in ("hydra", "omegaconf", "yaml")
+
+
+def prepare_argv(argv: tp.Sequence[str]) -> tp.List[str]:
+    """Overrides in canonical spelling, unknown keys refused (before Hydra composes)."""
+    from .config_aliases import normalize_argv
+    return check_argv(normalize_argv(list(argv)))
+
+
+def canonical_checked(cfg: DictConfig, argv: tp.Sequence[str] = (),
+                      where: str = "in a config file") -> DictConfig:
+    """The composed config with canonical keys only; ConfigError on any unknown key."""
+    from .config_aliases import canonical_config
+    out = canonical_config(cfg, cli_keys(argv))
+    check_known_keys(out, where)
+    return out

@@ -1,0 +1,46 @@
+"""Stand-ins for what the guide's users have: demucs model files and a stem folder.
+
+`make_repo(root)` writes a demucs repo folder (as `demucs --repo` reads it) with tiny
+HTDemucs models under the released names: `htdemucs.yaml` -> `955717e8-8726e21a.th`
+(4 sources) and `htdemucs_6s.yaml` -> `5c90dfd2-34c22ccb.th` (6 sources), serialized with
+demucs.states.serialize_model. `make_data(root, stems)` writes a tiny synthetic dataset.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+FOUR = ["drums", "bass", "other", "vocals"]
+SIX = ["drums", "bass", "other", "vocals", "guitar", "piano"]
+TINY = dict(channels=8, depth=4, t_layers=1, t_heads=4, nfft=4096, samplerate=44100,
+            segment=1)
+MODELS = {"htdemucs": ("955717e8", "8726e21a", FOUR),
+          "htdemucs_6s": ("5c90dfd2", "34c22ccb", SIX)}
+
+
+def tiny_model(sources, seed=0):
+    from demucs.htdemucs import HTDemucs
+    torch.manual_seed(seed)
+    return HTDemucs(sources=list(sources), **TINY)
+
+
+def make_repo(root: Path) -> Path:
+    from demucs.states import serialize_model
+    from omegaconf import OmegaConf
+    repo = Path(root) / "models"
+    repo.mkdir(parents=True, exist_ok=True)
+    for i, (name, (sig, checksum, sources)) in enumerate(MODELS.items()):
+        package = serialize_model(tiny_model(sources, seed=i), OmegaConf.create({}), half=False)
+        torch.save(package, repo / f"{sig}-{checksum}.th")
+        (repo / f"{name}.yaml").write_text(f"models: ['{sig}']\n")
+    return repo
+
+
+def make_data(root: Path, stems: int = 5, tracks: int = 2, seconds: float = 3.0) -> Path:
+    from demucs_lora.data.synth import generate_dataset
+    data = Path(root) / f"data{stems}"
+    if not (data / "synth.json").exists():
+        generate_dataset(data, seconds=seconds, stems=stems,
+                         splits={"train": tracks, "valid": 1, "test": 1})
+    return data
