@@ -68,7 +68,8 @@ class Solver(SolverGuards):
         if self.is_master:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(str(self.folder / "tensorboard"))
-        weights = cfg.weights or [1.0] * len(cfg.dset.sources)
+        self.sources = list(model.sources)  # the run's (cfg.dset.sources once resolved)
+        weights = cfg.weights or [1.0] * len(self.sources)
         self.weights = torch.tensor(list(weights), dtype=torch.float32, device=device)
         self.base = ckpt.base_record(self.model, cfg)  # checked against checkpoint.th
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -273,7 +274,7 @@ class Solver(SolverGuards):
         model.eval()
         dataset = self.loaders["valid"].dataset
         indices = list(range(distrib.rank(), len(dataset), distrib.world_size()))
-        sums = torch.zeros(len(self.cfg.dset.sources) + 1, dtype=torch.float64)
+        sums = torch.zeros(len(self.sources) + 1, dtype=torch.float64)
         for index in tqdm.tqdm(indices, desc=f"valid {epoch + 1}", leave=False,
                                disable=not self.is_master):
             track = dataset[index].to(self.device)
@@ -288,7 +289,7 @@ class Solver(SolverGuards):
         if swap is not None:
             ckpt.load_trainable_state(model, swap)
         per_source = (sums[:-1] / sums[-1].clamp(min=1)).tolist()
-        metrics = {f"nsdr_{name}": value for name, value in zip(self.cfg.dset.sources, per_source)}
+        metrics = {f"nsdr_{name}": value for name, value in zip(self.sources, per_source)}
         metrics["nsdr"] = sum(per_source) / len(per_source)
         return metrics
 
