@@ -100,7 +100,7 @@ def _package(path, **kwargs):
     ({"channels": 4096}, "describe a HTDemucs of"),
     ({"depth": 10 ** 6}, "depth is 1000000"),
     ({"t_layers": 10 ** 7}, "t_layers is 10000000"),
-    ({"segment": fractions.Fraction(2 ** 200, 3)}, "Fraction of 201-bit"),
+    ({"segment": fractions.Fraction(2 ** 200, 3)}, "Fraction"),  # at unpickling or after
     ({"nfft": 2 ** 40}, "integer of 41 bits"),
     ({"t_cape_glob_loc_scale": list(range(1000))}, "list of 1000 items"),
 ])
