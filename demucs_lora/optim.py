@@ -58,6 +58,11 @@ class TrainableEMA:
         return {"decay": self.decay, "shadow": self.shadow}
 
     def load_state_dict(self, state: dict) -> None:
-        self.decay = state["decay"]
-        for name, value in state["shadow"].items():
+        """KeyError/ValueError when `state` is not an EMA of the same trainables."""
+        shadow = state["shadow"]
+        if set(shadow) != set(self.shadow) or any(
+                tuple(v.shape) != tuple(self.shadow[k].shape) for k, v in shadow.items()):
+            raise ValueError("the EMA state does not match the model's trainable tensors")
+        self.decay = float(state["decay"])
+        for name, value in shadow.items():
             self.shadow[name].copy_(value)

@@ -254,6 +254,26 @@ def _split_problems(root, report):
     return splits
 
 
+def _layout_problems(root, layouts, channels):
+    """Info lines for tracks whose channel count differs from dset.channels (an error
+    when they cannot be converted); `layouts` counts tracks per (split, channels)."""
+    problems = []
+    for (split, have), count in sorted(layouts.items(), key=str):
+        if have and have != channels:
+            level, what = "info", (
+                "they are averaged to mono" if channels == 1 else
+                f"their channel is repeated {channels} times" if have == 1 else
+                f"their first {channels} channels are used, the others ignored"
+                if have > channels else "they cannot be converted")
+            if have not in (1, channels) and channels != 1 and have < channels:
+                level = "error"
+            problems.append(Problem(
+                level, split, "", str(root / split), f"{count} tracks have {have} channels "
+                f"but dset.channels={channels}: {what}",
+                "downmix them offline if the other channels matter, or set dset.channels"))
+    return problems
+
+
 def verify_dataset(root, sources, samplerate, channels, cache_dir, sum_tolerance=1e-3,
                    residual_source=None, strict=False, progress=True, stem_files=None):
     """Check every track of every split of `root`; returns a Report (see `Report.ok`)."""
@@ -291,19 +311,7 @@ def verify_dataset(root, sources, samplerate, channels, cache_dir, sum_tolerance
             report.problems.append(Problem(
                 "info", split, "", str(root / split), f"{count} tracks at {rate} Hz are "
                 f"resampled to {samplerate} Hz on the fly", "resample them offline to save time"))
-    for (split, have), count in sorted(layouts.items(), key=str):
-        if have and have != channels:
-            level, what = "info", (
-                "they are averaged to mono" if channels == 1 else
-                f"their channel is repeated {channels} times" if have == 1 else
-                f"their first {channels} channels are used, the others ignored"
-                if have > channels else "they cannot be converted")
-            if have not in (1, channels) and channels != 1 and have < channels:
-                level = "error"
-            report.problems.append(Problem(
-                level, split, "", str(root / split), f"{count} tracks have {have} channels "
-                f"but dset.channels={channels}: {what}",
-                "downmix them offline if the other channels matter, or set dset.channels"))
+    report.problems += _layout_problems(root, layouts, channels)
     for p in report.problems:
         if p.split in rows and p.level in ("error", "warning"):
             setattr(rows[p.split], p.level + "s", getattr(rows[p.split], p.level + "s") + 1)
