@@ -165,5 +165,5 @@ def test_summarize_ignores_nan_and_missing_sources():
 def test_shape_mismatch_and_unknown_metric_raise():
     with pytest.raises(ValueError, match="shape"):
         M.nsdr(torch.zeros(2, 2, 10), torch.zeros(2, 2, 11))
-    with pytest.raises(ValueError, match="unknown metrics"):
-        M.track_metrics(torch.zeros(1, 2, 4096), torch.zeros(1, 2, 4096), ["x"], metrics=["bogus"])
+    with pytest.raises(ValueError, match="unknown metrics"):  # (sdr is one now)
+        M.track_metrics(torch.zeros(1, 2, 4096), torch.zeros(1, 2, 4096), ["x"], metrics=["pesq"])

@@ -39,7 +39,6 @@ from __future__ import annotations
 import heapq
 import json
 import logging
-import math
 import typing as tp
 from pathlib import Path
 
@@ -48,17 +47,14 @@ from torch import nn
 
 from ..errors import ConfigError
 from .inject import iter_lora_layers, lora_config
-from .layers import LoRAConvTranspose1d, LoRAConvTranspose2d, LoRALayer, params_per_rank
-from .layers_attention import LoRAMultiheadAttention
+from .layers import LoRALayer, params_per_rank
+from .resize import (base_weights, factors, gradient_matrix, matrix_pairs, low_rank_svd,
+                     replace_in_optimizer, resize_layer)
 
 logger = logging.getLogger(__name__)
 
 KEYS = ("lora_rank_adaptation", "lora_adapt_every")
 """The htdemucs.* keys of this module (see conf/model/htdemucs.yaml)."""
-
-NEW_A_NORM = 1 / math.sqrt(3)
-"""Row norm of a new A component: the expected row norm of LoRA's kaiming-uniform init."""
-
 
 # ----------------------------------------------------------------------------- config
 def check_config(cfg: tp.Any) -> None:
@@ -75,163 +71,6 @@ def check_config(cfg: tp.Any) -> None:
         raise ConfigError("htdemucs.lora_rank_adaptation=true moves LoRA ranks between "
                           "layers, but htdemucs.lora_rank=0 is full fine-tuning: set "
                           "htdemucs.lora_rank > 0 (the starting rank)")
-
-
-# ----------------------------------------------------------------------------- factors
-class _Pair(tp.NamedTuple):
-    """One low-rank matrix of a layer: ``delta = scaling * L @ R``.
-
-    ``a``/``b`` name the factors; ``transposed`` (ConvTranspose) means L = A.T, R = B
-    (else L = B, R = A). The B side of new components is zero."""
-    a: str
-    b: str
-    transposed: bool
-    weight: str      # base parameter whose gradient is this matrix's gradient
-    rows: tp.Optional[slice]  # rows of that parameter (q/k/v slices of in_proj_weight)
-
-
-def _pairs(layer: LoRALayer) -> tp.List[_Pair]:
-    if isinstance(layer, LoRAMultiheadAttention):
-        dim = layer.base.embed_dim
-        out = [_Pair(f"lora_A_{p}", f"lora_B_{p}", False, "in_proj_weight",
-                     slice(i * dim, (i + 1) * dim))
-               for i, (p, on) in enumerate(zip("qkv", layer.enable_qkv)) if on]
-        return out + [_Pair("lora_A_o", "lora_B_o", False, "out_proj.weight", None)]
-    transposed = isinstance(layer, (LoRAConvTranspose1d, LoRAConvTranspose2d))
-    return [_Pair("lora_A", "lora_B", transposed, "weight", None)]
-
-
-def _factors(layer: LoRALayer, pair: _Pair) -> tp.Tuple[torch.Tensor, torch.Tensor]:
-    """(L (m, r), R (r, n)) in float64, detached."""
-    a, b = getattr(layer, pair.a).detach(), getattr(layer, pair.b).detach()
-    if pair.transposed:
-        return a.double().t(), b.double().reshape(b.shape[0], -1)
-    return b.double().reshape(b.shape[0], b.shape[1]), a.double().reshape(a.shape[0], -1)
-
-
-def _set_factors(layer: LoRALayer, pair: _Pair, left: torch.Tensor, right: torch.Tensor
-                 ) -> tp.List[tp.Tuple[nn.Parameter, nn.Parameter]]:
-    """Replace the pair's factors by new Parameters holding L, R; returns (old, new) pairs."""
-    a, b = getattr(layer, pair.a), getattr(layer, pair.b)
-    rank = left.shape[1]
-    if pair.transposed:
-        new_a, new_b = left.t(), right.reshape(rank, *b.shape[1:])
-    else:
-        new_b, new_a = left.reshape(b.shape[0], rank, *b.shape[2:]), \
-            right.reshape(rank, *a.shape[1:])
-    swaps = []
-    for name, old, value in ((pair.a, a, new_a), (pair.b, b, new_b)):
-        new = nn.Parameter(value.to(device=old.device, dtype=old.dtype).contiguous(),
-                           requires_grad=old.requires_grad)
-        setattr(layer, name, new)  # same key of _parameters: parameter order is kept
-        swaps.append((old, new))
-    return swaps
-
-
-def _svd(left: torch.Tensor, right: torch.Tensor
-         ) -> tp.Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """SVD of ``left @ right`` through QR of the thin factors: (U (m,r), S (r,), V (n,r))."""
-    q_l, r_l = torch.linalg.qr(left)
-    q_r, r_r = torch.linalg.qr(right.t())
-    u, s, vh = torch.linalg.svd(r_l @ r_r.t(), full_matrices=False)
-    return q_l @ u, s, q_r @ vh.t()
-
-
-def _scaling(layer: LoRALayer, rank: int) -> float:
-    return layer.alpha / math.sqrt(rank) if layer.rslora else layer.alpha / rank
-
-
-def _gradient_matrix(layer: LoRALayer, pair: _Pair) -> torch.Tensor:
-    """The full-weight gradient of the pair's matrix, oriented like ``L @ R``."""
-    param = layer.base.get_parameter(pair.weight)
-    grad = param.grad if param.grad is not None else torch.zeros_like(param)
-    grad = grad.detach().double()
-    if pair.rows is not None:
-        grad = grad[pair.rows]
-    if isinstance(layer.base, nn.Embedding):
-        return grad.t()
-    return grad.reshape(grad.shape[0], -1)
-
-
-def _base_weights(layer: LoRALayer) -> tp.List[nn.Parameter]:
-    return list({id(p): p for p in (layer.base.get_parameter(pair.weight)
-                                    for pair in _pairs(layer))}.values())
-
-
-# ----------------------------------------------------------------------------- resizing
-def resize_layer(layer: LoRALayer, rank: int,
-                 grad_perp: tp.Optional[tp.Sequence[tp.Optional[torch.Tensor]]] = None
-                 ) -> dict:
-    """Set ``layer`` to ``rank``: truncated SVD to shrink, zero-B components to grow.
-
-    ``grad_perp`` (one matrix per pair, optional): the new A components start along its
-    top singular vectors (else along the orthogonal complement of the current A rows).
-    Returns {"swaps": [(old, new) Parameters], "dropped": [per-pair dropped sigmas]}.
-    """
-    old_rank = layer.r
-    if rank == old_rank:
-        return {"swaps": [], "dropped": []}
-    if rank < 1:
-        raise ConfigError(f"rank adaptation: rank {rank} < 1 for {type(layer).__name__}")
-    old_s, new_s = layer.scaling, _scaling(layer, rank)
-    swaps, dropped = [], []
-    for i, pair in enumerate(_pairs(layer)):
-        left, right = _factors(layer, pair)
-        if rank < old_rank:
-            u, s, v = _svd(left * old_s, right)
-            root = (s[:rank] / new_s).sqrt()
-            left, right = u[:, :rank] * root, (v[:, :rank] * root).t()
-            dropped.append(s[rank:].float())
-        else:
-            extra = rank - old_rank
-            g = grad_perp[i] if grad_perp is not None else None
-            left = left * (old_s / new_s)
-            if pair.transposed:  # A = L.T: new columns of L along G's left vectors
-                new_a = _new_directions(left, g, extra, side="left")
-                left = torch.cat([left, new_a], 1)
-                right = torch.cat([right, right.new_zeros(extra, right.shape[1])], 0)
-            else:  # A = R: new rows of R along G's right vectors, zero columns of B = L
-                new_a = _new_directions(right.t(), g, extra, side="right")
-                left = torch.cat([left, left.new_zeros(left.shape[0], extra)], 1)
-                right = torch.cat([right, new_a.t()], 0)
-        swaps += _set_factors(layer, pair, left, right)
-    layer.r, layer.scaling = rank, new_s
-    return {"swaps": swaps, "dropped": dropped}
-
-
-def _new_directions(current: torch.Tensor, grad: tp.Optional[torch.Tensor], count: int,
-                    side: str) -> torch.Tensor:
-    """``count`` unit columns (scaled to NEW_A_NORM) for new A components.
-
-    ``current`` (dim, r) holds the existing A vectors as columns. Taken from the top
-    singular vectors of ``grad`` on ``side`` when it has energy, completed by the
-    orthogonal complement of ``current`` (deterministic: no random draw)."""
-    dim = current.shape[0]
-    columns = []
-    if grad is not None and float(grad.abs().max()) > 0:
-        u, s, vh = torch.linalg.svd(grad, full_matrices=False)
-        vectors = u if side == "left" else vh.t()
-        columns = [vectors[:, k] for k in range(min(count, int((s > 0).sum())))]
-    if len(columns) < count:
-        basis = torch.cat([current, *(c[:, None] for c in columns)], 1) if columns else current
-        q, _ = torch.linalg.qr(torch.cat([basis, torch.eye(dim, dtype=current.dtype,
-                                                             device=current.device)], 1))
-        complement = q[:, basis.shape[1]:]
-        columns += [complement[:, k] for k in range(min(count - len(columns),
-                                                        complement.shape[1]))]
-    while len(columns) < count:  # more components than dimensions: cannot happen below caps
-        columns.append(current.new_zeros(dim))
-    return torch.stack(columns, 1) * NEW_A_NORM
-
-
-def replace_in_optimizer(optimizer: torch.optim.Optimizer,
-                         swaps: tp.Sequence[tp.Tuple[nn.Parameter, nn.Parameter]]) -> None:
-    """Put each new Parameter where the old one was; only their state is dropped."""
-    mapping = {id(old): new for old, new in swaps}
-    for group in optimizer.param_groups:
-        group["params"] = [mapping.get(id(p), p) for p in group["params"]]
-    for old, _ in swaps:
-        optimizer.state.pop(old, None)
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -256,10 +95,10 @@ def score_layer(layer: LoRALayer, cap: int) -> tp.Tuple[LayerScore, tp.List[torc
     """Scores of one layer (its base weights must hold the accumulated gradient) and the
     per-pair ``G_perp`` matrices (the growth directions)."""
     kept, new, energy, perps = None, None, 0.0, []
-    for pair in _pairs(layer):
-        left, right = _factors(layer, pair)
-        u, s, v = _svd(left * layer.scaling, right)
-        grad = _gradient_matrix(layer, pair)
+    for pair in matrix_pairs(layer):
+        left, right = factors(layer, pair)
+        u, s, v = low_rank_svd(left * layer.scaling, right)
+        grad = gradient_matrix(layer, pair)
         energy += float(grad.square().sum())
         perp = _perp(grad, u, s, v)
         perps.append(perp)
@@ -336,7 +175,7 @@ def _calibration_gradients(model: nn.Module, layers: tp.Mapping[str, LoRALayer],
     """Accumulate the full-weight gradient of every adapted layer's base weights over
     ``n_batches`` batches (eval mode, fp32, RNG forked and seeded: no effect on training).
     Returns the number of batches seen; the gradients stay in ``.grad``."""
-    targets = list({id(p): p for layer in layers.values() for p in _base_weights(layer)}
+    targets = list({id(p): p for layer in layers.values() for p in base_weights(layer)}
                    .values())
     params = list(model.parameters())
     saved_rg = [p.requires_grad for p in params]
@@ -373,7 +212,7 @@ def _calibration_gradients(model: nn.Module, layers: tp.Mapping[str, LoRALayer],
 
 def _release_gradients(layers: tp.Mapping[str, LoRALayer]) -> None:
     for layer in layers.values():
-        for p in _base_weights(layer):
+        for p in base_weights(layer):
             p.grad = None
 
 
@@ -399,8 +238,8 @@ class RankAdaptation:
         lora_max = lcfg.get("lora_max_rank", None)
         self.bounds = {}
         for name, layer in self.layers.items():
-            smallest = min(min(_factors(layer, p)[0].shape[0], _factors(layer, p)[1].shape[1])
-                           for p in _pairs(layer))
+            smallest = min(min(factors(layer, p)[0].shape[0], factors(layer, p)[1].shape[1])
+                           for p in matrix_pairs(layer))
             high = min(smallest, max_rank, int(lora_max) if lora_max is not None else smallest)
             self.bounds[name] = (min(min_rank, high), max(1, high))
         self.budget = self.spent()
@@ -470,7 +309,7 @@ class RankAdaptation:
             scores, perps = {}, {}
             for name, layer in self.layers.items():
                 if world > 1:
-                    for p in _base_weights(layer):
+                    for p in base_weights(layer):
                         torch.distributed.all_reduce(p.grad)
                         p.grad /= world
                 if name in self.pinned:

@@ -81,7 +81,7 @@ def test_budget_is_kept_within_5_percent_and_ranks_move(adapted):
 
 
 def _as_matrix(layer, change):
-    """The delta in the orientation the factors approximate (see rank_adaptation._Pair)."""
+    """The delta in the orientation the factors approximate (see resize._Pair)."""
     if isinstance(layer.base, nn.Embedding):
         return change.t()
     return change.reshape(change.shape[0], -1)
