@@ -1,12 +1,13 @@
 """Stand-ins for what the guide's users have: demucs model files and a stem folder.
 
 `make_repo(root)` writes a demucs repo folder (as `demucs --repo` reads it) with tiny
-HTDemucs models under the released names: `htdemucs.yaml` -> `955717e8-8726e21a.th`
-(4 sources) and `htdemucs_6s.yaml` -> `5c90dfd2-34c22ccb.th` (6 sources), serialized with
+HTDemucs models under the released names: `htdemucs.yaml` -> `955717e8-CHECKSUM.th`
+(4 sources) and `htdemucs_6s.yaml` -> `5c90dfd2-CHECKSUM.th` (6 sources; their own sha256), serialized with
 demucs.states.serialize_model. `make_data(root, stems)` writes a tiny synthetic dataset.
 """
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
@@ -32,7 +33,10 @@ def make_repo(root: Path) -> Path:
     repo.mkdir(parents=True, exist_ok=True)
     for i, (name, (sig, checksum, sources)) in enumerate(MODELS.items()):
         package = serialize_model(tiny_model(sources, seed=i), OmegaConf.create({}), half=False)
-        torch.save(package, repo / f"{sig}-{checksum}.th")
+        tmp = repo / f"{sig}.tmp"
+        torch.save(package, tmp)  # named SIG-CHECKSUM.th with its real checksum, as demucs
+        real = hashlib.sha256(tmp.read_bytes()).hexdigest()[:len(checksum)]  # checks it
+        tmp.rename(repo / f"{sig}-{real}.th")
         (repo / f"{name}.yaml").write_text(f"models: ['{sig}']\n")
     return repo
 
