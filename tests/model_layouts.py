@@ -61,3 +61,25 @@ def write_hf_cache(models: tp.Sequence, hf_home: Path, name: str, sigs: tp.Seque
     for model, sig in zip(models, sigs):
         write_safetensors_package(model, snap / f"{sig}.safetensors")
     return snap
+
+
+def isolate_caches(root: Path, monkeypatch) -> Path:
+    """HF and torch hub caches under ``root`` (the machine's own are never seen), cwd root."""
+    monkeypatch.setenv("HF_HOME", str(root / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(root / "torch"))
+    monkeypatch.chdir(root)
+    return root
+
+
+def run_offline(code: str, hf_home: Path):
+    """``python -c code`` with demucs' HF hub loader offline on ``hf_home``'s cache."""
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, HF_HOME=str(hf_home), HF_HUB_OFFLINE="1")
+    env.pop("HF_HUB_CACHE", None)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc

@@ -269,11 +269,8 @@ def test_hf_format_export_loads_in_demucs_and_matches_th_export(xp, in_root, tmp
             "m = get_model('hf://me/tinyhf').models[0]; "
             f"x, ref = torch.load('{tmp_path / 'x.pt'}'), torch.load('{tmp_path / 'ours.pt'}'); "
             "assert (m(x).detach() - ref).abs().max() < 1e-5")
-    env = dict(os.environ, HF_HOME=str(tmp_path / "cache"), HF_HUB_OFFLINE="1")
-    env.pop("HF_HUB_CACHE", None)
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                          text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    from model_layouts import run_offline
+    run_offline(code, tmp_path / "cache")
     with pytest.raises(SystemExit):
         export(xp.sig, "-o", tmp_path / "q", "--format", "hf", "--quantize", "8")
     assert "drop --quantize" in capsys.readouterr().err

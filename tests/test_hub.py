@@ -1,13 +1,11 @@
 """The model resolver and both file layouts: every place a user's demucs model can be."""
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from model_layouts import tiny, write_hf_cache, write_repo_th, write_torch_hub
+from model_layouts import (isolate_caches, run_offline, tiny, write_hf_cache, write_repo_th,
+                           write_torch_hub)
 from safetensors.torch import save_file
 
 from demucs_lora.errors import ModelLoadError
@@ -21,11 +19,7 @@ X = torch.randn(1, 2, 44100, generator=torch.Generator().manual_seed(1))
 @pytest.fixture
 def caches(tmp_path, monkeypatch):
     """Empty HF and torch hub caches under tmp_path (the machine's own are never seen)."""
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
+    return isolate_caches(tmp_path, monkeypatch)
 
 
 def _out(model):
@@ -177,9 +171,4 @@ def test_hf_export_loads_through_stock_get_model_offline(tmp_path):
             "bag = get_model('hf://someone/htdemucs_6s'); m = bag.models[0].eval(); "
             f"x = torch.load('{tmp_path / 'x.pt'}'); ref = torch.load('{tmp_path / 'ref.pt'}');"
             "out = m(x).detach(); print(list(m.sources)); assert (out - ref).abs().max() < 1e-5")
-    env = dict(os.environ, HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1")
-    env.pop("HF_HUB_CACHE", None)
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                          text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "guitar" in proc.stdout
+    assert "guitar" in run_offline(code, tmp_path / "hf").stdout

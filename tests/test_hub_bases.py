@@ -2,7 +2,7 @@
 and the released htdemucs architecture (41.98M parameters) taking one LoRA step."""
 import pytest
 import torch
-from model_layouts import tiny, write_hf_cache
+from model_layouts import isolate_caches, tiny, write_hf_cache
 
 from demucs_lora.evaluate import compose
 from demucs_lora.model import build_model
@@ -13,11 +13,7 @@ X = torch.randn(1, 2, 44100, generator=torch.Generator().manual_seed(2))
 
 @pytest.fixture
 def hf_home(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.chdir(tmp_path)
-    return tmp_path / "hf"
+    return isolate_caches(tmp_path, monkeypatch) / "hf"
 
 
 def _cfg(*overrides):
