@@ -312,7 +312,8 @@ def _color(run: dict) -> str:
     return COLORS[run["mode"]]
 
 
-def plot_gain_vs_params(results: tp.Dict[str, dict], path: Path, title: str) -> None:
+def plot_gain_vs_params(results: tp.Dict[str, dict], path: Path, title: str,
+                        ylabel: str = "mean nSDR gain on test B (dB)") -> None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     seen = set()
@@ -338,7 +339,7 @@ def plot_gain_vs_params(results: tp.Dict[str, dict], path: Path, title: str) -> 
     ax.set_xticks(ticks)
     ax.set_xticklabels([f"{t / 1e6:g}M" if t >= 1e6 else f"{t / 1e3:g}k" for t in ticks])
     ax.set_xlabel("trainable parameters (log)")
-    ax.set_ylabel("mean nSDR gain on valid B (dB)")
+    ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.axhline(0, color="grey", lw=0.8)
@@ -500,14 +501,14 @@ def table_lines(r: dict) -> tp.List[str]:
                      f"{_cell(b['valid_gain'])} | " +
                      " | ".join(_cell(g.get(x)) for x in SOURCES) + f" | {_cell(g.get('mean'))} | "
                      + " | ".join(_cell(b["curve"].get(str(t))) for t in tracks) + " |")
-    lines += ["", f"Scale run: {s['scale']}."]
+    lines += ["", f"Scale of this run: {s['scale']}."]
     for t in r.get("targets", []):
         lines.append(f"- {t['name']}: {_cell(t['value'], '{:.2f}')} (target {t['op']} "
                      f"{t['target']}): **{'PASS' if t['pass'] else 'MISS'}**")
     stem = "benchmarks/results/" + NAME
     lines.append(f"\n![test gain vs params]({stem}_gain_vs_params.png) "
                  f"![gain vs training tracks]({stem}_gain_vs_tracks.png) "
-                 f"![lr sweep]({stem}_lr_sweep.png)")
+                 f"![lr sweep]({stem}_lr_sweep.png) ![ranks per layer]({stem}_ranks.png)")
     return lines
 
 
@@ -654,7 +655,8 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     settings["scale"] = (f"{len(plan['methods'])} methods ({', '.join(plan['methods'])}), "
                          f"{settings['steps']} steps per run, lr sweep at {main_tracks} "
                          f"training tracks, curve at {', '.join(map(str, plan['tracks']))} "
-                         f"tracks, up to {plan['max_extend']} lr extensions per method")
+                         f"tracks, up to {plan['max_extend']} lr value(s) added past an edge "
+                         "per method, one seed")
     machine = common.describe_machine("cpu")
     print(common.header("Adaptation quality (domain A -> B): " + PROTOCOL, machine,
                         {"scale": settings["scale"], "workdir": workdir}), flush=True)

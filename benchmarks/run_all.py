@@ -132,8 +132,10 @@ def _train_table(r: dict) -> tp.List[str]:
                 f"{_x(c['time'], 3)}, peak memory {_x(c['memory'], 3)}"
                 for mode, c in cost.items()) + "; median of per-round ratios, same run)."]
         lines.append("")
-    if s.get("note"):
-        lines.append(f"Note: {s['note']}.")
+    if s.get("segment_s") != 7.8:
+        lines.append(f"Note: segment {s['segment_s']} s instead of the 7.8 s of "
+                     "conf/dset/wav.yaml, to keep a run of every configuration short on this "
+                     "machine.")
     if metric == "cpu":
         lines.append("Step time (cpu): process CPU time of a single-threaded step, robust to "
                      "other jobs on a shared machine; wall-clock ratios alongside. Peak memory: "
@@ -197,8 +199,8 @@ def _size_table(r: dict) -> tp.List[str]:
     for i, run in enumerate(r["runs"]):
         base = run["base"]
         lines += [f"**Adapter size, {run['arch_label']}** (vs the demucs checkpoint: float32 "
-                  f"{base['bytes'] / 2**20:.1f} MB, float16 {base['bytes_float16'] / 2**20:.1f} MB"
-                  " as released)", "",
+                  f"{base['bytes'] / 2**20:.1f} MiB, float16 {base['bytes_float16'] / 2**20:.1f} "
+                  "MiB, the format demucs releases; MiB = 2^20 bytes)", "",
                   "| adapter | stored as | params | size | % of float32 base | % of float16 base "
                   "| output error (of peak / of adapter effect) | target |",
                   "|---|---|---|---|---|---|---|---|"]
@@ -212,7 +214,7 @@ def _size_table(r: dict) -> tp.List[str]:
             err = f"{c['error_vs_output_peak']:.1e} / {c['error_vs_adapter_effect']:.1e}" \
                 if "max_abs_error" in c else "exact"
             lines.append(f"| {c['mode']} r={c['rank']} | {c['save_dtype']} | "
-                         f"{c['params'] / 1e6:.3f}M | {c['bytes'] / 2**20:.2f} MB | "
+                         f"{c['params'] / 1e6:.3f}M | {c['bytes'] / 2**20:.2f} MiB | "
                          f"{c['percent']:.2f}% | {c['percent_of_float16_base']:.2f}% | {err} | "
                          f"{cell} |")
         lines.append("")

@@ -564,8 +564,8 @@ def main(argv=None) -> dict:
         notes.append(common.NO_CUDA_SMOKE)
     if not cuda_suite and args.segment != FULL_SEGMENT and not args.smoke:
         notes.append(f"segment {args.segment} s instead of the {FULL_SEGMENT} s of "
-                     f"conf/dset/wav.yaml: a released-size step at {FULL_SEGMENT} s takes "
-                     "~1 min on 2 CPU cores")
+                     f"conf/dset/wav.yaml, to keep a run of every configuration short on 2 "
+                     "shared CPU cores")
     settings = {"suite": args.suite, "device": args.device, "archs": sizes,
                 "batch": args.batch, "segment_s": args.segment, "rounds": args.rounds,
                 "warmup": args.warmup, "precisions": precisions, "rank": RANK,
