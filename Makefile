@@ -22,10 +22,10 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q tests $(PYTEST_ARGS)
 
 demo: $(STAMP)
-	$(BIN)/python -m demucs_lora.demo
+	$(BIN)/python -m demucs_lora.commands.demo
 
 base: $(STAMP)
-	$(BIN)/python -m demucs_lora.demo --make-base
+	$(BIN)/python -m demucs_lora.commands.demo --make-base
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run_all

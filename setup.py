@@ -35,10 +35,10 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "demucs-lora=demucs_lora.separate:main",
-            "demucs-lora-export=demucs_lora.export:main",
+            "demucs-lora=demucs_lora.inference.separate:main",
+            "demucs-lora-export=demucs_lora.commands.export:main",
             "demucs-lora-verify=demucs_lora.data.verify:main",
-            "demucs-lora-test=demucs_lora.evaluate:main",
+            "demucs-lora-test=demucs_lora.inference.evaluate:main",
         ],
     },
 )

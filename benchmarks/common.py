@@ -294,7 +294,7 @@ def archs(args: argparse.Namespace) -> tp.List[str]:
 def model_config(size: str = "released", segment: float = 4.0,
                  channels: tp.Optional[int] = None, sources: tp.Sequence[str] = SOURCES,
                  **htdemucs: tp.Any):
-    """A run config for `demucs_lora.model.build_model`: random base, conf/model values.
+    """A run config for `demucs_lora.models.build.build_model`: random base, conf/model values.
 
     size: an ARCHS name ("released", "default", "tiny"); `htdemucs` overrides keys of the
     model node (lora_rank, lora_rank_mode, ...).
@@ -317,7 +317,7 @@ def model_config(size: str = "released", segment: float = 4.0,
 
 def build(cfg, seed: int = 0):
     """(model, report) of `build_model(cfg)` with a fixed seed (same base weights)."""
-    from demucs_lora.model import build_model
+    from demucs_lora.models.build import build_model
     torch.manual_seed(seed)
     return build_model(cfg)
 

@@ -11,21 +11,16 @@ Public API (imported lazily, so ``import demucs_lora`` loads neither torch nor d
   model already has LoRA layers of the same layout); always use the returned model
 - ``get_lora_state(model)``, ``save_adapter(model, path, **header)``
 - ``merge_lora``, ``unmerge_lora``, ``remove_lora`` (merge and drop the wrappers)
-- ``quantize(model, bits=8)``: weight-only int8 package (``demucs_lora.api.quantize``)
+- ``quantize(model, bits=8)``: weight-only int8 package (``demucs_lora.hub.int8``)
 - ``apply_model``: ``demucs.apply.apply_model`` (normalize the mixture first, see api.py)
-
-Name clash, handled here: ``demucs_lora.quantize`` is both a submodule and the public
-function. The attribute stays the function even after the submodule is imported
-(``from demucs_lora.quantize import save_quantized`` still reaches the module).
 """
 import importlib
-import sys
-import types
 
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "api": ["get_model", "quantize"],
+    "api": ["get_model"],
+    "hub.int8": ["quantize"],
     "lora.state": ["load_lora_weights", "get_lora_state", "save_adapter"],
     "lora.inject": ["merge_lora", "unmerge_lora", "remove_lora"],
 }
@@ -46,16 +41,3 @@ def __getattr__(name):
 
 def __dir__():
     return sorted(set(globals()) | set(__all__))
-
-
-class _Package(types.ModuleType):
-    """Keeps public function attributes when a submodule of the same name is imported
-    (the import system would otherwise rebind ``demucs_lora.quantize`` to the module)."""
-
-    def __setattr__(self, name, value):
-        if name in _WHERE and isinstance(value, types.ModuleType):
-            return  # the submodule stays reachable through sys.modules
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

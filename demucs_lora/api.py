@@ -8,7 +8,7 @@ bag ``.yaml`` or a folder), an XP signature in Dora's folder, ``NAME`` in ``repo
 HF hub / torch hub caches demucs 4.1 downloads into.
 
 Every file is opened with ``weights_only=True`` and an allowlist of the demucs classes
-(``demucs_lora.safe_load``): model files are code, so nothing else is unpickled unless
+(``demucs_lora.hub.safe_load``): model files are code, so nothing else is unpickled unless
 ``trust_remote_code=True``.
 
 Hot-swapping adapters on one base (what this 10-line script does, and what
@@ -37,7 +37,8 @@ import copy
 import typing as tp
 from pathlib import Path
 
-from .errors import AdapterMismatch, ModelLoadError
+from demucs_lora.core.errors import AdapterMismatch
+from demucs_lora.hub.resolve import resolve_adapter, xp_folder
 
 if tp.TYPE_CHECKING:  # pragma: no cover
     from torch import nn
@@ -46,22 +47,6 @@ PathLike = tp.Union[str, Path]
 
 LAYOUT_KEYS = ("ranks", "alpha", "rslora", "bias", "enable_qkv", "train_extra")
 """Header keys that must equal the injected layers' config for an in-place swap."""
-
-
-def xps_root(root: tp.Optional[PathLike] = None) -> Path:
-    """Dora's XP folder (``hub.resolve.xps_dir``)."""
-    from .hub.resolve import xps_dir
-    return xps_dir(root)
-
-
-def recent_xps(root: tp.Optional[PathLike] = None, count: int = 5) -> tp.List[str]:
-    from .hub.resolve import recent_xps as _recent
-    return _recent(root, count)
-
-
-def xp_folder(sig: str, root: tp.Optional[PathLike] = None) -> tp.Optional[Path]:
-    from .hub.resolve import xp_folder as _xp_folder
-    return _xp_folder(sig, root)
 
 
 def model_display_name(name_or_sig: str) -> str:
@@ -75,37 +60,16 @@ def load_plain_model(name_or_sig: PathLike, repo: tp.Optional[PathLike] = None,
                      root: tp.Optional[PathLike] = None) -> "nn.Module":
     """The model ``name_or_sig`` names (``hub.resolve`` order), in eval mode: an
     HTDemucs, or a ``demucs.apply.BagOfModels`` for a bag of several models."""
-    from .model import load_base
+    from demucs_lora.models.build import load_base
     return load_base(str(name_or_sig), repo, trust_remote_code, root).eval()
-
-
-def resolve_adapter(adapter: PathLike, root: tp.Optional[PathLike] = None) -> Path:
-    """An adapter path (``x``, ``x.safetensors`` or ``x.json``) or an XP signature
-    (its ``lora_best``); returns the path without suffix."""
-    from .lora.state import adapter_paths, check_adapter_path
-    check_adapter_path(adapter)
-    root = Path(root or Path.cwd())
-    path = Path(adapter).expanduser()
-    if not path.is_absolute():
-        path = root / path
-    tensors, header = adapter_paths(path)
-    if tensors.is_file() and header.is_file():
-        return tensors.with_suffix("")
-    xp = xp_folder(str(adapter), root)
-    if xp is not None and (xp / "lora_best.safetensors").is_file():
-        return xp / "lora_best"
-    raise ModelLoadError(
-        f"adapter {adapter}: no {tensors.name} + {header.name} pair at {tensors.parent} and "
-        f"no XP with a lora_best adapter named {adapter!s} (an adapter is a .safetensors "
-        "file plus its .json header, e.g. outputs/xps/SIG/lora_best)")
 
 
 def can_swap(model: "nn.Module", adapter: PathLike) -> bool:
     """True when ``adapter`` fits the LoRA layers already injected in ``model``
     (same ranks, alpha, rslora, bias, q/k/v mask, fully trained extras and sources),
     so that loading it only replaces tensors."""
-    from .lora.inject import has_lora, lora_config
-    from .lora.state import read_header
+    from demucs_lora.lora.inject import has_lora, lora_config
+    from demucs_lora.lora.state import read_header
     if not has_lora(model):
         return False
     header = read_header(adapter)
@@ -136,8 +100,8 @@ def with_adapter(base: "nn.Module", adapter: PathLike,
     copy of ``base`` gets the adapter. ``merge`` folds it into the weights (faster
     inference; the next swap unmerges first).
     """
-    from .lora.inject import merge_lora
-    from .lora.state import load_lora_weights
+    from demucs_lora.lora.inject import merge_lora
+    from demucs_lora.lora.state import load_lora_weights
     if current is not None and can_swap(current, adapter):
         model = load_lora_weights(current, adapter)
     else:
@@ -166,11 +130,11 @@ def get_model(name_or_sig: PathLike, repo: tp.Optional[PathLike] = None,
     Raises ModelLoadError (unknown name: lists recent XPs, or NaN/inf weights) or
     AdapterMismatch (NaN/inf or malformed adapters too).
     """
-    from .finite import check_finite_model
+    from demucs_lora.core.finite import check_finite_model
     model = check_finite_model(load_plain_model(name_or_sig, repo, trust_remote_code, root),
                                str(name_or_sig))
     if adapter is not None:
-        from .lora.state import load_lora_weights
+        from demucs_lora.lora.state import load_lora_weights
         path = resolve_adapter(adapter, root)
         try:
             model = load_lora_weights(model, path)
@@ -180,18 +144,5 @@ def get_model(name_or_sig: PathLike, repo: tp.Optional[PathLike] = None,
                 hint = (f"; {name_or_sig} is an XP whose best.th has its adapter merged in: "
                         "load adapters on its base (continue_from in its config.yaml)")
             raise AdapterMismatch(f"{exc} [base: {name_or_sig}]{hint}") from None
-    from .model_api import attach  # model.load_lora_weights(path), .quantize(...), ...
+    from demucs_lora.models.methods import attach  # model.load_lora_weights(path), .quantize(...), ...
     return attach(model.eval())
-
-
-def quantize(model: "nn.Module", bits: int = 8, training_args: tp.Optional[dict] = None,
-             optimize_scales: bool = False) -> tp.Dict[str, tp.Any]:
-    """Weight-only int8 package of a plain (merged) model; see ``demucs_lora.quantize``.
-
-    Save it with ``torch.save`` (or ``quantize.save_quantized(model, path)``) and load it
-    back with ``get_model(path)``; the stock demucs CLI refuses it with that hint.
-    ``optimize_scales``: per-channel scales of least reconstruction error, not max-abs.
-    """
-    from .quantize import quantize as _quantize
-    return _quantize(model, bits=bits, training_args=training_args,
-                     optimize_scales=optimize_scales)

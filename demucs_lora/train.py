@@ -1,10 +1,10 @@
 """Hydra + Dora entry point: `dora run [overrides]` finds this module's `main`.
 
-Order matters: check the config (canonical keys only, demucs_lora.config_keys), load the
-base (its sources and architecture decide the rest: demucs_lora.run_config), verify the
+Order matters: check the config (canonical keys only, demucs_lora.config.keys), load the
+base (its sources and architecture decide the rest: demucs_lora.training.run_config), verify the
 data (one report of every problem), and only then build the model and hand over to the
 solver, so bad input costs no compute. `dora run -d` without a GPU and `-f NAME` for a
-model name: demucs_lora.dora_cli.
+model name: demucs_lora.training.dora_cli.
 """
 from __future__ import annotations
 
@@ -20,14 +20,14 @@ from dora import distrib, get_xp
 from dora.hydra import HydraMain
 from omegaconf import DictConfig, OmegaConf
 
-from .config_keys import canonical_checked, hydra_error, is_hydra_error, prepare_argv
-from .dora_cli import (DDP_NOTE, argv_from_model, install_cpu_ddp_fallback,
+from demucs_lora.config.keys import canonical_checked, hydra_error, is_hydra_error, prepare_argv
+from demucs_lora.training.dora_cli import (DDP_NOTE, argv_from_model, install_cpu_ddp_fallback,
                        install_excepthook)
-from .dora_files import check_job_pickle
-from .errors import DatasetError, DemucsLoRAError, exit_on_user_error
-from .lora.rank_adaptation import check_config as check_rank_adaptation
-from .utils import atomic_write_text, remove_stale_temps
-from .xp_guard import StopSignals, XPLock, die_with_launcher
+from demucs_lora.training.dora_files import check_job_pickle
+from demucs_lora.core.errors import DatasetError, DemucsLoRAError, exit_on_user_error
+from demucs_lora.lora.rank_adaptation import check_config as check_rank_adaptation
+from demucs_lora.core.files import atomic_write_text, remove_stale_temps
+from demucs_lora.training.xp_guard import StopSignals, XPLock, die_with_launcher
 
 logger = logging.getLogger("demucs_lora")
 
@@ -44,7 +44,7 @@ def pick_device(cfg: DictConfig) -> torch.device:
 
 def verify_or_raise(cfg: DictConfig) -> None:
     """Run the dataset checks shared with tools.verify_dataset; raise with the report."""
-    from .data.verify import verify_config
+    from demucs_lora.data.verify import verify_config
     report = verify_config(cfg, progress=distrib.is_master())
     if not report.ok:
         raise DatasetError(f"the dataset cannot be used for training (nothing was trained):"
@@ -55,7 +55,7 @@ def verify_or_raise(cfg: DictConfig) -> None:
 def build_loaders(cfg: DictConfig) -> tp.Tuple[dict, torch.nn.Module]:
     from torch.utils.data import DataLoader
     from torch.utils.data.distributed import DistributedSampler
-    from .data.stems import build_augment, get_datasets
+    from demucs_lora.data.stems import build_augment, get_datasets
     train_set, valid_set, test_set = get_datasets(cfg, list(cfg.dset.sources))
     world = distrib.world_size()
     if cfg.batch_size % world:
@@ -69,7 +69,7 @@ def build_loaders(cfg: DictConfig) -> tp.Tuple[dict, torch.nn.Module]:
                        prefetch_factor=cfg.misc.prefetch_factor if workers else None,
                        persistent_workers=False)
     if distrib.is_master():
-        from .config_values import segment_warnings
+        from demucs_lora.config.values import segment_warnings
         durations = {name: meta["length"] / meta["samplerate"]
                      for name, meta in train_set.metadata.items()}
         for line in segment_warnings(durations, float(cfg.dset.segment)):
@@ -84,7 +84,7 @@ def build_loaders(cfg: DictConfig) -> tp.Tuple[dict, torch.nn.Module]:
 
 
 def _calibration(loaders: dict, augment) -> tp.Callable[[], tp.Iterable]:
-    from .data.stems import augment_batch
+    from demucs_lora.data.stems import augment_batch
     def batches():
         for batch in loaders["train"]:
             batch = augment_batch(augment, batch)
@@ -119,12 +119,12 @@ def _start_logging(folder: Path) -> None:
 
 
 def run(cfg: DictConfig) -> tp.List[dict]:
-    from .config_values import check_base_values
-    from .lora.inject import format_report
-    from .model import build_model, check_audio_format, load_base
-    from .run_config import (apply_runtime_kwargs, data_banner, prepare_config,
+    from demucs_lora.config.values import check_base_values
+    from demucs_lora.lora.inject import format_report
+    from demucs_lora.models.build import build_model, check_audio_format, load_base
+    from demucs_lora.training.run_config import (apply_runtime_kwargs, data_banner, prepare_config,
                              resolve_precision, resolve_with_base, what_is_trained)
-    from .solver import Solver
+    from demucs_lora.training.solver import Solver
     xp = get_xp()
     folder = Path(xp.folder)
     cfg = prepare_config(cfg)

@@ -31,7 +31,7 @@ class FakeLink:
 
 
 def config(*overrides: str):
-    from demucs_lora.evaluate import compose
+    from demucs_lora.inference.evaluate import compose
     return compose([*BASE_OVERRIDES, f"dset.samplerate={SR}", *overrides])
 
 
@@ -71,14 +71,14 @@ def loaders(cfg, seed: int = 0, train_examples: int = 8, num_workers: int = 0) -
 def fake_xp(monkeypatch, folder: Path, sig: str = "testxp"):
     xp = SimpleNamespace(folder=Path(folder), sig=sig, link=FakeLink())
     Path(folder).mkdir(parents=True, exist_ok=True)
-    monkeypatch.setattr("demucs_lora.solver.get_xp", lambda: xp)
+    monkeypatch.setattr("demucs_lora.training.solver.get_xp", lambda: xp)
     return xp
 
 
 def make_solver(monkeypatch, folder: Path, *overrides: str, model=None, base_seed: int = 0,
                 num_workers: int = 0):
     from demucs_lora.data.stems import build_augment
-    from demucs_lora.solver import Solver
+    from demucs_lora.training.solver import Solver
     cfg = config(*overrides)
     fake_xp(monkeypatch, folder)
     model = model if model is not None else lora(tiny_base(base_seed))

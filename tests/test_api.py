@@ -36,13 +36,11 @@ def test_import_is_light_and_exports_the_api():
         assert name in out.stdout
 
 
-def test_quantize_stays_the_function_after_the_submodule_is_imported():
+def test_public_quantize_is_the_int8_function_and_apply_model_is_demucs():
     import demucs_lora
-    import demucs_lora.quantize  # noqa: F401  (rebinds the attribute without the guard)
     from demucs.apply import apply_model
-    from demucs_lora.quantize import save_quantized
-    assert callable(demucs_lora.quantize) and demucs_lora.quantize.__name__ == "quantize"
-    assert callable(save_quantized)
+    from demucs_lora.hub import int8
+    assert demucs_lora.quantize is int8.quantize
     assert demucs_lora.apply_model is apply_model
     package = demucs_lora.quantize(tiny_base(), bits=8)
     assert package["quantized"]["bits"] == 8
@@ -50,7 +48,7 @@ def test_quantize_stays_the_function_after_the_submodule_is_imported():
 
 def test_hot_swap_example_runs_as_written(xp, tmp_path, monkeypatch):
     from demucs_lora import get_model, save_adapter
-    from demucs_lora.separate import separate_tensor
+    from demucs_lora.inference.separate import separate_tensor
     code = docstring_example()
     assert 10 <= len(code.splitlines()) <= 13
     monkeypatch.chdir(tmp_path)
@@ -116,7 +114,7 @@ def test_swap_in_place_matches_fresh_load_and_back(xp):
 def test_get_model_resolves_file_repo_sig_and_quantized(xp, tmp_path, monkeypatch):
     from demucs_lora import get_model
     from demucs_lora.lora.inject import has_lora, iter_lora_layers
-    from demucs_lora.quantize import save_quantized
+    from demucs_lora.hub.int8 import save_quantized
     monkeypatch.chdir(xp.root)
     by_sig = get_model(xp.sig)
     by_path = get_model(xp.folder / "best.th")
@@ -134,7 +132,7 @@ def test_get_model_resolves_file_repo_sig_and_quantized(xp, tmp_path, monkeypatc
 
 def test_unknown_name_lists_recent_xps(xp, monkeypatch):
     from demucs_lora import get_model
-    from demucs_lora.errors import AdapterMismatch, ModelLoadError
+    from demucs_lora.core.errors import AdapterMismatch, ModelLoadError
     monkeypatch.chdir(xp.root)
     with pytest.raises(ModelLoadError, match=re.escape(xp.sig)) as exc:
         get_model("nope")

@@ -4,9 +4,9 @@ import pytest
 import torch
 from model_layouts import tiny, write_hf_cache
 
-from demucs_lora.bag import TrainableBag, bag_weights
-from demucs_lora.evaluate import compose
-from demucs_lora.model import build_model
+from demucs_lora.models.bag import TrainableBag, bag_weights
+from demucs_lora.inference.evaluate import compose
+from demucs_lora.models.build import build_model
 
 WEIGHTS = [[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0]]
 X = torch.randn(1, 2, 44100, generator=torch.Generator().manual_seed(4))
@@ -77,7 +77,7 @@ def test_bag_with_new_sources_and_one_member(bag_cache):
 def test_adapter_round_trip_on_a_bag(bag_cache, tmp_path):
     import json
     from demucs_lora.lora.state import load_lora_weights, save_adapter
-    from demucs_lora.model import load_base
+    from demucs_lora.models.build import load_base
     model, _ = _bag_model()
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from demucs_lora.config_aliases import ALIASES, canonical_config, normalize_argv
-from demucs_lora.config_keys import CONF_DIR, canonical_checked, schema
-from demucs_lora.errors import ConfigError
+from demucs_lora.config.aliases import ALIASES, canonical_config, normalize_argv
+from demucs_lora.config.keys import CONF_DIR, canonical_checked, schema
+from demucs_lora.core.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -157,7 +157,7 @@ def test_dset_wav_group_signs(main):
 
 def test_every_group_option_only_uses_known_keys():
     """The known keys come from the default composition: other options add none."""
-    from demucs_lora.config_keys import _load_group_file, unknown_keys
+    from demucs_lora.config.keys import _load_group_file, unknown_keys
     for group in ("model", "dset", "optim", "variant"):
         for path in sorted((CONF_DIR / group).glob("*.yaml")):
             data = _load_group_file(path)
@@ -319,7 +319,7 @@ def guide_conf(tmp_path_factory):
 
 def _run_config(main, variant):
     """The config a run would use (prepare_config: canonical, known, checked)."""
-    from demucs_lora.run_config import prepare_config
+    from demucs_lora.training.run_config import prepare_config
     argv = [f"variant={variant}", "continue_from=htdemucs"]
     xp = main.get_xp(argv)
     return prepare_config(xp.cfg)

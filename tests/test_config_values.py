@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from demucs_lora.config_check import check_config
-from demucs_lora.errors import ConfigError
-from demucs_lora.evaluate import compose
+from demucs_lora.config.check import check_config
+from demucs_lora.core.errors import ConfigError
+from demucs_lora.inference.evaluate import compose
 
 QUICK = ["model=htdemucs_tiny", "variant=debug"]
 
@@ -41,7 +41,7 @@ def test_defaults_and_variants_pass():
 
 
 def test_base_checks(tmp_path):
-    from demucs_lora.config_values import check_base_values
+    from demucs_lora.config.values import check_base_values
     from solver_helpers import tiny_base
     base = tiny_base()
     check_base_values(compose([*QUICK, "htdemucs.lora_rank=4",
@@ -81,7 +81,7 @@ def test_base_checks_run_before_any_data_is_made(tmp_path, monkeypatch):
 
 
 def test_segment_warnings():
-    from demucs_lora.config_values import segment_warnings
+    from demucs_lora.config.values import segment_warnings
     assert segment_warnings({"a": 10.0, "b": 12.0}, 4.0) == []
     (line,) = segment_warnings({"a": 1.0, "b": 1.5, "c": 9.0}, 4.0)
     assert "longer than most train tracks" in line

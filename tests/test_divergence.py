@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 import solver_helpers
 from solver_helpers import make_solver, trainable
-from demucs_lora.errors import AdapterMismatch, ModelLoadError, TrainingDiverged
+from demucs_lora.core.errors import AdapterMismatch, ModelLoadError, TrainingDiverged
 
 _threads = pytest.fixture(autouse=True)(solver_helpers.one_thread)
 
@@ -169,7 +169,7 @@ def test_get_model_refuses_a_nan_model(tmp_path):
 
 def test_export_refuses_a_nan_best(tmp_path):
     from test_export import make_xp
-    from demucs_lora import export
+    from demucs_lora.commands import export
     folder = make_xp(tmp_path, sig="nanxp").folder
     _nan_package(folder / "best.th")
     args = export.get_parser().parse_args(["nanxp", "-o", str(tmp_path / "rel")])
@@ -179,7 +179,7 @@ def test_export_refuses_a_nan_best(tmp_path):
 
 
 def test_test_pretrained_fails_when_every_score_is_nan(tmp_path, monkeypatch, capsys):
-    from demucs_lora import evaluate
+    from demucs_lora.inference import evaluate
     from test_export import make_xp
     make_xp(tmp_path, sig="xpnan")
     monkeypatch.chdir(tmp_path)

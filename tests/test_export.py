@@ -45,7 +45,7 @@ def lora_model(base, seed, rank=2, alpha=16.0):
 
 
 def tiny_config(root, base_path, data):
-    from demucs_lora.evaluate import compose
+    from demucs_lora.inference.evaluate import compose
     return compose(["model=htdemucs_tiny", "variant=debug", "htdemucs.t_layers=1",
                     "htdemucs.lora_rank=2", f"dset.wav={data}",
                     f"dset.metadata={root / 'metadata'}", f"continue_from={base_path}"])
@@ -62,7 +62,7 @@ def make_data(root):
 def make_xp(root, seed=1, sig=None):
     """outputs/xps/SIG/{config.yaml, best.th, lora_best.*, lora_last.*, history.json,
     ranks.json} under `root`, with its base at root/base.th and data at root/data."""
-    from demucs_lora.checkpoint import save_best_model
+    from demucs_lora.training.checkpoint import save_best_model
     from demucs_lora.lora.inject import lora_config
     from demucs_lora.lora.state import save_adapter
     root = Path(root)
@@ -96,13 +96,13 @@ def write_mix(path, seconds=0.6, seed=0, samplerate=44100, channels=2):
 
 
 def our_stems(model, path):
-    from demucs_lora.separate import read_audio, separate_tensor
+    from demucs_lora.inference.separate import read_audio, separate_tensor
     wav = read_audio(path, model.samplerate, model.audio_channels)
     return separate_tensor(model, wav, shifts=0)
 
 
 def export(*argv):
-    from demucs_lora.export import main
+    from demucs_lora.commands.export import main
     main([str(a) for a in argv])
 
 

@@ -12,8 +12,8 @@ import torch
 
 import solver_helpers
 from solver_helpers import make_solver
-from demucs_lora import utils
-from demucs_lora.errors import AdapterMismatch, DiskWriteError
+from demucs_lora.core import files as utils
+from demucs_lora.core.errors import AdapterMismatch, DiskWriteError
 
 _threads = pytest.fixture(autouse=True)(solver_helpers.one_thread)
 
@@ -123,7 +123,7 @@ def test_read_only_folder_is_one_line(tmpfs):
 
 
 def test_disk_full_mid_run_then_resume_is_exact(tmp_path, tmpfs, monkeypatch):
-    from demucs_lora import checkpoint as ckpt
+    from demucs_lora.training import checkpoint as ckpt
     reference = make_solver(monkeypatch, tmp_path / "ref", "epochs=2").run()
     folder = tmpfs / "xp"
     solver = make_solver(monkeypatch, folder, "epochs=2")

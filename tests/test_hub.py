@@ -8,10 +8,10 @@ from model_layouts import (isolate_caches, run_offline, tiny, write_hf_cache, wr
                            write_torch_hub)
 from safetensors.torch import save_file
 
-from demucs_lora.errors import ModelLoadError
+from demucs_lora.core.errors import ModelLoadError
 from demucs_lora.hub.packages import load_model_file, write_safetensors_package
 from demucs_lora.hub.resolve import find_model
-from demucs_lora.model import load_base
+from demucs_lora.models.build import load_base
 
 X = torch.randn(1, 2, 44100, generator=torch.Generator().manual_seed(1))
 

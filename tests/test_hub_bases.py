@@ -4,8 +4,8 @@ import pytest
 import torch
 from model_layouts import isolate_caches, tiny, write_hf_cache
 
-from demucs_lora.evaluate import compose
-from demucs_lora.model import build_model
+from demucs_lora.inference.evaluate import compose
+from demucs_lora.models.build import build_model
 
 SIX = ["drums", "bass", "other", "vocals", "guitar", "piano"]
 X = torch.randn(1, 2, 44100, generator=torch.Generator().manual_seed(2))

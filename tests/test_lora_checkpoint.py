@@ -34,7 +34,7 @@ def trained(cfg, path, **overrides):
 
 def build(cfg, **overrides):
     from omegaconf import OmegaConf
-    from demucs_lora.model import build_model
+    from demucs_lora.models.build import build_model
     cfg = OmegaConf.merge(cfg, OmegaConf.create(overrides))
     return build_model(cfg)
 
@@ -50,7 +50,7 @@ def test_training_starts_from_the_adapter(setup):
 
 
 def test_the_adapter_is_checked_strictly(setup):
-    from demucs_lora.errors import AdapterMismatch, ConfigError
+    from demucs_lora.core.errors import AdapterMismatch, ConfigError
     root, cfg = setup
     with pytest.raises(AdapterMismatch, match="lora_checkpoint=.*different base model"):
         build(cfg, lora_checkpoint=str(root / "other_base"))
@@ -63,8 +63,8 @@ def test_the_adapter_is_checked_strictly(setup):
 
 
 def test_lora_checkpoint_is_a_spelling_of_adapter():
-    from demucs_lora.evaluate import get_parser as test_parser
-    from demucs_lora.separate import get_parser as separate_parser
+    from demucs_lora.inference.evaluate import get_parser as test_parser
+    from demucs_lora.inference.separate import get_parser as separate_parser
     args = test_parser().parse_args(["-n", "base", "--lora_checkpoint", "a/lora_best"])
     assert args.adapter == "a/lora_best"
     args = separate_parser().parse_args(["song.wav", "--base", "b", "--lora_checkpoint", "x",

@@ -123,8 +123,8 @@ def test_test_pretrained_selects_metrics(tmp_path, monkeypatch, capsys):
     import json
     from test_evaluate import check_table_matches_json
     from test_export import make_xp
-    from demucs_lora.evaluate import main
-    from demucs_lora.errors import ConfigError
+    from demucs_lora.inference.evaluate import main
+    from demucs_lora.core.errors import ConfigError
     xp = make_xp(tmp_path)
     monkeypatch.chdir(xp.root)
     chosen = ["sdr", "aura_stft", "nsdr"]

@@ -1,4 +1,4 @@
-"""Base loading and source remapping (demucs_lora.model)."""
+"""Base loading and source remapping (demucs_lora.models.build)."""
 import logging
 
 import pytest
@@ -7,8 +7,9 @@ from demucs.htdemucs import HTDemucs
 from demucs.states import serialize_model
 from omegaconf import OmegaConf
 
-from demucs_lora.errors import ConfigError, ModelLoadError
-from demucs_lora.model import _head_blocks, load_base, remap_sources
+from demucs_lora.core.errors import ConfigError, ModelLoadError
+from demucs_lora.models.build import load_base
+from demucs_lora.models.heads import _head_blocks, remap_sources
 
 SOURCES = ["drums", "bass", "other", "vocals"]
 

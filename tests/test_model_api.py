@@ -76,7 +76,7 @@ def test_methods_do_not_change_what_is_serialized(files):
 
 def test_a_pth_path_is_told_what_an_adapter_is(files):
     from demucs_lora import get_model, load_lora_weights
-    from demucs_lora.errors import AdapterMismatch
+    from demucs_lora.core.errors import AdapterMismatch
     model = get_model(files / "base.th")
     for call in (lambda: model.load_lora_weights("weights/lora_last.pth"),
                  lambda: load_lora_weights(model, "lora.th"),
@@ -88,7 +88,7 @@ def test_a_pth_path_is_told_what_an_adapter_is(files):
 
 def test_rank_swap_mismatch_names_the_layers_and_ranks(files):
     from demucs_lora import get_model, load_lora_weights
-    from demucs_lora.errors import AdapterMismatch
+    from demucs_lora.core.errors import AdapterMismatch
     from demucs_lora.lora.state import _check_same_layout, read_adapter
     model = get_model(files / "base.th", adapter=files / "adapter")
     header, _ = read_adapter(files / "rank3")
@@ -104,7 +104,7 @@ def test_rank_swap_mismatch_names_the_layers_and_ranks(files):
 def test_optimize_scales_never_reconstructs_worse_than_max_abs():
     """Per channel never worse (max-abs is a candidate); clearly better where clipping pays
     (4 bits on Gaussian weights: -41%); at 8 bits max-abs is near optimal (-2%)."""
-    from demucs_lora.quantize import quantize_tensor
+    from demucs_lora.hub.int8 import quantize_tensor
     weight = torch.randn(16, 64, 16, generator=torch.Generator().manual_seed(0))
     for bits, gain in ((4, 0.7), (8, 1.0)):
         errors = {}
@@ -116,7 +116,7 @@ def test_optimize_scales_never_reconstructs_worse_than_max_abs():
 
 
 def test_stock_cli_reading_an_int8_file_says_how_to_load_it(tmp_path):
-    from demucs_lora.quantize import save_quantized
+    from demucs_lora.hub.int8 import save_quantized
     repo = tmp_path / "release"
     save_quantized(tiny_base(), repo / "small.th")
     with pytest.raises(RuntimeError, match="int8 file: load it with demucs_lora.get_model"):

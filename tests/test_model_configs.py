@@ -11,7 +11,7 @@ import pytest
 from demucs.htdemucs import HTDemucs
 
 from demucs_lora.data.verify import compose_config
-from demucs_lora.model import architecture_kwargs, build_base
+from demucs_lora.models.build import architecture_kwargs, build_base
 
 ASSET = Path(__file__).resolve().parents[1] / "demucs_lora" / "assets" / "base_tiny_A.th"
 RELEASED_4 = 41_984_456      # HTDemucs(sources=4, dconv_mode=3, bottom_channels=512)
@@ -50,7 +50,7 @@ def test_htdemucs_6s_sets_six_sources():
 
 
 def test_tiny_config_keeps_the_shipped_base_architecture():
-    from demucs_lora.safe_load import load_model_file
+    from demucs_lora.hub.safe_load import load_model_file
     cfg = compose_config(["model=htdemucs_tiny"])
     kwargs = architecture_kwargs(cfg)
     assert kwargs["dconv_mode"] == 1 and kwargs["bottom_channels"] == 0

@@ -5,10 +5,10 @@ from demucs.states import load_model as stock_load_model
 from demucs.states import serialize_model
 from omegaconf import OmegaConf
 
-from demucs_lora.errors import ConfigError
-from demucs_lora.quantize import (SCALE_SUFFIX, dequantize_state, load_quantized, quantize,
+from demucs_lora.core.errors import ConfigError
+from demucs_lora.hub.int8 import (SCALE_SUFFIX, dequantize_state, quantize,
                                   save_quantized)
-from demucs_lora.safe_load import load_model_file, load_package
+from demucs_lora.hub.safe_load import load_model_file, load_package
 
 SOURCES = ["drums", "bass", "other", "vocals"]
 
@@ -42,7 +42,7 @@ def test_file_is_about_a_quarter_of_float32(files):
 
 def test_reloaded_model_output_is_close(model, files):
     _, q_path = files
-    loaded = load_quantized(q_path)
+    loaded = load_model_file(q_path)
     assert all(p.dtype == torch.float32 for p in loaded.parameters())
     ref = outputs(model)
     rel = ((outputs(loaded) - ref).norm() / ref.norm()).item()

@@ -1,13 +1,13 @@
-"""The config a run uses, given its base (demucs_lora.run_config) and `dora run`'s flags
-(demucs_lora.dora_cli): architecture keys, hop_length, LoRA without a base, sources and
+"""The config a run uses, given its base (demucs_lora.training.run_config) and `dora run`'s flags
+(demucs_lora.training.dora_cli): architecture keys, hop_length, LoRA without a base, sources and
 their heads, dataset file spellings, mixed precision, `-d` without GPU, `-f NAME`."""
 import pytest
 import torch
 from demucs.htdemucs import HTDemucs
 from omegaconf import OmegaConf
 
-from demucs_lora import run_config as rc
-from demucs_lora.errors import ConfigError
+from demucs_lora.training import run_config as rc
+from demucs_lora.core.errors import ConfigError
 
 FOUR = ["drums", "bass", "other", "vocals"]
 
@@ -19,7 +19,7 @@ def base():
 
 
 def cfg(*overrides):
-    from demucs_lora.evaluate import compose
+    from demucs_lora.inference.evaluate import compose
     return compose(["continue_from=htdemucs", *overrides])
 
 
@@ -63,7 +63,7 @@ def test_hop_length_only_the_derived_value():
 
 
 def test_lora_without_base_needs_the_opt_in():
-    from demucs_lora.evaluate import compose
+    from demucs_lora.inference.evaluate import compose
     with pytest.raises(ConfigError, match="continue_from=null") as exc:
         rc.check_lora_base(compose(["htdemucs.lora_rank=4"]))
     assert "\n" not in str(exc.value) and "lora_without_base=true" in str(exc.value)
@@ -73,7 +73,7 @@ def test_lora_without_base_needs_the_opt_in():
 
 
 def test_what_is_trained_says_it():
-    from demucs_lora.evaluate import compose
+    from demucs_lora.inference.evaluate import compose
     report = {"trainable": {"trainable": 10, "total": 100, "percent": 10.0}, "train_heads": []}
     line = rc.what_is_trained(compose(["htdemucs.lora_rank=4", "lora_without_base=true"]),
                               report)
@@ -99,7 +99,7 @@ def test_sources_default_to_the_base_and_new_ones_follow_the_taxonomy(base):
 
 
 def test_taxonomy_prefers_the_base_s_own_instrument_heads():
-    from demucs_lora.source_taxonomy import plan_sources
+    from demucs_lora.core.sources import plan_sources
     six = FOUR + ["guitar", "piano"]
     plan = {c.source: c.init for c in plan_sources(six, ["keys", "gtr", "strings", "Drums"])}
     assert plan == {"keys": ["piano"], "gtr": ["guitar"], "strings": ["other"],
@@ -149,7 +149,7 @@ def test_resolve_with_base_gives_the_config_that_runs(base):
 
 # ----------------------------------------------------------------------------- dora_cli
 def test_cpu_ddp_note():
-    from demucs_lora.dora_cli import cpu_ddp_note
+    from demucs_lora.training.dora_cli import cpu_ddp_note
     assert cpu_ddp_note(None, 2) is None and cpu_ddp_note(4, 1) is None
     assert "one process on the CPU" in cpu_ddp_note(None, 0)
     assert "2 DDP processes on the CPU (gloo" in cpu_ddp_note(2, 0)
@@ -157,7 +157,7 @@ def test_cpu_ddp_note():
 
 def test_f_name_resolves_a_model_or_says_what_f_takes(tmp_path, monkeypatch):
     from demucs.states import serialize_model
-    from demucs_lora.dora_cli import argv_from_model
+    from demucs_lora.training.dora_cli import argv_from_model
     repo = tmp_path / "models"
     repo.mkdir()
     torch.manual_seed(0)

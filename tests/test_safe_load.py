@@ -12,8 +12,8 @@ from demucs.pretrained import get_model
 from demucs.states import serialize_model
 from omegaconf import OmegaConf
 
-from demucs_lora.errors import ModelLoadError
-from demucs_lora.safe_load import SAFE_GLOBALS, load_model_file, load_package
+from demucs_lora.core.errors import ModelLoadError
+from demucs_lora.hub.safe_load import SAFE_GLOBALS, load_model_file, load_package
 
 SOURCES = ["drums", "bass", "other", "vocals"]
 
@@ -98,7 +98,7 @@ def test_untrusted_global_loads_only_with_trust_remote_code(tmp_path, caplog):
     path = save_package(model, tmp_path / "dated.th", training_args={"when": datetime.date(2024, 1, 2)})
     with pytest.raises(ModelLoadError, match="datetime.date"):
         load_model_file(path)
-    with caplog.at_level(logging.WARNING, logger="demucs_lora.safe_load"):
+    with caplog.at_level(logging.WARNING, logger="demucs_lora.hub.safe_load"):
         loaded = load_model_file(path, trust_remote_code=True)
     assert "trust_remote_code" in caplog.text
     assert same_state(loaded, model)
@@ -118,7 +118,7 @@ def test_unknown_kwargs_are_an_error_unless_not_strict(tmp_path, caplog):
     torch.save(package, tmp_path / "kw.th")
     with pytest.raises(ModelLoadError, match="bogus_option"):
         load_model_file(tmp_path / "kw.th")
-    with caplog.at_level(logging.WARNING, logger="demucs_lora.safe_load"):
+    with caplog.at_level(logging.WARNING, logger="demucs_lora.hub.safe_load"):
         loaded = load_model_file(tmp_path / "kw.th", strict=False)
     assert "bogus_option" in caplog.text
     assert same_state(loaded, model)

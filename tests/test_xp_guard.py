@@ -13,14 +13,14 @@ import torch
 
 import solver_helpers
 from solver_helpers import make_solver
-from demucs_lora.errors import XPBusy
-from demucs_lora.xp_guard import StopSignals, XPLock
+from demucs_lora.core.errors import XPBusy
+from demucs_lora.training.xp_guard import StopSignals, XPLock
 
 _threads = pytest.fixture(autouse=True)(solver_helpers.one_thread)
 
 HOLD = textwrap.dedent("""
     import sys, time
-    from demucs_lora.xp_guard import XPLock
+    from demucs_lora.training.xp_guard import XPLock
     XPLock(sys.argv[1]).acquire()
     print("locked", flush=True)
     time.sleep(600)
@@ -45,7 +45,7 @@ def test_a_worker_dies_with_its_launcher(tmp_path):
     """The launcher (here a plain parent) is killed -9; its WORLD_SIZE>1 child follows."""
     child = textwrap.dedent("""
         import time
-        from demucs_lora.xp_guard import die_with_launcher
+        from demucs_lora.training.xp_guard import die_with_launcher
         assert die_with_launcher()
         print("armed", flush=True)
         time.sleep(600)

@@ -8,8 +8,8 @@ import pickle
 import pytest
 import torch
 
-from demucs_lora import checkpoint as ckpt
-from demucs_lora.errors import CheckpointError, ModelLoadError
+from demucs_lora.training import checkpoint as ckpt
+from demucs_lora.core.errors import CheckpointError, ModelLoadError
 
 import solver_helpers
 from solver_helpers import lora, make_solver, tiny_base, trainable

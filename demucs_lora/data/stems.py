@@ -22,8 +22,8 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.nn import functional as F
 
-from ..utils import atomic_write_text
-from ..errors import ConfigError, DatasetError
+from demucs_lora.core.files import atomic_write_text
+from demucs_lora.core.errors import ConfigError, DatasetError
 
 logger = logging.getLogger(__name__)
 MIXTURE = "mixture"
@@ -338,7 +338,7 @@ def dataset_root(cfg, sources, progress=True, check=True):
         raise ConfigError("dset.wav is required with dset=wav. Fix: dset.wav=/path/to/stems "
                           "(root/{train,valid}/TRACK/{mixture,SOURCE}.wav), or dset=synth.")
     if dset.get("wav") is None:
-        from .synth import ensure_synth
+        from demucs_lora.data.synth import ensure_synth
         cfg_dset = dict(dset)
         cfg_dset["metadata"] = str(_abspath(dset.metadata))
         return ensure_synth(cfg_dset, sources, cfg.get("residual_source"), progress=progress,

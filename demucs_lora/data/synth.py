@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from ..errors import ConfigError
-from .instruments import _grid, _drums, _chords, _bass, _other, _piano, _vocals, _peak, _pan
+from demucs_lora.core.errors import ConfigError
+from demucs_lora.data.instruments import _grid, _drums, _chords, _bass, _other, _piano, _vocals, _peak, _pan
 
 VERSION = 1
 LAYOUTS = {4: ["drums", "bass", "other", "vocals"],
@@ -156,7 +156,7 @@ def generate_dataset(root, tracks=8, seconds=6.0, seed=0, domain="A", stems=4,
 def choose_layout(stems, sources, residual_source=None):
     """dset.synth.stems, or (null) the smallest layout holding every source (a spelling
     such as 'vocal' for 'vocals' counts; 4 when none does: the error names the sources)."""
-    from ..source_taxonomy import spelling_of
+    from demucs_lora.core.sources import spelling_of
     if stems is not None:
         return int(stems)
     wanted = [s for s in sources if s != residual_source]

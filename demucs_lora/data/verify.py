@@ -21,8 +21,8 @@ import numpy as np
 import soundfile as sf
 from tqdm import tqdm
 
-from ..errors import ConfigError, DatasetError
-from .stems import (BLOCK, EXT, MIXTURE, SPLITS, cache_path, disk_sources, file_stamp,
+from demucs_lora.core.errors import ConfigError, DatasetError
+from demucs_lora.data.stems import (BLOCK, EXT, MIXTURE, SPLITS, cache_path, disk_sources, file_stamp,
                     list_tracks, load_cache, save_cache)
 
 CLIP_LEVEL, CLIP_RATIO, SILENCE = 0.999, 1e-3, 1e-5
@@ -326,8 +326,8 @@ def verify_dataset(root, sources, samplerate, channels, cache_dir, sum_tolerance
 
 def verify_config(cfg, strict=False, progress=True):
     """verify_dataset for a composed config (cfg.dset, sources, residual_source)."""
-    from ..source_taxonomy import DEFAULT_SOURCES
-    from .stems import _abspath, dataset_root, stem_files
+    from demucs_lora.core.sources import DEFAULT_SOURCES
+    from demucs_lora.data.stems import _abspath, dataset_root, stem_files
     sources = list(cfg.dset.get("sources") or DEFAULT_SOURCES)
     residual = cfg.get("residual_source")
     if residual is not None and residual not in sources:
@@ -340,14 +340,14 @@ def verify_config(cfg, strict=False, progress=True):
 
 
 # ----------------------------------------------------------------------------- CLI
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+from demucs_lora.core.paths import CONF_DIR
 
 
 def compose_config(overrides):
     """conf/ composed with overrides in any spelling (the guide's aliases included)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
-    from ..config_keys import canonical_checked, prepare_argv
+    from demucs_lora.config.keys import canonical_checked, prepare_argv
     overrides = prepare_argv(overrides)
     if GlobalHydra.instance().is_initialized():
         GlobalHydra.instance().clear()

@@ -12,7 +12,7 @@ e.g. `slurm.partition=gpu slurm.gpus=1`).
 import os
 import shlex
 
-from ._explorers import RankModesExplorer
+from demucs_lora.grids._explorers import RankModesExplorer
 
 DEFAULT_ARGS = ("model=htdemucs_tiny continue_from=demucs_lora/assets/base_tiny_A.th "
                 "dset.synth.domain=B epochs=4")

@@ -66,7 +66,7 @@ def _snapshot(repo_id: str) -> tp.Optional[Path]:
 
 
 def read_bag(path: Path) -> dict:
-    from ..errors import ModelLoadError
+    from demucs_lora.core.errors import ModelLoadError
     try:
         bag = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as exc:

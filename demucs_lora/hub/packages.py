@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ModelLoadError
-from ..safe_load import MODEL_CLASSES, load_package, model_from_package
+from demucs_lora.core.errors import ModelLoadError
+from demucs_lora.hub.safe_load import MODEL_CLASSES, load_package, model_from_package
 
 PathLike = tp.Union[str, Path]
 CLASS_NAMES: tp.Dict[str, type] = {f"{c.__module__}.{c.__qualname__}": c for c in MODEL_CLASSES}
@@ -178,5 +178,5 @@ def safetensors_writer(model: torch.nn.Module, half: bool = False
 def write_safetensors_package(model: torch.nn.Module, path: PathLike, half: bool = False
                               ) -> Path:
     """``model`` written atomically at ``path`` (see ``safetensors_writer``)."""
-    from ..utils import atomic_write
+    from demucs_lora.core.files import atomic_write
     return atomic_write(path, safetensors_writer(model, half))

@@ -23,13 +23,14 @@ from pathlib import Path
 
 import yaml
 
-from ..errors import ModelLoadError
-from . import caches
-from .caches import Found, read_bag
-from .packages import MODEL_SUFFIXES, checksum_of
+from demucs_lora.core.errors import ModelLoadError
+from demucs_lora.core.paths import CONF_DIR
+from demucs_lora.hub import caches
+from demucs_lora.hub.caches import Found, read_bag
+from demucs_lora.hub.packages import MODEL_SUFFIXES, checksum_of
 
 PathLike = tp.Union[str, Path]
-CONF_FILE = Path(__file__).resolve().parents[2] / "conf" / "config.yaml"
+CONF_FILE = CONF_DIR / "config.yaml"
 
 
 def xps_dir(root: tp.Optional[PathLike] = None) -> Path:
@@ -217,7 +218,28 @@ class Loaded:
 
 def load_found(found: Found, trust_remote_code: bool = False) -> Loaded:
     """Build every member model (strict, allowlisted) of what ``find_model`` found."""
-    from .packages import load_model_file
+    from demucs_lora.hub.packages import load_model_file
     members = [load_model_file(f, trust_remote_code=trust_remote_code) for f in found.files]
     bag = found.bag or {}
     return Loaded(members, bag.get("weights"), bag.get("segment"), found)
+
+
+def resolve_adapter(adapter: PathLike, root: tp.Optional[PathLike] = None) -> Path:
+    """An adapter path (``x``, ``x.safetensors`` or ``x.json``) or an XP signature
+    (its ``lora_best``); returns the path without suffix."""
+    from demucs_lora.lora.state import adapter_paths, check_adapter_path
+    check_adapter_path(adapter)
+    root = Path(root or Path.cwd())
+    path = Path(adapter).expanduser()
+    if not path.is_absolute():
+        path = root / path
+    tensors, header = adapter_paths(path)
+    if tensors.is_file() and header.is_file():
+        return tensors.with_suffix("")
+    xp = xp_folder(str(adapter), root)
+    if xp is not None and (xp / "lora_best.safetensors").is_file():
+        return xp / "lora_best"
+    raise ModelLoadError(
+        f"adapter {adapter}: no {tensors.name} + {header.name} pair at {tensors.parent} and "
+        f"no XP with a lora_best adapter named {adapter!s} (an adapter is a .safetensors "
+        "file plus its .json header, e.g. outputs/xps/SIG/lora_best)")

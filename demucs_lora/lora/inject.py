@@ -10,8 +10,8 @@ import typing as tp
 
 from torch import nn
 
-from ..errors import ConfigError
-from .layers import LoRALayer, wrap_module
+from demucs_lora.core.errors import ConfigError
+from demucs_lora.lora.layers import LoRALayer, wrap_module
 
 logger = logging.getLogger(__name__)
 

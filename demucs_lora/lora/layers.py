@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError
-from .layers_attention import LoRAMultiheadAttention, check_enable_qkv
-from .layers_base import BIAS_MODES, LoRALayer
+from demucs_lora.core.errors import ConfigError
+from demucs_lora.lora.layers_attention import LoRAMultiheadAttention, check_enable_qkv
+from demucs_lora.lora.layers_base import BIAS_MODES, LoRALayer
 
 __all__ = [
     "BIAS_MODES", "LoRALayer", "LoRALinear", "LoRAConv1d", "LoRAConv2d",

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError
-from .layers_base import LoRALayer
+from demucs_lora.core.errors import ConfigError
+from demucs_lora.lora.layers_base import LoRALayer
 
 _PROJ = ("q", "k", "v")
 

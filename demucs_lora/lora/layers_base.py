@@ -12,7 +12,7 @@ import typing as tp
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from demucs_lora.core.errors import ConfigError
 
 BIAS_MODES = ("none", "lora_only", "all")
 

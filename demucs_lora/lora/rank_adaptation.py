@@ -45,10 +45,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import ConfigError
-from .inject import iter_lora_layers, lora_config
-from .layers import LoRALayer, params_per_rank
-from .resize import (base_weights, factors, gradient_matrix, matrix_pairs, low_rank_svd,
+from demucs_lora.core.errors import ConfigError
+from demucs_lora.lora.inject import iter_lora_layers, lora_config
+from demucs_lora.lora.layers import LoRALayer, params_per_rank
+from demucs_lora.lora.resize import (base_weights, factors, gradient_matrix, matrix_pairs, low_rank_svd,
                      replace_in_optimizer, resize_layer)
 
 logger = logging.getLogger(__name__)
@@ -247,8 +247,8 @@ class RankAdaptation:
                                         "budget": self.budget, "ranks": self.ranks()}]
 
     def _pinned(self, lcfg: tp.Any) -> tp.Set[str]:
-        from .ranks import _glob_match, _layer_ranks
-        from .targets import resolve_alias
+        from demucs_lora.lora.ranks import _glob_match, _layer_ranks
+        from demucs_lora.lora.targets import resolve_alias
         pinned = set()
         for glob, _ in _layer_ranks(lcfg):
             resolved = resolve_alias(glob)
@@ -355,7 +355,7 @@ class RankAdaptation:
     def write_history(self, folder: Path, writer=None) -> None:
         """``rank_history.json`` (+ ``rank_history.png`` when matplotlib is there) in
         ``folder``; every entry to tensorboard (``lora_rank/LAYER``, ``lora_rank/params``)."""
-        from ..utils import atomic_write_text
+        from demucs_lora.core.files import atomic_write_text
         atomic_write_text(Path(folder) / "rank_history.json",
                           json.dumps(self.history, indent=2))
         if writer is not None:
@@ -402,7 +402,7 @@ def _world_size() -> int:
 
 def calibration_batches(loader, augment, device: torch.device) -> tp.Iterator:
     """(mix, stems) batches of the train loader, augmented as in training."""
-    from ..data.stems import augment_batch
+    from demucs_lora.data.stems import augment_batch
     for batch in loader:
         batch = augment_batch(augment, batch.to(device))
         yield batch[:, 0], batch[:, 1:]

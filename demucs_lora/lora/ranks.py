@@ -43,13 +43,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..errors import ConfigError
-from .targets import glob_specificity, layer_role, lora_target_names, resolve_alias
+from demucs_lora.core.errors import ConfigError
+from demucs_lora.lora.targets import glob_specificity, layer_role, lora_target_names, resolve_alias
 
 logger = logging.getLogger(__name__)
 
-from .layers import LoRALayer, params_per_rank
-from .layers_attention import check_enable_qkv
+from demucs_lora.lora.layers import LoRALayer, params_per_rank
+from demucs_lora.lora.layers_attention import check_enable_qkv
 
 MODES = ("uniform", "heuristic", "gradient")
 

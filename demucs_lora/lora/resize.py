@@ -16,9 +16,9 @@ import typing as tp
 import torch
 from torch import nn
 
-from ..errors import ConfigError
-from .layers import LoRAConvTranspose1d, LoRAConvTranspose2d, LoRALayer
-from .layers_attention import LoRAMultiheadAttention
+from demucs_lora.core.errors import ConfigError
+from demucs_lora.lora.layers import LoRAConvTranspose1d, LoRAConvTranspose2d, LoRALayer
+from demucs_lora.lora.layers_attention import LoRAMultiheadAttention
 
 NEW_A_NORM = 1 / math.sqrt(3)
 """Row norm of a new A component: the expected row norm of LoRA's kaiming-uniform init."""

@@ -18,10 +18,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .. import __version__
-from ..errors import AdapterMismatch, ConfigError
-from ..utils import atomic_write_group
-from .inject import BIAS_MODES, has_lora, inject_lora, iter_lora_layers, lora_config
+from demucs_lora import __version__
+from demucs_lora.core.errors import AdapterMismatch, ConfigError
+from demucs_lora.core.files import atomic_write_group
+from demucs_lora.lora.inject import BIAS_MODES, has_lora, inject_lora, iter_lora_layers, lora_config
 
 FORMAT = "demucs-lora-adapter/1"
 
@@ -281,7 +281,7 @@ def read_header(path: tp.Union[str, Path]) -> dict:
 
 def _open_tensors(tensors_path: Path, header: dict) -> tp.Dict[str, torch.Tensor]:
     """The tensors of the pair: checked against the header's checksum, float dtypes only,
-    and finite (NaN/inf adapters are refused, see demucs_lora.finite)."""
+    and finite (NaN/inf adapters are refused, see demucs_lora.core.finite)."""
     if not tensors_path.is_file():
         raise AdapterMismatch(f"adapter file {tensors_path} does not exist (an adapter is "
                               "a .safetensors file plus its .json header)")
@@ -305,7 +305,7 @@ def _open_tensors(tensors_path: Path, header: dict) -> tp.Dict[str, torch.Tensor
     except Exception as exc:  # safetensors' own error for truncated / empty / junk files
         raise AdapterMismatch(f"{tensors_path} is not a readable safetensors file "
                               f"(truncated or corrupt: {exc})") from None
-    from ..finite import nonfinite_names
+    from demucs_lora.core.finite import nonfinite_names
     nonfinite = nonfinite_names(tensors)
     if nonfinite:
         raise AdapterMismatch(
@@ -325,7 +325,7 @@ def check_ranks_fit(model: nn.Module, header: dict, path: tp.Union[str, Path]) -
     """Every header rank names a layer of `model` and is at most its smallest dimension
     (or RANK_SLACK, which `inject_lora` also accepts), so that injecting allocates about
     the layer's own size at most: checked before any allocation."""
-    from .ranks import _layer_info
+    from demucs_lora.lora.ranks import _layer_info
     path = adapter_paths(path)[1]  # errors name the header file
     qkv = header["enable_qkv"]
     for name, rank in header["ranks"].items():
@@ -387,7 +387,7 @@ def load_lora_weights(model: nn.Module, path: tp.Union[str, Path],
     """Load an adapter strictly, injecting the LoRA layers first when the model has none.
 
     If the adapter was trained for other sources than the model's, the model's heads are
-    remapped first (`demucs_lora.model.remap_sources`), so a new model object may be
+    remapped first (`demucs_lora.models.build.remap_model`), so a new model object may be
     returned: always use the return value. The header is validated, and its ranks checked
     against the layers, before any tensor is read or allocated.
     """
@@ -398,9 +398,9 @@ def load_lora_weights(model: nn.Module, path: tp.Union[str, Path],
             raise AdapterMismatch(
                 f"{path}: adapter sources {sources} differ from the model's {model.sources}; "
                 "load it on the plain base model instead")
-        from ..model import remap_sources
+        from demucs_lora.models.build import remap_model
         try:
-            model = remap_sources(model, sources, header.get("source_init"))
+            model = remap_model(model, sources, header.get("source_init"))
         except ConfigError as exc:
             raise AdapterMismatch(f"{path}: header keys 'sources'/'source_init' do not fit "
                                   f"this model: {exc}") from None
@@ -441,5 +441,5 @@ def load_lora_weights(model: nn.Module, path: tp.Union[str, Path],
             params[name].copy_(value.to(params[name].dtype))
     for layer in merged:
         layer.merge()
-    from ..model_api import attach  # the guide's model.load_lora_weights & co.
+    from demucs_lora.models.methods import attach  # the guide's model.load_lora_weights & co.
     return attach(model)

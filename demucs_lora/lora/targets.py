@@ -32,9 +32,9 @@ import typing as tp
 
 from torch import nn
 
-from ..errors import ConfigError
+from demucs_lora.core.errors import ConfigError
 
-from .layers import SUPPORTED_TYPES, LoRALayer
+from demucs_lora.lora.layers import SUPPORTED_TYPES, LoRALayer
 
 # group -> module-path prefixes it covers (a prefix matches itself and its children)
 GROUPS: tp.Dict[str, tp.Tuple[str, ...]] = {

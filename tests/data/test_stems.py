@@ -8,7 +8,7 @@ import torch
 from omegaconf import OmegaConf
 
 from demucs_lora.data import stems, synth
-from demucs_lora.errors import ConfigError, DatasetError
+from demucs_lora.core.errors import ConfigError, DatasetError
 
 SR = 8000
 SOURCES = ["drums", "bass", "other", "vocals"]

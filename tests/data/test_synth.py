@@ -6,7 +6,7 @@ import pytest
 import soundfile as sf
 
 from demucs_lora.data import synth
-from demucs_lora.errors import ConfigError
+from demucs_lora.core.errors import ConfigError
 
 SR = 8000
 

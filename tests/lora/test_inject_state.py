@@ -9,7 +9,7 @@ from demucs.states import serialize_model
 from omegaconf import OmegaConf
 from safetensors import safe_open
 
-from demucs_lora.errors import AdapterMismatch, ConfigError
+from demucs_lora.core.errors import AdapterMismatch, ConfigError
 from demucs_lora.lora.inject import (inject_lora, iter_lora_layers, merge_lora, remove_lora,
                                      unmerge_lora)
 from demucs_lora.lora.state import get_lora_state, load_lora_weights, save_adapter

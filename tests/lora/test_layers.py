@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from demucs_lora.errors import ConfigError
+from demucs_lora.core.errors import ConfigError
 from demucs_lora.lora.layers import (
     BIAS_MODES, SUPPORTED_TYPES, LoRAConv1d, LoRAConv2d, LoRAConvTranspose1d,
     LoRAConvTranspose2d, LoRAEmbedding, LoRALayer, LoRALinear, LoRAMultiheadAttention,

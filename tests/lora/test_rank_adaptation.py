@@ -8,7 +8,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from demucs_lora.errors import ConfigError
+from demucs_lora.core.errors import ConfigError
 from demucs_lora.lora.inject import inject_lora, iter_lora_layers, lora_config
 from demucs_lora.lora.layers import LoRALinear
 from demucs_lora.lora.rank_adaptation import (RankAdaptation, check_config, plan_ranks,
@@ -173,7 +173,7 @@ def test_adapter_reloads_with_the_new_ranks(adapted, tmp_path):
 def test_state_round_trip_rebuilds_the_layers_before_loading(adapted):
     """What Solver.restore does after kill -9: fresh model at the starting ranks, resize to
     the checkpoint's ranks, then load trainable tensors and optimizer state."""
-    from demucs_lora.checkpoint import load_trainable_state, trainable_state
+    from demucs_lora.training.checkpoint import load_trainable_state, trainable_state
     model, opt, ra = adapted["model"], adapted["opt"], adapted["ra"]
     from demucs.htdemucs import HTDemucs
     torch.manual_seed(0)

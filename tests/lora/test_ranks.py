@@ -9,7 +9,7 @@ from demucs.htdemucs import HTDemucs
 from omegaconf import OmegaConf
 from torch import nn
 
-from demucs_lora.errors import ConfigError
+from demucs_lora.core.errors import ConfigError
 from demucs_lora.lora.layers import params_per_rank
 from demucs_lora.lora.ranks import RankTable, allocate_ranks
 from demucs_lora.lora.targets import lora_target_names

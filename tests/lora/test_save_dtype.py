@@ -11,8 +11,8 @@ from demucs.htdemucs import HTDemucs
 from omegaconf import OmegaConf
 from safetensors import safe_open
 
-from demucs_lora.config_check import check_config
-from demucs_lora.errors import ConfigError
+from demucs_lora.config.check import check_config
+from demucs_lora.core.errors import ConfigError
 from demucs_lora.lora.inject import inject_lora
 from demucs_lora.lora.state import adapter_paths, load_lora_weights, save_adapter
 from demucs_lora.lora.targets import lora_target_names

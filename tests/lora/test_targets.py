@@ -3,7 +3,7 @@ import torch
 from demucs.htdemucs import HTDemucs
 from torch import nn
 
-from demucs_lora.errors import ConfigError
+from demucs_lora.core.errors import ConfigError
 from demucs_lora.lora.layers import SUPPORTED_TYPES, wrap_module
 from demucs_lora.lora.targets import (GROUPS, glob_specificity, head_names, layer_role,
                                       lora_target_names, resolve_alias)

@@ -17,7 +17,7 @@ import sys
 import typing as tp
 from pathlib import Path
 
-from .errors import DemucsLoRAError, ModelLoadError
+from demucs_lora.core.errors import DemucsLoRAError, ModelLoadError
 
 logger = logging.getLogger(__name__)
 DDP_NOTE = "DEMUCS_LORA_DDP_NOTE"
@@ -95,14 +95,14 @@ def resolve_model_name(name: str, argv: tp.Sequence[str]) -> tp.List[str]:
     """argv that starts a run from the model NAME (`dora run -f NAME`), found as
     `continue_from` finds it (hub.resolve; pretrained_repo read from the user's argv).
     Raises ModelLoadError with every place looked when NAME is not a model."""
-    from .hub.resolve import find_model
+    from demucs_lora.hub.resolve import find_model
     find_model(name, argv_value(argv, "pretrained_repo"), Path.cwd())
     return [f"continue_from={name}"]
 
 
 def argv_from_model(name: str, argv: tp.Sequence[str], xp_root: Path) -> tp.List[str]:
     """`-f NAME` when no XP has that signature: a model, or an error saying what -f takes."""
-    from .errors import ConfigError
+    from demucs_lora.core.errors import ConfigError
     try:
         found = resolve_model_name(name, argv)
     except ModelLoadError as exc:

@@ -22,11 +22,11 @@ from demucs.states import serialize_model
 from omegaconf import DictConfig
 from torch import nn
 
-from .epoch import partial_problem
-from .errors import CheckpointError
-from .utils import atomic_write
-from .lora.inject import has_lora, remove_lora
-from .lora.state import base_fingerprint, fingerprints_match, save_adapter
+from demucs_lora.training.epoch import partial_problem
+from demucs_lora.core.errors import CheckpointError
+from demucs_lora.core.files import atomic_write
+from demucs_lora.lora.inject import has_lora, remove_lora
+from demucs_lora.lora.state import base_fingerprint, fingerprints_match, save_adapter
 
 CHECKPOINT_FORMAT = "demucs-lora-checkpoint/2"
 RESUME_KEYS = ("format", "model", "optimizer", "scheduler", "scaler", "ema", "rng", "epoch",
@@ -242,7 +242,7 @@ def save_best_model(model: nn.Module, state, cfg: DictConfig, path: Path,
     is written as demucs lays bags out: ``best.yaml`` + ``best_mK.th`` (``bag.write_bag``)."""
     plain = plain_model(model, state)
     if isinstance(plain, BagOfModels):
-        from .bag import write_bag
+        from demucs_lora.models.bag import write_bag
         write_bag(plain, path.parent, path.stem, cfg, half=half)
         return
     package = serialize_model(plain, cfg, half=half)

@@ -14,7 +14,7 @@ import typing as tp
 
 from omegaconf import DictConfig, OmegaConf
 
-from .errors import ConfigError
+from demucs_lora.core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -87,8 +87,8 @@ def check_value_ranges(cfg: DictConfig) -> None:
 def check_base_values(cfg: DictConfig, base: tp.Any) -> None:
     """The checks that need the base model: `source_init` against its sources and the
     `htdemucs.layer_ranks` globs against its layers (ConfigError naming the key)."""
-    from .lora.targets import lora_target_names
-    from .model import source_plan
+    from demucs_lora.lora.targets import lora_target_names
+    from demucs_lora.models.heads import source_plan
     if base is None:  # a new model: its layers follow the config
         return
     base = getattr(base, "models", [base])[0]  # a bag: the globs apply to every member
@@ -99,7 +99,7 @@ def check_base_values(cfg: DictConfig, base: tp.Any) -> None:
     lcfg = cfg.htdemucs
     if int(lcfg.lora_rank) <= 0 or lcfg.get("layer_ranks") is None:
         return
-    from .lora.ranks import _apply_overrides, _layer_ranks
+    from demucs_lora.lora.ranks import _apply_overrides, _layer_ranks
     names = lora_target_names(base, list(lcfg.lora_targets))
     _apply_overrides({n: 0 for n in names}, _layer_ranks(lcfg), list(lcfg.lora_targets))
 

@@ -13,7 +13,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from .errors import ModelLoadError, TrainingDiverged
+from demucs_lora.core.errors import ModelLoadError, TrainingDiverged
 
 
 def is_finite_number(value: tp.Any) -> bool:

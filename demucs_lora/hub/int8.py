@@ -17,9 +17,9 @@ clipping ratios ``scale = c * max|w| / qmax`` (c from 0.3 to 1 by 0.1, then by 0
 each channel's best; max-abs included, so it is never worse) refined by two least-squares
 steps ``scale = <w, q> / <q, q>``. Biases, norms and layer scales stay float32. The
 package holds only tensors and builtins (plus the demucs ``klass``), so it opens with
-``torch.load(weights_only=True)`` and the allowlist of ``demucs_lora.safe_load``:
-``safe_load.load_model_file`` sees the ``quantized`` key and dequantizes, as does
-``load_quantized``; they build ``quantized['klass']``. The stock demucs loader (``python
+``torch.load(weights_only=True)`` and the allowlist of ``demucs_lora.hub.safe_load``:
+``safe_load.load_model_file`` (which ``hub.packages.load_model_file`` calls) sees the
+``quantized`` key, dequantizes and builds ``quantized["klass"]``. The stock loader (``python
 -m demucs --repo DIR -n NAME``) calls ``klass(*args, **kwargs)`` first: ``klass`` is
 `Int8Package`, which raises demucs' own ``ModelLoadingError`` "int8 file: load it with
 demucs_lora.get_model", which the stock CLI prints as its one-line error (packages written
@@ -38,8 +38,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .utils import atomic_write
-from .errors import ConfigError, ModelLoadError
+from demucs_lora.core.files import atomic_write
+from demucs_lora.core.errors import ConfigError, ModelLoadError
 
 SCHEME = "per_channel_symmetric"
 SCALE_SUFFIX = "::scale"
@@ -224,9 +224,3 @@ def save_quantized(model: nn.Module, path: tp.Union[str, Path], bits: int = 8,
     package = quantize(model, bits, training_args, optimize_scales)
     atomic_write(path, lambda tmp: torch.save(package, tmp))
     return path
-
-
-def load_quantized(path: tp.Union[str, Path], trust_remote_code: bool = False) -> nn.Module:
-    """Float model from a quantized file (same as ``safe_load.load_model_file``)."""
-    from .hub.packages import load_model_file
-    return load_model_file(path, trust_remote_code=trust_remote_code)

@@ -24,7 +24,7 @@ import typing as tp
 
 import torch
 
-from .errors import ModelLoadError
+from demucs_lora.core.errors import ModelLoadError
 
 MAX_INT = 1 << 31
 MAX_FLOAT = 1e12

@@ -22,8 +22,10 @@ import time
 import typing as tp
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-ASSET = REPO / "demucs_lora" / "assets" / "base_tiny_A.th"
+from demucs_lora.core.paths import ASSETS_DIR, REPO_DIR
+
+REPO = REPO_DIR
+ASSET = ASSETS_DIR / "base_tiny_A.th"
 ASSET_INFO = ASSET.with_suffix(".json")
 # The exact command that made the shipped base (seed 0, synthetic domain A, 4 stems).
 BASE_ARGS = ["model=htdemucs_tiny", "dset.synth.tracks=24", "dset.synth.valid_tracks=4",
@@ -66,12 +68,12 @@ def make_base() -> Path:
     import torch
     from demucs.states import serialize_model
     from omegaconf import OmegaConf
-    from .hub.packages import load_model_file
+    from demucs_lora.hub.packages import load_model_file
     _step("Training the base on synthetic domain A (dora run " + " ".join(BASE_ARGS) + ")")
     _dora("run", *BASE_ARGS)
     xp = _xp_of(BASE_ARGS)
     model = load_model_file(xp / "best.th")
-    from .utils import atomic_write, atomic_write_text
+    from demucs_lora.core.files import atomic_write, atomic_write_text
     atomic_write(ASSET, lambda tmp: torch.save(
         serialize_model(model, OmegaConf.create({}), half=True), tmp))
     history = json.loads((xp / "history.json").read_text())
@@ -100,7 +102,7 @@ def _table(before: dict, after: dict) -> str:
 def _test_mixture(xp: Path) -> tp.Optional[Path]:
     """A mixture of the test split the XP was trained on (for the stock CLI)."""
     from omegaconf import OmegaConf
-    from .data.stems import dataset_root
+    from demucs_lora.data.stems import dataset_root
     cfg = OmegaConf.load(xp / "config.yaml")
     mixes = sorted(dataset_root(cfg, list(cfg.dset.sources), progress=False).glob(
         "test/*/mixture.wav"))
@@ -153,7 +155,7 @@ elapsed         {time.time() - start:.0f} s""")
 
 
 def main(argv: tp.Optional[tp.Sequence[str]] = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m demucs_lora.demo", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m demucs_lora.commands.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--make-base", action="store_true", help="only retrain the base")
     parser.add_argument("--retrain-base", action="store_true",

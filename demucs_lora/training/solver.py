@@ -26,15 +26,15 @@ from dora import distrib, get_xp
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from . import checkpoint as ckpt
-from .data.stems import augment_batch
-from .epoch import EpochProgress, agree, skip_batches
-from .errors import CheckpointError, TrainingDiverged
-from .solver_guards import SolverGuards
-from .metrics import nsdr
-from .optim import TrainableEMA, build_optimizer, build_scheduler
-from .utils import atomic_write_text
-from .xp_guard import StopSignals, active_stop_signals
+from demucs_lora.training import checkpoint as ckpt
+from demucs_lora.data.stems import augment_batch
+from demucs_lora.training.epoch import EpochProgress, agree, skip_batches
+from demucs_lora.core.errors import CheckpointError, TrainingDiverged
+from demucs_lora.training.guards import SolverGuards
+from demucs_lora.metrics import nsdr
+from demucs_lora.training.optim import TrainableEMA, build_optimizer, build_scheduler
+from demucs_lora.core.files import atomic_write_text
+from demucs_lora.training.xp_guard import StopSignals, active_stop_signals
 
 logger = logging.getLogger(__name__)
 FP16_MAX_SKIPS = 24  # consecutive overflowing fp16 steps (loss scale / 2**24) = diverged
@@ -78,7 +78,7 @@ class Solver(SolverGuards):
         self.saved = "no epoch had finished, so nothing was saved"  # what checkpoint.th is
         self.adaptation = None  # htdemucs.lora_rank_adaptation (lora/rank_adaptation.py)
         if cfg.htdemucs.get("lora_rank_adaptation") and cfg.htdemucs.lora_rank > 0:
-            from .lora.rank_adaptation import RankAdaptation
+            from demucs_lora.lora.rank_adaptation import RankAdaptation
             self.adaptation = RankAdaptation(self.model, cfg.htdemucs, seed=cfg.seed)
 
     def _wrap_ddp(self) -> None:
@@ -327,7 +327,7 @@ class Solver(SolverGuards):
 
     def _adapt_ranks(self, epoch: int) -> None:
         """Dynamic rank adaptation (every process, same decision); see rank_adaptation.py."""
-        from .lora.rank_adaptation import calibration_batches
+        from demucs_lora.lora.rank_adaptation import calibration_batches
         batches = calibration_batches(self.loaders["train"], self.augment, self.device)
         self.adaptation.reallocate(batches, lambda est, ref: self._loss(est, ref)[0],
                                    self.optimizer, self.ema, epoch)

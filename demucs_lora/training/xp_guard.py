@@ -24,7 +24,7 @@ import time
 import typing as tp
 from pathlib import Path
 
-from .errors import XPBusy
+from demucs_lora.core.errors import XPBusy
 
 logger = logging.getLogger(__name__)
 

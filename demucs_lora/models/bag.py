@@ -19,7 +19,7 @@ import torch
 import yaml
 from demucs.apply import BagOfModels
 
-from .utils import atomic_write_group
+from demucs_lora.core.files import atomic_write_group
 
 
 class TrainableBag(BagOfModels):
@@ -44,8 +44,8 @@ def bag_weights(weights: tp.Sequence[tp.Sequence[float]], plan: tp.List[tp.List[
 
 def remap_bag(bag: BagOfModels, sources: tp.Sequence[str],
               source_init: tp.Optional[tp.Mapping] = None) -> TrainableBag:
-    """Every member remapped to ``sources`` (``model.remap_sources``), weights to match."""
-    from .model import remap_sources, source_plan
+    """Every member remapped to ``sources`` (``heads.remap_sources``), weights to match."""
+    from demucs_lora.models.heads import remap_sources, source_plan
     plan = source_plan(list(bag.sources), sources, source_init)
     members = [remap_sources(m, sources, source_init) for m in bag.models]
     return TrainableBag(members, bag_weights(bag.weights, plan))
@@ -62,7 +62,7 @@ def bag_writes(bag: BagOfModels, folder: Path, name: str, training_args: tp.Any 
     reader never sees a bag whose members are missing."""
     from demucs.states import serialize_model
     from omegaconf import OmegaConf
-    from .hub.packages import safetensors_writer
+    from demucs_lora.hub.packages import safetensors_writer
     args = OmegaConf.create(training_args if training_args is not None else {})
     writes = []
     for member, sig in zip(bag.models, member_names(name, len(bag.models))):

@@ -15,20 +15,18 @@ from __future__ import annotations
 
 import difflib
 import functools
-import inspect
 import typing as tp
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from .config_aliases import ALIASES, canonical_key, split_override
-from .errors import ConfigError
+from demucs_lora.config.aliases import ALIASES, canonical_key, split_override
+from demucs_lora.core.errors import ConfigError
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+from demucs_lora.core.paths import CONF_DIR
+from demucs_lora.models.build import htdemucs_kwargs
 GROUPS = ("model", "dset", "optim", "variant")
 _PACKAGE = "# @package _global_"
-# HTDemucs arguments that come from elsewhere in the config (dset.*), not htdemucs.*.
-_NOT_HTDEMUCS = ("self", "sources", "samplerate", "audio_channels", "segment")
 
 
 def _load_group_file(path: Path) -> dict:
@@ -52,13 +50,6 @@ def _merge(a: dict, b: dict) -> dict:
         else:
             out[key] = value
     return out
-
-
-def htdemucs_kwargs() -> tp.Dict[str, tp.Any]:
-    """HTDemucs constructor arguments that `htdemucs.*` may set, with their defaults."""
-    from demucs.htdemucs import HTDemucs
-    params = inspect.signature(HTDemucs.__init__).parameters
-    return {name: p.default for name, p in params.items() if name not in _NOT_HTDEMUCS}
 
 
 @functools.lru_cache(maxsize=None)
@@ -273,14 +264,14 @@ def is_hydra_error(exc: BaseException) -> bool:
 
 def prepare_argv(argv: tp.Sequence[str]) -> tp.List[str]:
     """Overrides in canonical spelling, unknown keys refused (before Hydra composes)."""
-    from .config_aliases import normalize_argv
+    from demucs_lora.config.aliases import normalize_argv
     return check_argv(normalize_argv(list(argv)))
 
 
 def canonical_checked(cfg: DictConfig, argv: tp.Sequence[str] = (),
                       where: str = "in a config file") -> DictConfig:
     """The composed config with canonical keys only; ConfigError on any unknown key."""
-    from .config_aliases import canonical_config
+    from demucs_lora.config.aliases import canonical_config
     out = canonical_config(cfg, cli_keys(argv))
     check_known_keys(out, where)
     return out

@@ -32,14 +32,14 @@ def _load_lora_weights(model: "nn.Module", path, check_base: bool = True) -> "nn
     """Put the adapter ``path`` (``x``, ``x.safetensors``/``.json`` or an XP signature)
     on this model: injected the first time, tensors swapped after. Returns the model
     (a new object only when the adapter's sources differ: always use the result)."""
-    from .api import resolve_adapter
-    from .lora.state import load_lora_weights
+    from demucs_lora.hub.resolve import resolve_adapter
+    from demucs_lora.lora.state import load_lora_weights
     return load_lora_weights(model, resolve_adapter(path), check_base=check_base)
 
 
 def _get_lora_state(model: "nn.Module") -> dict:
     """The adapter's tensors: LoRA factors plus whatever was trained in full."""
-    from .lora.state import get_lora_state
+    from demucs_lora.lora.state import get_lora_state
     return get_lora_state(model)
 
 
@@ -48,8 +48,8 @@ def _quantize(model: "nn.Module", bits: int = 8, optimize_scales: bool = False,
     """Weight-only int8 package of this model, its adapter merged (the model itself is
     left as it is). ``optimize_scales``: per-channel scales of least reconstruction error
     instead of max-abs. ``torch.save`` it; ``demucs_lora.get_model(path)`` loads it."""
-    from .lora.inject import has_lora, remove_lora
-    from .quantize import quantize
+    from demucs_lora.lora.inject import has_lora, remove_lora
+    from demucs_lora.hub.int8 import quantize
     plain = remove_lora(copy.deepcopy(model)) if has_lora(model) else model
     return quantize(plain, bits=bits, training_args=training_args,
                     optimize_scales=optimize_scales)
@@ -87,7 +87,7 @@ class ModelMethod:
 
 def attach(model: "nn.Module") -> "nn.Module":
     """Give ``model`` the guide's methods and ``lora_config`` (idempotent); returns it."""
-    from .lora.inject import LORA_CONFIG_ATTR
+    from demucs_lora.lora.inject import LORA_CONFIG_ATTR
     for name in METHODS:
         object.__setattr__(model, name, ModelMethod(model, name))
     object.__setattr__(model, "lora_config", getattr(model, LORA_CONFIG_ATTR, None))

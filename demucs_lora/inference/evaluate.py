@@ -32,8 +32,8 @@ import sys
 import typing as tp
 from pathlib import Path
 
-from .utils import atomic_write_text
-from .errors import ConfigError, DemucsLoRAError, exit_on_user_error
+from demucs_lora.core.files import atomic_write_text
+from demucs_lora.core.errors import ConfigError, DemucsLoRAError, exit_on_user_error
 
 if tp.TYPE_CHECKING:  # pragma: no cover
     from omegaconf import DictConfig
@@ -44,17 +44,17 @@ DECIMALS = 4
 
 class NoScores(DemucsLoRAError):
     """Every score is NaN (the model outputs NaN/inf): exit status 1, not a table of '-'."""
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+from demucs_lora.core.paths import CONF_DIR
 GROUPS = ("model", "dset", "optim", "variant")
 
 
 # ----------------------------------------------------------------------------- config
 def compose(overrides: tp.Sequence[str] = ()) -> "DictConfig":
     """``conf/config.yaml`` composed with Hydra overrides (no Hydra run, no chdir); the
-    guide's spellings are accepted (demucs_lora.config_aliases)."""
+    guide's spellings are accepted (demucs_lora.config.aliases)."""
     from hydra import compose as hydra_compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
-    from .config_keys import canonical_checked, prepare_argv
+    from demucs_lora.config.keys import canonical_checked, prepare_argv
     overrides = prepare_argv(overrides)
     if not CONF_DIR.is_dir():
         raise ConfigError(f"no Hydra config folder at {CONF_DIR}: run from a source checkout")
@@ -80,7 +80,7 @@ def xp_config(config_file: Path, overrides: tp.Sequence[str]) -> "DictConfig":
     """An XP's config.yaml with overrides: groups as their delta over the defaults,
     ``key=value`` set directly (the key must exist: a typo is an error, not a no-op)."""
     from omegaconf import OmegaConf
-    from .config_aliases import canonical_config, normalize_argv
+    from demucs_lora.config.aliases import canonical_config, normalize_argv
     cfg = canonical_config(OmegaConf.load(config_file))     # older files: top-level sources
     overrides = normalize_argv(overrides)
     groups = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in GROUPS]
@@ -109,8 +109,8 @@ def xp_config(config_file: Path, overrides: tp.Sequence[str]) -> "DictConfig":
 def build_dataset(cfg: "DictConfig", sources: tp.Sequence[str], split: str,
                   samplerate: int, channels: int, progress: bool = True):
     """Whole-track, un-normalized StemDataset of ``split`` for ``sources``."""
-    from .data.stems import _abspath, build_metadata, dataset_root, stem_files, StemDataset
-    from .errors import DatasetError
+    from demucs_lora.data.stems import _abspath, build_metadata, dataset_root, stem_files, StemDataset
+    from demucs_lora.core.errors import DatasetError
     residual = cfg.get("residual_source")
     root = dataset_root(cfg, list(sources), progress=progress)
     files = stem_files(cfg)
@@ -133,8 +133,8 @@ def evaluate_model(model: "nn.Module", dataset, shifts: int = 0, overlap: float 
     values rounded to DECIMALS; every track separated with ``separate_tensor``."""
     import torch
     import tqdm
-    from .metrics import METRICS, summarize, track_metrics
-    from .separate import separate_tensor
+    from demucs_lora.metrics import METRICS, summarize, track_metrics
+    from demucs_lora.inference.separate import separate_tensor
     metrics = tuple(metrics or METRICS)
     names = list(dataset.metadata)
     count = len(names) if max_tracks is None else min(max_tracks, len(names))
@@ -212,8 +212,8 @@ def get_parser() -> argparse.ArgumentParser:
 
 def _source_xp(name: str, adapter: tp.Optional[str]) -> tp.Optional[Path]:
     """The XP whose config describes the data: the model's, else the adapter's."""
-    from .api import resolve_adapter, xp_folder
-    from .lora.state import read_header
+    from demucs_lora.hub.resolve import resolve_adapter, xp_folder
+    from demucs_lora.lora.state import read_header
     folder = xp_folder(name)
     if folder is not None and (folder / "config.yaml").is_file():
         return folder
@@ -228,7 +228,7 @@ def _source_xp(name: str, adapter: tp.Optional[str]) -> tp.Optional[Path]:
 def selected_metrics(args: argparse.Namespace) -> tp.Tuple[str, ...]:
     """``--metrics`` (space or comma separated; KEY=VALUE items it swallowed go back to the
     overrides), checked by name; the default set without it."""
-    from .metrics import METRICS, check_metrics
+    from demucs_lora.metrics import METRICS, check_metrics
     if not args.metrics:
         return METRICS
     names = []
@@ -247,7 +247,8 @@ def selected_metrics(args: argparse.Namespace) -> tp.Tuple[str, ...]:
 def run(args: argparse.Namespace) -> dict:
     """Load, configure, evaluate, print, write; returns the results dict."""
     import torch
-    from .api import get_model, xp_folder
+    from demucs_lora.api import get_model
+    from demucs_lora.hub.resolve import xp_folder
     metrics = selected_metrics(args)
     bad = [o for o in args.overrides if "=" not in o]
     if bad:

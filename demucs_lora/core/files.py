@@ -53,7 +53,7 @@ def disk_reason(folder: PathLike, exc: BaseException) -> tp.Optional[str]:
 
 
 def disk_error(path: PathLike, reason: str):
-    from .errors import DiskWriteError
+    from demucs_lora.core.errors import DiskWriteError
     fix = ("free some space" if "space" in reason or "quota" in reason
            else "make the folder writable or write elsewhere")
     return DiskWriteError(f"cannot write {path}: {reason} ({fix}, then run the same command "

@@ -18,8 +18,8 @@ import typing as tp
 
 from omegaconf import DictConfig, OmegaConf
 
-from .config_check import normalize_overrides
-from .errors import ConfigError
+from demucs_lora.config.check import normalize_overrides
+from demucs_lora.core.errors import ConfigError
 
 _PRECISION = {"float16": "fp16", "fp16": "fp16", "half": "fp16", "16": "fp16", 16: "fp16",
               "bfloat16": "bf16", "bf16": "bf16", "float32": False, "fp32": False,
@@ -198,7 +198,7 @@ def canonical_config(cfg: DictConfig, cli_keys: tp.Iterable[str] = (),
     """A new config where dotted YAML keys are nested and alias keys are moved to their
     canonical key. A canonical key given on the command line (`cli_keys`) wins over an
     alias written in a YAML file; otherwise the alias (written by the user) wins."""
-    from .config_keys import is_closed
+    from demucs_lora.config.keys import is_closed
     closed = closed or is_closed
     data = OmegaConf.to_container(cfg, resolve=False)
     data = expand_dotted(data, closed)

@@ -1,6 +1,6 @@
 """Separate audio files with a base model and one or more adapters (``demucs-lora``).
 
-    python -m demucs_lora.separate song.wav --base NAME --repo release_models \\
+    python -m demucs_lora.inference.separate song.wav --base NAME --repo release_models \\
         --adapter outputs/xps/SIG1/lora_best --adapter SIG2 [--merge] [-o separated]
 
 Why not the stock ``demucs`` CLI: it loads one plain model per run. Here the base is
@@ -20,7 +20,7 @@ import argparse
 import typing as tp
 from pathlib import Path
 
-from .errors import DemucsLoRAError, exit_on_user_error
+from demucs_lora.core.errors import DemucsLoRAError, exit_on_user_error
 
 if tp.TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -141,7 +141,8 @@ def run(args: argparse.Namespace) -> tp.List[Path]:
     """Separate every track with every adapter; returns the files written."""
     import torch
     import tqdm
-    from .api import get_model, model_display_name, resolve_adapter, with_adapter
+    from demucs_lora.api import get_model, model_display_name, with_adapter
+    from demucs_lora.hub.resolve import resolve_adapter
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     missing = [str(t) for t in args.tracks if not t.is_file()]
     if missing:

@@ -39,8 +39,8 @@ import typing as tp
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .utils import atomic_write, atomic_write_group
-from .errors import ConfigError, DemucsLoRAError, ModelLoadError, exit_on_user_error
+from demucs_lora.core.files import atomic_write, atomic_write_group
+from demucs_lora.core.errors import ConfigError, DemucsLoRAError, ModelLoadError, exit_on_user_error
 
 if tp.TYPE_CHECKING:  # pragma: no cover
     from omegaconf import DictConfig
@@ -86,7 +86,7 @@ def check_name(name: str) -> str:
 
 def find_xp(sig: str, root: Path) -> Path:
     """outputs/xps/SIG, or ModelLoadError listing the 5 most recent XPs."""
-    from .api import recent_xps, xp_folder, xps_root
+    from demucs_lora.hub.resolve import recent_xps, xp_folder, xps_dir as xps_root
     folder = xp_folder(sig, root)
     if folder is None:
         recent = recent_xps(root)
@@ -111,8 +111,8 @@ def plan(sigs: tp.Sequence[str], out: Path, name: tp.Optional[str], which: str,
         folder = find_xp(sig, root)
         job = Job(sig, folder, check_name(name or sig), out / f"{name or sig}.th")
         if (folder / "best.yaml").is_file():  # an adapted bag: NAME.yaml + NAME_mK files
-            from .bag import member_names
-            from .hub.caches import read_bag
+            from demucs_lora.models.bag import member_names
+            from demucs_lora.hub.caches import read_bag
             count = len(read_bag(folder / "best.yaml")["models"])
             suffix = ".safetensors" if fmt == "hf" else ".th"
             job.model_path = out / f"{job.name}.yaml"
@@ -150,10 +150,10 @@ def load_xp_model(folder: Path, which: str = "best", trust_remote_code: bool = F
                   root: tp.Optional[Path] = None) -> tp.Tuple["nn.Module", "DictConfig"]:
     """(plain merged HTDemucs, config) of an XP: best.th, or base + lora_last merged."""
     from omegaconf import OmegaConf
-    from .finite import check_finite_model
-    from .lora.inject import remove_lora
-    from .lora.state import load_lora_weights
-    from .model import load_base
+    from demucs_lora.core.finite import check_finite_model
+    from demucs_lora.lora.inject import remove_lora
+    from demucs_lora.lora.state import load_lora_weights
+    from demucs_lora.models.build import load_base
     try:
         cfg = OmegaConf.load(folder / "config.yaml")
     except Exception as exc:  # yaml errors of a torn or edited file
@@ -188,9 +188,9 @@ def _package_bytes(package: dict) -> int:
 def _nsdr_cost(model: "nn.Module", quantized_path: Path, cfg: "DictConfig",
                tracks: int) -> str:
     """nSDR of float vs int8 on the first ``tracks`` valid tracks (shifts 0): one line."""
-    from .errors import DatasetError
-    from .evaluate import build_dataset, evaluate_model
-    from .hub.packages import load_model_file
+    from demucs_lora.core.errors import DatasetError
+    from demucs_lora.inference.evaluate import build_dataset, evaluate_model
+    from demucs_lora.hub.packages import load_model_file
     try:
         data = build_dataset(cfg, list(model.sources), "valid", model.samplerate,
                              model.audio_channels, progress=False)
@@ -211,13 +211,13 @@ def export_one(job: Job, args: argparse.Namespace, root: Path) -> tp.List[str]:
     together, the adapter header last); returns the lines to print."""
     import torch
     from demucs.states import serialize_model
-    from .quantize import quantize
+    from demucs_lora.hub.int8 import quantize
     model, cfg = load_xp_model(job.folder, args.adapter, args.trust_remote_code, root)
     fmt = getattr(args, "format", "th")
     float_size = sum(_package_bytes(serialize_model(m, cfg, half=False))
                      for m in getattr(model, "models", [model]))  # every member of a bag
     if job.members:
-        from .bag import bag_writes
+        from demucs_lora.models.bag import bag_writes
         if args.quantize:
             raise ConfigError(f"XP {job.sig} is a bag: --quantize writes single models only")
         writes = bag_writes(model, job.model_path.parent, job.name, _plain(cfg),
@@ -227,7 +227,7 @@ def export_one(job: Job, args: argparse.Namespace, root: Path) -> tp.List[str]:
         package = quantize(model, bits=args.quantize, training_args=_plain(cfg))
         writes = [(job.model_path, lambda tmp: torch.save(package, tmp))]
     elif fmt == "hf":
-        from .hub.packages import safetensors_writer
+        from demucs_lora.hub.packages import safetensors_writer
         spec = f"models: ['{job.sig}']\n"
         writes = [(job.model_path, safetensors_writer(model, half=args.half)),
                   (job.bag_path, lambda tmp: Path(tmp).write_text(spec))]
@@ -235,7 +235,7 @@ def export_one(job: Job, args: argparse.Namespace, root: Path) -> tp.List[str]:
         package = serialize_model(model, cfg, half=args.half)
         writes = [(job.model_path, lambda tmp: torch.save(package, tmp))]
     if job.lora_src is not None:
-        from .lora.state import read_adapter
+        from demucs_lora.lora.state import read_adapter
         read_adapter(job.lora_src)  # a torn, corrupt or NaN adapter is not exported
         for ext, dst in zip((".safetensors", ".json"), job.lora_dst):
             writes.append((dst, lambda tmp, src=job.lora_src.with_suffix(ext):

@@ -6,18 +6,19 @@ the same path, so LoRA and full fine-tuning are compared like for like.
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import typing as tp
 from pathlib import Path
 
-import torch
 from demucs.apply import BagOfModels
 from demucs.htdemucs import HTDemucs
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from .errors import ConfigError, ModelLoadError
-from .lora.targets import head_names
+from demucs_lora.core.errors import ConfigError, ModelLoadError
+from demucs_lora.lora.targets import head_names
+from demucs_lora.models.heads import remap_sources
 
 logger = logging.getLogger(__name__)
 
@@ -29,10 +30,19 @@ LORA_KEYS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_rslora", "lora_tar
              "lora_save_dtype")
 
 
+# HTDemucs arguments that come from elsewhere in the config (dset.*), not htdemucs.*.
+NOT_HTDEMUCS = ("self", "sources", "samplerate", "audio_channels", "segment")
+
+
+def htdemucs_kwargs() -> tp.Dict[str, tp.Any]:
+    """HTDemucs constructor arguments that `htdemucs.*` may set, with their defaults."""
+    params = inspect.signature(HTDemucs.__init__).parameters
+    return {name: p.default for name, p in params.items() if name not in NOT_HTDEMUCS}
+
+
 def architecture_kwargs(cfg: DictConfig) -> dict:
     """HTDemucs constructor kwargs from the config (the htdemucs.* keys that HTDemucs takes;
     the lora keys and the derived hop_length are not among them)."""
-    from .config_keys import htdemucs_kwargs
     known = htdemucs_kwargs()
     kwargs = {k: v for k, v in OmegaConf.to_container(cfg.htdemucs, resolve=True).items()
               if k in known}
@@ -61,7 +71,7 @@ def load_base(continue_from: tp.Optional[str], pretrained_repo: tp.Optional[str]
     ``bag_member`` alone."""
     if continue_from is None:
         return None
-    from .hub.resolve import find_model, load_found
+    from demucs_lora.hub.resolve import find_model, load_found
     found = find_model(str(continue_from), pretrained_repo, root)
     loaded = load_found(found, trust_remote_code)
     members = [_check_htdemucs(m, str(f)) for m, f in zip(loaded.members, found.files)]
@@ -74,82 +84,17 @@ def load_base(continue_from: tp.Optional[str], pretrained_repo: tp.Optional[str]
         if loaded.segment is not None:
             members[0].segment = loaded.segment
         return members[0]
-    from .bag import TrainableBag  # a BagOfModels that can also be called
+    from demucs_lora.models.bag import TrainableBag  # a BagOfModels that can also be called
     return TrainableBag(members, loaded.weights, loaded.segment)
 
 
-def _head_blocks(conv: nn.Module, n_sources: int) -> tp.Tuple[torch.Tensor, torch.Tensor]:
-    """Split a head ConvTranspose (weight (in, S*k, ...), bias (S*k)) into per-source
-    blocks: HTDemucs reshapes the output channels as (S, k) with k = channels(*2 for cac)."""
-    weight = conv.weight.detach()
-    bias = conv.bias.detach() if conv.bias is not None else None
-    w = weight.reshape(weight.shape[0], n_sources, -1, *weight.shape[2:])
-    b = bias.reshape(n_sources, -1) if bias is not None else None
-    return w, b
-
-
-def _new_head(w_blocks, b_blocks, plan: tp.List[tp.List[int]], head: nn.Module) -> None:
-    """Fill `head` (new model) with, per new source, the sum of the listed base blocks."""
-    with torch.no_grad():
-        w_new = head.weight.reshape(head.weight.shape[0], len(plan), -1, *head.weight.shape[2:])
-        w_new.zero_()
-        for s, srcs in enumerate(plan):
-            for i in srcs:
-                w_new[:, s] += w_blocks[:, i]
-        if head.bias is not None and b_blocks is not None:
-            b_new = head.bias.reshape(len(plan), -1)
-            b_new.zero_()
-            for s, srcs in enumerate(plan):
-                for i in srcs:
-                    b_new[s] += b_blocks[i]
-
-
-def source_plan(base_sources: tp.Sequence[str], sources: tp.Sequence[str],
-                source_init: tp.Optional[tp.Mapping] = None) -> tp.List[tp.List[int]]:
-    """For each new source, the indices of the base heads it starts from: `source_init`,
-    else the base's head of that name or spelling, else the default taxonomy
-    (demucs_lora.source_taxonomy: kick -> drums, guitar -> other, ...), else zero."""
-    from .source_taxonomy import plan_sources
-    source_init = dict(source_init or {})
-    for new, old in source_init.items():
-        olds = [old] if isinstance(old, str) else list(old)
-        bad = [o for o in olds if o not in base_sources]
-        if new not in sources or bad:
-            raise ConfigError(
-                f"source_init={{{new}: {old}}}: keys must be in dset.sources={list(sources)} "
-                f"and values in the base model's sources={list(base_sources)}")
-    plan = plan_sources(base_sources, sources, source_init)
-    for choice in plan:
-        if choice.why == "zero":
-            logger.info(choice.line)
-    return [[list(base_sources).index(o) for o in choice.init] for choice in plan]
-
-
-def remap_sources(model: HTDemucs, sources: tp.Sequence[str],
-                  source_init: tp.Optional[tp.Mapping] = None) -> HTDemucs:
-    """A new HTDemucs for `sources` whose heads are sliced/copied from `model`'s.
-    Kept sources keep their weights (in the new order); every other weight is copied.
-    A bag is remapped member by member (``bag.remap_bag``)."""
+def remap_model(model: nn.Module, sources: tp.Sequence[str],
+                source_init: tp.Optional[tp.Mapping] = None) -> nn.Module:
+    """``heads.remap_sources`` for an HTDemucs, member by member for a bag."""
     if isinstance(model, BagOfModels):
-        from .bag import remap_bag
+        from demucs_lora.models.bag import remap_bag
         return remap_bag(model, sources, source_init)
-    base_sources = list(model.sources)
-    if list(sources) == base_sources and not source_init:
-        return model
-    plan = source_plan(base_sources, sources, source_init)
-    args, kwargs = model._init_args_kwargs
-    kwargs = dict(kwargs, sources=list(sources))
-    new = type(model)(*args, **kwargs).to(next(model.parameters()).dtype)
-    new.segment = model.segment
-    heads = head_names(model)
-    state = {k: v for k, v in model.state_dict().items()
-             if not any(k.startswith(h + ".") for h in heads)}
-    missing, unexpected = new.load_state_dict(state, strict=False)
-    assert not unexpected and all(any(m.startswith(h + ".") for h in heads) for m in missing)
-    for head in heads:
-        w_blocks, b_blocks = _head_blocks(model.get_submodule(head), len(base_sources))
-        _new_head(w_blocks, b_blocks, plan, new.get_submodule(head))
-    return new
+    return remap_sources(model, sources, source_init)
 
 
 def build_base(cfg: DictConfig, root: tp.Optional[Path] = None) -> HTDemucs:
@@ -176,7 +121,7 @@ def run_sources(cfg: DictConfig, base: tp.Optional[nn.Module] = None) -> tp.List
     sources = cfg.dset.get("sources")
     if sources is not None:
         return list(sources)
-    from .source_taxonomy import DEFAULT_SOURCES
+    from demucs_lora.core.sources import DEFAULT_SOURCES
     return list(base.sources) if base is not None else list(DEFAULT_SOURCES)
 
 
@@ -195,12 +140,12 @@ def build_model(cfg: DictConfig, root: tp.Optional[Path] = None,
     `base`: the already loaded base (else loaded from cfg.continue_from / built fresh).
     Returns the model and a report {ranks, layers, trainable, train_heads}.
     """
-    from .lora.inject import inject_lora, trainable_summary
+    from demucs_lora.lora.inject import inject_lora, trainable_summary
     base = build_base(cfg, root) if base is None else base
     base_sources = list(base.sources)
-    model = remap_sources(base, run_sources(cfg, base), cfg.source_init)
+    model = remap_model(base, run_sources(cfg, base), cfg.source_init)
     if isinstance(model, BagOfModels):
-        from .bag import TrainableBag
+        from demucs_lora.models.bag import TrainableBag
         model = model if isinstance(model, TrainableBag) else TrainableBag(
             list(model.models), model.weights)
         members = [(f"models.{k}.", m) for k, m in enumerate(model.models)]
@@ -223,8 +168,8 @@ def build_model(cfg: DictConfig, root: tp.Optional[Path] = None,
             p.requires_grad_(True)
         report["trainable"] = trainable_summary(model)
         return model, report
-    from .lora.ranks import allocate_ranks
-    from .lora.targets import lora_target_names
+    from demucs_lora.lora.ranks import allocate_ranks
+    from demucs_lora.lora.targets import lora_target_names
     table = {}
     for prefix, member in members:
         names = [n for n in lora_target_names(member, list(lcfg.lora_targets))
@@ -252,9 +197,9 @@ def start_from_adapter(model: nn.Module, adapter: str, root: tp.Optional[Path] =
     """``lora_checkpoint=PATH``: the injected LoRA factors (and heads) start from an
     existing adapter, loaded strictly: same layout (ranks, alpha, ...), same keys and
     shapes, and trained on this very base (fingerprint), else AdapterMismatch."""
-    from .api import resolve_adapter
-    from .errors import AdapterMismatch
-    from .lora.state import load_lora_weights
+    from demucs_lora.hub.resolve import resolve_adapter
+    from demucs_lora.core.errors import AdapterMismatch
+    from demucs_lora.lora.state import load_lora_weights
     path = resolve_adapter(adapter, root)
     try:
         model = load_lora_weights(model, path)

@@ -16,16 +16,16 @@ import typing as tp
 import torch
 from dora import distrib
 
-from . import checkpoint as ckpt
-from .epoch import EpochProgress, agree, gather_rng
-from .errors import TrainingDiverged
-from .finite import divergence_error, is_finite_number, nonfinite_names
+from demucs_lora.training import checkpoint as ckpt
+from demucs_lora.training.epoch import EpochProgress, agree, gather_rng
+from demucs_lora.core.errors import TrainingDiverged
+from demucs_lora.core.finite import divergence_error, is_finite_number, nonfinite_names
 
-logger = logging.getLogger("demucs_lora.solver")
+logger = logging.getLogger("demucs_lora.training.solver")
 
 
 class SolverGuards:
-    """Methods of `demucs_lora.solver.Solver` (they use its attributes: cfg, model, ema,
+    """Methods of `demucs_lora.training.solver.Solver` (they use its attributes: cfg, model, ema,
     history, partial, saved, best_*, stop, folder, base, steps_per_epoch, device)."""
 
     # ---------------------------------------------------------------- checkpoint.th

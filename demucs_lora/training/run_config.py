@@ -5,7 +5,7 @@ checked, paths made absolute, LoRA without a base refused unless `lora_without_b
 `resolve_with_base` (the base loaded, before any data is read):
 - dset.sources null -> the base's sources (a new model: the 4 demucs stems);
 - each source the base lacks gets a head per source_init / spelling / taxonomy
-  (demucs_lora.source_taxonomy); the choices land in source_init;
+  (demucs_lora.core.sources); the choices land in source_init;
 - architecture keys (htdemucs.* constructor arguments) given with continue_from must
   equal the base's (the weights fix them); config.yaml then records the base's values;
 - htdemucs.hop_length: only the value HTDemucs derives (nfft // 4);
@@ -22,8 +22,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from .config_aliases import set_dotted
-from .errors import ConfigError
+from demucs_lora.config.aliases import set_dotted
+from demucs_lora.core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 # HTDemucs arguments that change no weight: a loaded base takes the config's value.
@@ -72,8 +72,8 @@ def hydra_context() -> tp.Tuple[tp.List[str], tp.Optional[str]]:
 # ----------------------------------------------------------------------------- no model
 def prepare_config(cfg: DictConfig, cwd: tp.Optional[Path] = None) -> DictConfig:
     """Canonical, known, checked, absolute-path config (raises ConfigError)."""
-    from .config_check import check_config, resolve_paths
-    from .config_keys import canonical_checked
+    from demucs_lora.config.check import check_config, resolve_paths
+    from demucs_lora.config.keys import canonical_checked
     overrides, _ = hydra_context()
     cfg = canonical_checked(cfg, overrides)
     check_config(cfg)
@@ -131,7 +131,7 @@ def data_banner(cfg: DictConfig) -> tp.Optional[str]:
 # ----------------------------------------------------------------------------- with the base
 def _base_kwargs(base) -> tp.Dict[str, tp.Any]:
     """Every HTDemucs argument of a loaded model (its constructor call + the defaults)."""
-    from .config_keys import htdemucs_kwargs
+    from demucs_lora.models.build import htdemucs_kwargs
     args, kwargs = getattr(base, "_init_args_kwargs", ((), {}))
     bound = inspect.signature(type(base)).bind_partial(*args, **kwargs).arguments
     out = dict(htdemucs_kwargs())
@@ -142,7 +142,8 @@ def _base_kwargs(base) -> tp.Dict[str, tp.Any]:
 def explicit_htdemucs_keys(cfg: DictConfig) -> tp.Set[str]:
     """htdemucs.* keys the user set: on the command line, or in a YAML file to a value
     other than the model group's (conf/model/NAME.yaml)."""
-    from .config_keys import CONF_DIR, cli_keys, htdemucs_kwargs
+    from demucs_lora.config.keys import CONF_DIR, cli_keys
+    from demucs_lora.models.build import htdemucs_kwargs
     overrides, choice = hydra_context()
     out = {k.split(".", 1)[1] for k in cli_keys(overrides) if k.startswith("htdemucs.")}
     file = CONF_DIR / "model" / f"{choice}.yaml"
@@ -160,7 +161,7 @@ def check_architecture(cfg: DictConfig, base, explicit: tp.Iterable[str]
                        ) -> tp.Tuple[tp.Dict[str, tp.Any], tp.List[str]]:
     """({htdemucs.KEY: base value} to record, log lines); ConfigError on any explicit
     architecture key that differs from the base."""
-    from .config_keys import htdemucs_kwargs
+    from demucs_lora.models.build import htdemucs_kwargs
     kwargs, defaults = _base_kwargs(base), htdemucs_kwargs()
     htd = OmegaConf.to_container(cfg.htdemucs, resolve=True)
     bad, lines, runtime = [], [], {}
@@ -214,8 +215,9 @@ def check_hop_length(cfg: DictConfig, nfft: int) -> tp.Dict[str, tp.Any]:
 
 def resolve_sources(cfg: DictConfig, base) -> tp.Tuple[tp.Dict[str, tp.Any], tp.List[str]]:
     """({dset.sources, source_init} to record, log lines)."""
-    from .model import run_sources, source_plan
-    from .source_taxonomy import init_mapping, plan_sources
+    from demucs_lora.models.build import run_sources
+    from demucs_lora.models.heads import source_plan
+    from demucs_lora.core.sources import init_mapping, plan_sources
     sources = run_sources(cfg, base)
     lines = []
     if cfg.dset.get("sources") is None:
@@ -235,12 +237,12 @@ def resolve_sources(cfg: DictConfig, base) -> tp.Tuple[tp.Dict[str, tp.Any], tp.
 
 def available_stems(cfg: DictConfig, sources: tp.Sequence[str]) -> tp.Optional[tp.Set[str]]:
     """Stem file names the dataset has (None: unknown, e.g. no such folder)."""
-    from .data.stems import EXT, MIXTURE, SPLITS, list_tracks
+    from demucs_lora.data.stems import EXT, MIXTURE, SPLITS, list_tracks
     dset = cfg.dset
     if OmegaConf.is_missing(dset, "wav"):
         return None
     if dset.get("wav") is None:
-        from .data.synth import LAYOUTS, choose_layout
+        from demucs_lora.data.synth import LAYOUTS, choose_layout
         stems = dset.synth.get("stems")
         return set(LAYOUTS.get(choose_layout(stems, sources, cfg.get("residual_source")), []))
     root = Path(str(dset.wav))
@@ -255,7 +257,7 @@ def available_stems(cfg: DictConfig, sources: tp.Sequence[str]) -> tp.Optional[t
 def resolve_stem_files(cfg: DictConfig, sources: tp.Sequence[str]
                        ) -> tp.Tuple[tp.Dict[str, tp.Any], tp.List[str]]:
     """A source with no file of its name but one file of another spelling reads that one."""
-    from .source_taxonomy import spelling_of
+    from demucs_lora.core.sources import spelling_of
     given = cfg.dset.get("stem_files")
     files = dict(OmegaConf.to_container(given) if given is not None else {})
     have = available_stems(cfg, sources)

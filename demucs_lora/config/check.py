@@ -14,7 +14,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from .errors import ConfigError
+from demucs_lora.core.errors import ConfigError
 
 CHOICES = {
     "htdemucs.lora_rank_mode": ("uniform", "heuristic", "gradient"),
@@ -90,7 +90,7 @@ def check_config(cfg: DictConfig) -> None:
     if cfg.source_init is not None and not isinstance(cfg.source_init, DictConfig):
         raise ConfigError(f"source_init={cfg.source_init!r}: give a mapping new_source -> "
                           "base source(s), e.g. source_init='{kick: drums, hihat: drums}'")
-    from .config_values import check_value_ranges  # value ranges (issue 15)
+    from demucs_lora.config.values import check_value_ranges  # value ranges (issue 15)
     check_value_ranges(cfg)
 
 
