@@ -139,6 +139,7 @@ def adapted_layers(size: str, segment: float, mode: str, seed: int = 0) -> tp.Li
 def build_config(name: str, size: str, segment: float, seed: int
                  ) -> tp.Tuple[nn.Module, tp.List[str]]:
     """(model of configuration `name`, trainable flags set; layers to hook for a floor)."""
+    from demucs_lora.lora.config import LoraLayout
     from demucs_lora.lora.inject import inject_lora
     from demucs_lora.train import enable_checkpointing
     config = CONFIGS[name]
@@ -155,7 +156,8 @@ def build_config(name: str, size: str, segment: float, seed: int
         elif config.kind == "peft":
             _inject_peft(model, peft_layer_names(model))
         elif config.kind == "ours_peft_set":
-            inject_lora(model, {n: RANK for n in peft_layer_names(model)}, alpha=ALPHA)
+            inject_lora(model, LoraLayout({n: RANK for n in peft_layer_names(model)},
+                                           alpha=ALPHA))
     if config.ckpt:
         enable_checkpointing(model)
     return model, hooks

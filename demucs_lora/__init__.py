@@ -16,12 +16,13 @@ Public API (imported lazily, so ``import demucs_lora`` loads neither torch nor d
 """
 import importlib
 
-__version__ = "0.1.0"
+from demucs_lora.core.version import __version__
 
 _EXPORTS = {
     "api": ["get_model"],
     "hub.int8": ["quantize"],
-    "lora.state": ["load_lora_weights", "get_lora_state", "save_adapter"],
+    "models.methods": ["load_lora_weights"],
+    "lora.state": ["get_lora_state", "save_adapter"],
     "lora.inject": ["merge_lora", "unmerge_lora", "remove_lora"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}

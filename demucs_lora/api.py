@@ -45,10 +45,6 @@ if tp.TYPE_CHECKING:  # pragma: no cover
 
 PathLike = tp.Union[str, Path]
 
-LAYOUT_KEYS = ("ranks", "alpha", "rslora", "bias", "enable_qkv", "train_extra")
-"""Header keys that must equal the injected layers' config for an in-place swap."""
-
-
 def model_display_name(name_or_sig: str) -> str:
     """Folder-friendly name of a model: a file's stem, else the name itself."""
     text = str(name_or_sig)
@@ -68,26 +64,14 @@ def can_swap(model: "nn.Module", adapter: PathLike) -> bool:
     """True when ``adapter`` fits the LoRA layers already injected in ``model``
     (same ranks, alpha, rslora, bias, q/k/v mask, fully trained extras and sources),
     so that loading it only replaces tensors."""
+    from demucs_lora.lora.adapter_file import read_header
+    from demucs_lora.lora.config import LoraLayout
     from demucs_lora.lora.inject import has_lora, lora_config
-    from demucs_lora.lora.state import read_header
     if not has_lora(model):
         return False
     header = read_header(adapter)
-    config = lora_config(model)
-    same = all(_normalize(header.get(k)) == _normalize(config.get(k)) for k in LAYOUT_KEYS)
+    same = LoraLayout.from_header(header) == lora_config(model)  # the layout compares
     return same and list(header.get("sources") or model.sources) == list(model.sources)
-
-
-def _normalize(value: tp.Any) -> tp.Any:
-    if isinstance(value, dict):
-        return {str(k): _normalize(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_normalize(v) for v in value]
-    if isinstance(value, bool) or value is None:
-        return value
-    if isinstance(value, (int, float)):
-        return float(value)
-    return value
 
 
 def with_adapter(base: "nn.Module", adapter: PathLike,
@@ -101,7 +85,7 @@ def with_adapter(base: "nn.Module", adapter: PathLike,
     inference; the next swap unmerges first).
     """
     from demucs_lora.lora.inject import merge_lora
-    from demucs_lora.lora.state import load_lora_weights
+    from demucs_lora.models.methods import load_lora_weights
     if current is not None and can_swap(current, adapter):
         model = load_lora_weights(current, adapter)
     else:
@@ -134,7 +118,7 @@ def get_model(name_or_sig: PathLike, repo: tp.Optional[PathLike] = None,
     model = check_finite_model(load_plain_model(name_or_sig, repo, trust_remote_code, root),
                                str(name_or_sig))
     if adapter is not None:
-        from demucs_lora.lora.state import load_lora_weights
+        from demucs_lora.models.methods import load_lora_weights
         path = resolve_adapter(adapter, root)
         try:
             model = load_lora_weights(model, path)

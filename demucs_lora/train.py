@@ -25,7 +25,6 @@ from demucs_lora.training.dora_cli import (DDP_NOTE, argv_from_model, install_cp
                        install_excepthook)
 from demucs_lora.training.dora_files import check_job_pickle
 from demucs_lora.core.errors import DatasetError, DemucsLoRAError, exit_on_user_error
-from demucs_lora.lora.rank_adaptation import check_config as check_rank_adaptation
 from demucs_lora.core.files import atomic_write_text, remove_stale_temps
 from demucs_lora.training.xp_guard import StopSignals, XPLock, die_with_launcher
 
@@ -127,8 +126,7 @@ def run(cfg: DictConfig) -> tp.List[dict]:
     from demucs_lora.training.solver import Solver
     xp = get_xp()
     folder = Path(xp.folder)
-    cfg = prepare_config(cfg)
-    check_rank_adaptation(cfg)
+    cfg = prepare_config(cfg)  # checks the config (the LoRA keys: lora.config.LoraConfig)
     device = pick_device(cfg)
     cfg, notes = resolve_precision(cfg, device.type)
     distrib.init(backend="nccl" if device.type == "cuda" else "gloo")

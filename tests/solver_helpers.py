@@ -43,9 +43,11 @@ def tiny_base(seed: int = 0):
 
 
 def lora(base, rank: int = 2):
+    from demucs_lora.lora.config import LoraLayout
     from demucs_lora.lora.inject import inject_lora
     from demucs_lora.lora.targets import lora_target_names
-    inject_lora(base, {n: rank for n in lora_target_names(base, ["encoder", "decoder"])})
+    names = lora_target_names(base, ["encoder", "decoder"])
+    inject_lora(base, LoraLayout({n: rank for n in names}))
     return base
 
 

@@ -37,25 +37,13 @@ KNOWN_UPWARD: tp.Set[tp.Tuple[str, str]] = {
      'demucs_lora.api'),
     ('demucs_lora.inference.separate',
      'demucs_lora.api'),
-    ('demucs_lora.lora.rank_adaptation',
-     'demucs_lora.data.stems'),
-    ('demucs_lora.lora.state',
-     'demucs_lora'),
-    ('demucs_lora.lora.state',
-     'demucs_lora.models.build'),
-    ('demucs_lora.lora.state',
-     'demucs_lora.models.methods'),
 }
 KNOWN_LONG_MODULES: tp.Set[str] = {
-    'demucs_lora.lora.rank_adaptation',
-    'demucs_lora.lora.ranks',
-    'demucs_lora.lora.state',
     'demucs_lora.metrics.scores',
     'demucs_lora.training.solver',
 }
 KNOWN_LONG_FUNCTIONS: tp.Set[str] = {
     'demucs_lora.commands.export.export_one',
-    'demucs_lora.lora.state.load_lora_weights',
     'demucs_lora.train.run',
 }
 
@@ -190,8 +178,6 @@ def test_no_import_arrow_runs_upward():
 
 KNOWN_CIRCLES = [
     ["demucs_lora.config.aliases", "demucs_lora.config.keys"],
-    ["demucs_lora.hub.resolve", "demucs_lora.lora.state", "demucs_lora.models.build",
-     "demucs_lora.models.methods"],
 ]
 
 

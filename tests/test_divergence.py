@@ -120,7 +120,7 @@ def _rewrite_tensors(adapter, fn):
 @pytest.mark.parametrize("kind", ["nan", "inf", "int32"])
 def test_nonfinite_or_integer_adapter_is_refused(adapter, kind):
     from solver_helpers import tiny_base
-    from demucs_lora.lora.state import load_lora_weights
+    from demucs_lora.models.methods import load_lora_weights
 
     def edit(tensors):
         name = sorted(tensors)[0]
@@ -138,7 +138,7 @@ def test_nonfinite_or_integer_adapter_is_refused(adapter, kind):
 @pytest.mark.parametrize("alpha", ["NaN", "Infinity", '"16"'])
 def test_nonfinite_alpha_is_refused(adapter, alpha):
     from solver_helpers import tiny_base
-    from demucs_lora.lora.state import load_lora_weights
+    from demucs_lora.models.methods import load_lora_weights
     path = adapter.with_suffix(".json")
     text = path.read_text()
     header = json.loads(text)

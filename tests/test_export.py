@@ -32,10 +32,12 @@ def tiny_base(seed=0):
 
 def lora_model(base, seed, rank=2, alpha=16.0):
     """A copy of `base` with LoRA on every target and random B (so it changes the output)."""
+    from demucs_lora.lora.config import LoraLayout
     from demucs_lora.lora.inject import inject_lora
     from demucs_lora.lora.targets import lora_target_names
     model = copy.deepcopy(base)
-    inject_lora(model, {n: rank for n in lora_target_names(model, TARGETS)}, alpha=alpha)
+    names = lora_target_names(model, TARGETS)
+    inject_lora(model, LoraLayout({n: rank for n in names}, alpha=alpha))
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -62,7 +62,8 @@ def test_group_write_is_all_or_nothing(tmp_path):
 def test_a_kill_between_renames_is_a_torn_pair_and_temps_are_cleaned(tmp_path, monkeypatch,
                                                                       killed_at):
     from solver_helpers import lora, tiny_base
-    from demucs_lora.lora.state import read_adapter, save_adapter
+    from demucs_lora.lora.adapter_file import read_adapter
+    from demucs_lora.lora.state import save_adapter
     model = lora(tiny_base())
     save_adapter(model, tmp_path / "ad", xp="v1")
     with torch.no_grad():

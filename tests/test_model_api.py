@@ -89,11 +89,12 @@ def test_a_pth_path_is_told_what_an_adapter_is(files):
 def test_rank_swap_mismatch_names_the_layers_and_ranks(files):
     from demucs_lora import get_model, load_lora_weights
     from demucs_lora.core.errors import AdapterMismatch
-    from demucs_lora.lora.state import _check_same_layout, read_adapter
+    from demucs_lora.lora.state import check_same_layout
+    from demucs_lora.lora.adapter_file import read_adapter
     model = get_model(files / "base.th", adapter=files / "adapter")
     header, _ = read_adapter(files / "rank3")
     with pytest.raises(AdapterMismatch) as exc:
-        _check_same_layout(model.lora_config, header, files / "rank3")
+        check_same_layout(model.lora_config, header, files / "rank3")
     text = str(exc.value)
     assert "(model: [], adapter: [])" not in text
     assert "ranks of 70 layer(s) [crosstransformer.layers.0.linear1: model 2, adapter 3;" in text

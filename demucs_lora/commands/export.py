@@ -152,7 +152,7 @@ def load_xp_model(folder: Path, which: str = "best", trust_remote_code: bool = F
     from omegaconf import OmegaConf
     from demucs_lora.core.finite import check_finite_model
     from demucs_lora.lora.inject import remove_lora
-    from demucs_lora.lora.state import load_lora_weights
+    from demucs_lora.models.methods import load_lora_weights
     from demucs_lora.models.build import load_base
     try:
         cfg = OmegaConf.load(folder / "config.yaml")
@@ -235,7 +235,7 @@ def export_one(job: Job, args: argparse.Namespace, root: Path) -> tp.List[str]:
         package = serialize_model(model, cfg, half=args.half)
         writes = [(job.model_path, lambda tmp: torch.save(package, tmp))]
     if job.lora_src is not None:
-        from demucs_lora.lora.state import read_adapter
+        from demucs_lora.lora.adapter_file import read_adapter
         read_adapter(job.lora_src)  # a torn, corrupt or NaN adapter is not exported
         for ext, dst in zip((".safetensors", ".json"), job.lora_dst):
             writes.append((dst, lambda tmp, src=job.lora_src.with_suffix(ext):

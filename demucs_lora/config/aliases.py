@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from demucs_lora.config.check import normalize_overrides
 from demucs_lora.core.errors import ConfigError
+from demucs_lora.lora.config import LORA_KEYS
 
 _PRECISION = {"float16": "fp16", "fp16": "fp16", "half": "fp16", "16": "fp16", 16: "fp16",
               "bfloat16": "bf16", "bf16": "bf16", "float32": False, "fp32": False,
@@ -43,9 +44,6 @@ class Alias:
         return self.values[key]
 
 
-_LORA_KEYS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_rslora", "lora_targets",
-              "lora_bias", "lora_rank_mode", "lora_budget_match", "lora_max_rank",
-              "lora_enable_qkv", "lora_gradient_batches")
 
 ALIASES: tp.Dict[str, Alias] = {
     # demucs keeps sources under dset; the first version of this project had them on top.
@@ -78,7 +76,8 @@ ALIASES: tp.Dict[str, Alias] = {
     "htdemucs.profile_memory": Alias("profile_memory"),
     "optim.scheduler": Alias("optim.schedule"),
     "htdemucs.lora_min_rank": Alias("htdemucs.min_rank"),
-    **{key: Alias(f"htdemucs.{key}") for key in _LORA_KEYS + ("layer_ranks",)},
+    # the bare spelling of every LoRA key (lora_rank=8 sets htdemucs.lora_rank)
+    **{key: Alias(f"htdemucs.{key}") for key in LORA_KEYS},
 }
 
 # Keys whose values name a model, an XP or a path: always strings (a signature such as

@@ -15,18 +15,15 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from demucs_lora.core.errors import ConfigError
+from demucs_lora.lora.config import LoraConfig
 
 CHOICES = {
-    "htdemucs.lora_rank_mode": ("uniform", "heuristic", "gradient"),
-    "htdemucs.lora_bias": ("none", "lora_only", "all"),
     "optim.optim": ("adam", "adamw"),
     "optim.schedule": ("cosine", "linear", "constant"),
     "optim.loss": ("l1", "mse"),
     "mixed_precision": (False, True, "bf16", "fp16"),
-    "htdemucs.lora_save_dtype": ("float32", "float16", "bfloat16"),
     "device": ("auto", "cpu", "cuda"),
 }
-TARGET_GROUPS = ("encoder", "decoder", "transformer", "upsampler", "freq_emb")
 PATH_KEYS = ("dset.wav", "dset.metadata", "pretrained_repo")
 
 
@@ -46,36 +43,19 @@ def _check_number(cfg, key: str, low: float, integer: bool = False, high=None) -
 
 
 def check_config(cfg: DictConfig) -> None:
-    """Raise ConfigError on the first bad key (before data or model are touched)."""
+    """Raise ConfigError on the first bad key (before data or model are touched); the
+    htdemucs LoRA keys are checked by building their `LoraConfig`."""
+    LoraConfig.from_cfg(cfg.htdemucs)
     for key, allowed in CHOICES.items():
         value = _get(cfg, key)
         if value not in allowed:
             raise ConfigError(f"{key}={value!r}: allowed values are {list(allowed)}")
-    lcfg = cfg.htdemucs
-    for key, low in (("htdemucs.lora_rank", 0), ("htdemucs.lora_max_rank", 1),
-                     ("htdemucs.min_rank", 1), ("htdemucs.max_rank", 1),
-                     ("htdemucs.lora_gradient_batches", 1), ("epochs", 0),
-                     ("batch_size", 1), ("optim.warmup_steps", 0)):
+    for key, low in (("epochs", 0), ("batch_size", 1), ("optim.warmup_steps", 0)):
         _check_number(cfg, key, low, integer=True)
-    for key in ("optim.lr", "optim.clip_grad", "optim.weight_decay", "htdemucs.lora_alpha"):
+    for key in ("optim.lr", "optim.clip_grad", "optim.weight_decay"):
         _check_number(cfg, key, 0.0)
-    _check_number(cfg, "htdemucs.lora_dropout", 0.0, high=1.0)
     _check_number(cfg, "optim.ema", 0.0, high=1.0)
     _check_number(cfg, "dset.segment", 0.01)
-    if lcfg.min_rank > lcfg.max_rank:
-        raise ConfigError(f"htdemucs.min_rank={lcfg.min_rank} > htdemucs.max_rank="
-                          f"{lcfg.max_rank}: min_rank must not exceed max_rank")
-    targets = list(lcfg.lora_targets)
-    bad = [t for t in targets if t not in TARGET_GROUPS]
-    if bad or not targets:
-        raise ConfigError(f"htdemucs.lora_targets={targets}: allowed groups are "
-                          f"{list(TARGET_GROUPS)} (at least one)")
-    qkv = list(lcfg.lora_enable_qkv)
-    if len(qkv) != 3 or not all(isinstance(x, bool) for x in qkv):
-        raise ConfigError(f"htdemucs.lora_enable_qkv={qkv}: give three booleans [q, k, v]")
-    if lcfg.layer_ranks is not None and not isinstance(lcfg.layer_ranks, DictConfig):
-        raise ConfigError(f"htdemucs.layer_ranks={lcfg.layer_ranks!r}: give a mapping "
-                          "glob -> rank, e.g. htdemucs.layer_ranks='{encoder.0.*:4}'")
     sources = cfg.dset.sources  # null: the base's (resolved once the base is loaded)
     sources = list(sources) if sources is not None else None
     if sources is not None and (len(set(sources)) != len(sources) or not sources):

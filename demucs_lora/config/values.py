@@ -15,6 +15,7 @@ import typing as tp
 from omegaconf import DictConfig, OmegaConf
 
 from demucs_lora.core.errors import ConfigError
+from demucs_lora.lora.config import LoraConfig
 
 logger = logging.getLogger(__name__)
 
@@ -96,12 +97,11 @@ def check_base_values(cfg: DictConfig, base: tp.Any) -> None:
     source_init = _get(cfg, "source_init")
     source_plan(list(base.sources), sources,
                 OmegaConf.to_container(source_init) if source_init is not None else None)
-    lcfg = cfg.htdemucs
-    if int(lcfg.lora_rank) <= 0 or lcfg.get("layer_ranks") is None:
+    config = LoraConfig.from_cfg(cfg.htdemucs)
+    if config.lora_rank <= 0 or config.layer_ranks is None:
         return
-    from demucs_lora.lora.ranks import _apply_overrides, _layer_ranks
-    names = lora_target_names(base, list(lcfg.lora_targets))
-    _apply_overrides({n: 0 for n in names}, _layer_ranks(lcfg), list(lcfg.lora_targets))
+    from demucs_lora.lora.ranks import apply_layer_ranks
+    apply_layer_ranks({n: 0 for n in lora_target_names(base, config.lora_targets)}, config)
 
 
 def segment_warnings(durations: tp.Mapping[str, float], segment: float) -> tp.List[str]:

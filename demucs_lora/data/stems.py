@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import typing as tp
 from collections import OrderedDict
 from pathlib import Path
 
@@ -320,6 +321,14 @@ def augment_batch(augment, batch):
     """(B, 1 + S, C, T) [mixture, stems] -> augmented stems, mixture = their sum."""
     stems = augment(batch[:, 1:].clone())      # demucs' Scale works in place
     return torch.cat([stems.sum(1, keepdim=True), stems], 1)
+
+
+def calibration_batches(loader, augment, device: torch.device) -> tp.Iterator:
+    """(mix, stems) batches of the train loader, augmented as in training (the data
+    that gradient rank allocation and rank adaptation score layers on)."""
+    for batch in loader:
+        batch = augment_batch(augment, batch.to(device))
+        yield batch[:, 0], batch[:, 1:]
 
 
 # ----------------------------------------------------------------------------- from config

@@ -227,7 +227,7 @@ def load_found(found: Found, trust_remote_code: bool = False) -> Loaded:
 def resolve_adapter(adapter: PathLike, root: tp.Optional[PathLike] = None) -> Path:
     """An adapter path (``x``, ``x.safetensors`` or ``x.json``) or an XP signature
     (its ``lora_best``); returns the path without suffix."""
-    from demucs_lora.lora.state import adapter_paths, check_adapter_path
+    from demucs_lora.lora.adapter_file import adapter_paths, check_adapter_path
     check_adapter_path(adapter)
     root = Path(root or Path.cwd())
     path = Path(adapter).expanduser()

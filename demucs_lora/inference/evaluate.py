@@ -213,7 +213,7 @@ def get_parser() -> argparse.ArgumentParser:
 def _source_xp(name: str, adapter: tp.Optional[str]) -> tp.Optional[Path]:
     """The XP whose config describes the data: the model's, else the adapter's."""
     from demucs_lora.hub.resolve import resolve_adapter, xp_folder
-    from demucs_lora.lora.state import read_header
+    from demucs_lora.lora.adapter_file import read_header
     folder = xp_folder(name)
     if folder is not None and (folder / "config.yaml").is_file():
         return folder

@@ -1,22 +1,22 @@
 """Wrap named modules of a model with LoRA layers, freeze the rest, merge/unmerge/remove.
 
 The injector is the only place that decides what is trainable: LoRA factors, biases per
-`bias` mode, and any extra parameters named by prefix (e.g. output heads trained fully).
+`bias` mode, and any extra parameters named by prefix (e.g. output heads trained fully);
+it records the result (`LoraLayout.trained`), which is what adapter files hold.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import typing as tp
 
 from torch import nn
 
 from demucs_lora.core.errors import ConfigError
+from demucs_lora.lora.config import LoraLayout
 from demucs_lora.lora.layers import LoRALayer, wrap_module
 
 logger = logging.getLogger(__name__)
-
-BIAS_MODES = ("none", "lora_only", "all")
-LORA_CONFIG_ATTR = "_demucs_lora_config"
 
 
 def _split_path(path: str) -> tp.Tuple[str, str]:
@@ -47,60 +47,72 @@ def has_lora(model: nn.Module) -> bool:
     return any(True for _ in iter_lora_layers(model))
 
 
-def inject_lora(model: nn.Module, ranks: tp.Mapping[str, int], alpha: float = 16.0,
-                dropout: float = 0.0, rslora: bool = False, bias: str = "none",
-                enable_qkv: tp.Sequence[bool] = (True, False, True),
-                train_extra: tp.Sequence[str] = ()) -> tp.List[dict]:
-    """Wrap each `path -> rank` (rank > 0) in place, freeze everything else.
+def inject_lora(model: nn.Module, layout: LoraLayout) -> tp.List[dict]:
+    """Wrap each layer of ``layout.ranks`` in place, freeze everything else.
 
-    `train_extra` lists module paths whose own parameters stay fully trainable (e.g. the
-    output heads when sources change). Returns one report row per wrapped layer.
+    ``layout.train_extra`` lists module paths whose own parameters stay fully trainable
+    (e.g. the output heads when sources change). The model then carries the layout, with
+    the names of what was left trainable (`lora_config`). Returns one report row per
+    wrapped layer.
     """
-    if bias not in BIAS_MODES:
-        raise ConfigError(f"htdemucs.lora_bias={bias!r}: allowed values are {list(BIAS_MODES)}")
     if has_lora(model):
         raise ConfigError("inject_lora: the model already has LoRA layers; call remove_lora "
                           "first or load the adapter onto the existing layers")
-    for path in train_extra:
+    for path in layout.train_extra:
         _get_module(model, path)  # validates the name
-    targets = {p: int(r) for p, r in ranks.items() if int(r) > 0}
-    modules = {p: _get_module(model, p) for p in targets}  # validate all before mutating
+    modules = {p: _get_module(model, p) for p in layout.ranks}  # validate before mutating
     for param in model.parameters():
         param.requires_grad_(False)
-    report = []
-    for path, rank in targets.items():
-        base = modules[path]
-        layer = wrap_module(base, rank, alpha=alpha, dropout=dropout, rslora=rslora,
-                            bias=bias, enable_qkv=tuple(bool(x) for x in enable_qkv))
-        parent_path, child = _split_path(path)
-        setattr(model.get_submodule(parent_path) if parent_path else model, child, layer)
-        n_lora = sum(p.numel() for p in layer.lora_parameters())
-        shape = tuple(getattr(base, "weight", getattr(base, "in_proj_weight", None)).shape)
-        report.append({"layer": path, "type": type(base).__name__, "shape": list(shape),
-                       "rank": rank, "trainable": n_lora})
-    if bias == "all":
+    report = [_wrap(model, path, modules[path], rank, layout)
+              for path, rank in layout.ranks.items()]
+    if layout.bias == "all":
         for name, param in model.named_parameters():
             if name.endswith("bias"):
                 param.requires_grad_(True)
-    for path in train_extra:
+    for path in layout.train_extra:
         for param in model.get_submodule(path).parameters():
             param.requires_grad_(True)
-    config = {
-        "ranks": targets, "alpha": float(alpha), "dropout": float(dropout),
-        "rslora": bool(rslora), "bias": bias, "enable_qkv": [bool(x) for x in enable_qkv],
-        "train_extra": list(train_extra)}
-    setattr(model, LORA_CONFIG_ATTR, config)
-    if "lora_config" in model.__dict__:  # the guide's model.lora_config (model_api.py)
-        model.__dict__["lora_config"] = config
+    trained = tuple(n for n, p in model.named_parameters() if p.requires_grad)
+    _carry(model, dataclasses.replace(layout, trained=trained))
     return report
 
 
-def lora_config(model: nn.Module) -> dict:
-    """The injection arguments of `model` (what the adapter header stores)."""
-    config = getattr(model, LORA_CONFIG_ATTR, None)
-    if config is None:
+def _wrap(model: nn.Module, path: str, base: nn.Module, rank: int, layout: LoraLayout
+          ) -> dict:
+    """Replace ``base`` at ``path`` by its LoRA wrapper; its report row."""
+    layer = wrap_module(base, rank, alpha=layout.alpha, dropout=layout.dropout,
+                        rslora=layout.rslora, bias=layout.bias, enable_qkv=layout.enable_qkv)
+    parent_path, child = _split_path(path)
+    setattr(model.get_submodule(parent_path) if parent_path else model, child, layer)
+    n_lora = sum(p.numel() for p in layer.lora_parameters())
+    shape = tuple(getattr(base, "weight", getattr(base, "in_proj_weight", None)).shape)
+    return {"layer": path, "type": type(base).__name__, "shape": list(shape),
+            "rank": rank, "trainable": n_lora}
+
+
+def _carry(model: nn.Module, layout: tp.Optional[LoraLayout]) -> None:
+    """The model carries its layout as the guide's ``model.lora_config`` (a plain
+    instance attribute: demucs serializes class + arguments + state, never this)."""
+    object.__setattr__(model, "lora_config", layout)
+
+
+def carried_layout(model: nn.Module) -> tp.Optional[LoraLayout]:
+    """The layout `inject_lora` put on `model`, or None (no LoRA layers)."""
+    return model.__dict__.get("lora_config")
+
+
+def lora_config(model: nn.Module) -> LoraLayout:
+    """The layout of `model`'s LoRA layers (what the adapter header stores)."""
+    layout = carried_layout(model)
+    if layout is None:
         raise ConfigError("this model has no LoRA layers (inject_lora or load_lora_weights first)")
-    return config
+    return layout
+
+
+def set_ranks(model: nn.Module, ranks: tp.Mapping[str, int]) -> None:
+    """Record new ranks of some layers (rank adaptation resized them)."""
+    layout = lora_config(model)
+    _carry(model, dataclasses.replace(layout, ranks={**layout.ranks, **ranks}))
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
@@ -123,10 +135,7 @@ def remove_lora(model: nn.Module) -> nn.Module:
         parent_path, child = _split_path(path)
         setattr(model.get_submodule(parent_path) if parent_path else model, child,
                 layer.unwrap())
-    if hasattr(model, LORA_CONFIG_ATTR):
-        delattr(model, LORA_CONFIG_ATTR)
-    if "lora_config" in model.__dict__:
-        model.__dict__["lora_config"] = None
+    _carry(model, None)
     return model
 
 

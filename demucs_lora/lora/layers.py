@@ -26,11 +26,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from demucs_lora.core.errors import ConfigError
-from demucs_lora.lora.layers_attention import LoRAMultiheadAttention, check_enable_qkv
-from demucs_lora.lora.layers_base import BIAS_MODES, LoRALayer
+from demucs_lora.lora.config import DEFAULT_ENABLE_QKV, check_enable_qkv
+from demucs_lora.lora.layers_attention import LoRAMultiheadAttention
+from demucs_lora.lora.layers_base import LoRALayer
 
 __all__ = [
-    "BIAS_MODES", "LoRALayer", "LoRALinear", "LoRAConv1d", "LoRAConv2d",
+    "LoRALayer", "LoRALinear", "LoRAConv1d", "LoRAConv2d",
     "LoRAConvTranspose1d", "LoRAConvTranspose2d", "LoRAMultiheadAttention",
     "LoRAEmbedding", "SUPPORTED_TYPES", "params_per_rank", "wrap_module",
 ]
@@ -247,7 +248,7 @@ def _unsupported(module: nn.Module) -> ConfigError:
 
 
 def params_per_rank(module: nn.Module,
-                    enable_qkv: tp.Sequence[bool] = (True, False, True)) -> int:
+                    enable_qkv: tp.Sequence[bool] = DEFAULT_ENABLE_QKV) -> int:
     """Adapter parameters added per unit of rank when ``module`` is wrapped."""
     if isinstance(module, LoRALayer):
         module = module.base
@@ -269,7 +270,7 @@ def params_per_rank(module: nn.Module,
 
 def wrap_module(module: nn.Module, r: int, alpha: float = 16, dropout: float = 0.0,
                 rslora: bool = False, bias: str = "none",
-                enable_qkv: tp.Sequence[bool] = (True, False, True)) -> LoRALayer:
+                enable_qkv: tp.Sequence[bool] = DEFAULT_ENABLE_QKV) -> LoRALayer:
     """Wrap ``module`` in the LoRA layer for its type (ConfigError if unsupported)."""
     if isinstance(module, LoRALayer):
         raise ConfigError(f"{type(module).__name__} is already a LoRA wrapper")

@@ -14,16 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from demucs_lora.core.errors import ConfigError
+from demucs_lora.lora.config import DEFAULT_ENABLE_QKV, check_enable_qkv
 from demucs_lora.lora.layers_base import LoRALayer
 
 _PROJ = ("q", "k", "v")
-
-
-def check_enable_qkv(enable_qkv: tp.Sequence[bool]) -> tp.Tuple[bool, bool, bool]:
-    flags = tuple(enable_qkv) if isinstance(enable_qkv, (list, tuple)) else None
-    if flags is None or len(flags) != 3 or not all(isinstance(f, bool) for f in flags):
-        raise ConfigError(f"lora_enable_qkv must be 3 booleans for q, k, v, got {enable_qkv!r}")
-    return flags  # type: ignore[return-value]
 
 
 def _block_fastpath(module, args):
@@ -51,7 +45,7 @@ class LoRAMultiheadAttention(LoRALayer):
 
     def __init__(self, base: nn.MultiheadAttention, r: int, alpha: float = 16,
                  dropout: float = 0.0, rslora: bool = False, bias: str = "none",
-                 enable_qkv: tp.Sequence[bool] = (True, False, True)):
+                 enable_qkv: tp.Sequence[bool] = DEFAULT_ENABLE_QKV):
         flags = check_enable_qkv(enable_qkv)
         if not base._qkv_same_embed_dim:
             raise ConfigError("LoRA on MultiheadAttention needs kdim == vdim == embed_dim "

@@ -13,23 +13,19 @@ import torch
 from torch import nn
 
 from demucs_lora.core.errors import ConfigError
-
-BIAS_MODES = ("none", "lora_only", "all")
+from demucs_lora.lora.config import BIAS_MODES, check_alpha, check_choice, check_dropout
 
 
 def _check_args(base: nn.Module, r, alpha, dropout, bias) -> None:
+    """The rules of `lora.config` (wrappers can be built without a LoraConfig)."""
     name = type(base).__name__
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
         raise ConfigError(
             f"lora rank for {name} must be an integer >= 1, got {r!r} "
             "(rank 0 means: do not wrap this layer)")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:
-        raise ConfigError(f"lora_alpha must be a positive number, got {alpha!r}")
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) \
-            or not 0.0 <= dropout < 1.0:
-        raise ConfigError(f"lora_dropout must be in [0, 1), got {dropout!r}")
-    if bias not in BIAS_MODES:
-        raise ConfigError(f"lora_bias must be one of {BIAS_MODES}, got {bias!r}")
+    check_alpha(alpha)
+    check_dropout(dropout)
+    check_choice(bias, "htdemucs.lora_bias", BIAS_MODES)
 
 
 def factor_dtype(base_dtype: torch.dtype) -> torch.dtype:

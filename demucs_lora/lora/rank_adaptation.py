@@ -46,32 +46,14 @@ import torch
 from torch import nn
 
 from demucs_lora.core.errors import ConfigError
-from demucs_lora.lora.inject import iter_lora_layers, lora_config
+from demucs_lora.lora.config import LoraConfig
+from demucs_lora.lora.inject import iter_lora_layers, lora_config, set_ranks
 from demucs_lora.lora.layers import LoRALayer, params_per_rank
-from demucs_lora.lora.resize import (base_weights, factors, gradient_matrix, matrix_pairs, low_rank_svd,
-                     replace_in_optimizer, resize_layer)
+from demucs_lora.lora.ranks import pinned_layers
+from demucs_lora.lora.resize import (base_weights, factors, gradient_matrix, low_rank_svd,
+                                     matrix_pairs, replace_in_optimizer, resize_layer)
 
 logger = logging.getLogger(__name__)
-
-KEYS = ("lora_rank_adaptation", "lora_adapt_every")
-"""The htdemucs.* keys of this module (see conf/model/htdemucs.yaml)."""
-
-# ----------------------------------------------------------------------------- config
-def check_config(cfg: tp.Any) -> None:
-    """ConfigError on a bad rank adaptation key (``cfg`` is the composed config)."""
-    lcfg = cfg.htdemucs
-    enabled = lcfg.get("lora_rank_adaptation", False)
-    if not isinstance(enabled, bool):
-        raise ConfigError(f"htdemucs.lora_rank_adaptation={enabled!r}: give true or false")
-    every = lcfg.get("lora_adapt_every", 1)
-    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-        raise ConfigError(f"htdemucs.lora_adapt_every={every!r}: must be an integer >= 1 "
-                          "(epochs between two rank reallocations)")
-    if enabled and lcfg.lora_rank <= 0:
-        raise ConfigError("htdemucs.lora_rank_adaptation=true moves LoRA ranks between "
-                          "layers, but htdemucs.lora_rank=0 is full fine-tuning: set "
-                          "htdemucs.lora_rank > 0 (the starting rank)")
-
 
 # ----------------------------------------------------------------------------- scoring
 class LayerScore(tp.NamedTuple):
@@ -219,41 +201,28 @@ def _release_gradients(layers: tp.Mapping[str, LoRALayer]) -> None:
 class RankAdaptation:
     """Owns the rank schedule of one training run (see the module docstring)."""
 
-    def __init__(self, model: nn.Module, lcfg: tp.Any, seed: int = 0):
+    def __init__(self, model: nn.Module, config: LoraConfig, seed: int = 0):
         self.model = getattr(model, "module", model)
-        self.every = int(lcfg.get("lora_adapt_every", 1))
-        self.n_batches = int(lcfg.get("lora_gradient_batches", 8))
+        self.every = config.lora_adapt_every
+        self.n_batches = config.lora_gradient_batches
         self.seed = int(seed)
         self.layers: tp.Dict[str, LoRALayer] = dict(iter_lora_layers(self.model))
         if not self.layers:
             raise ConfigError("htdemucs.lora_rank_adaptation=true but the model has no LoRA "
                               "layer (htdemucs.lora_rank > 0 and lora_targets select some)")
-        config = lora_config(self.model)
-        qkv = tuple(config.get("enable_qkv", (True, False, True)))
+        qkv = lora_config(self.model).enable_qkv
         self.cost = {n: params_per_rank(layer, enable_qkv=qkv)
                      for n, layer in self.layers.items()}
-        self.pinned = self._pinned(lcfg)
-        min_rank = max(1, int(lcfg.get("min_rank", 1)))
-        max_rank = int(lcfg.get("max_rank", 32))
-        lora_max = lcfg.get("lora_max_rank", None)
+        self.pinned = pinned_layers(self.layers, config)
         self.bounds = {}
         for name, layer in self.layers.items():
             smallest = min(min(factors(layer, p)[0].shape[0], factors(layer, p)[1].shape[1])
                            for p in matrix_pairs(layer))
-            high = min(smallest, max_rank, int(lora_max) if lora_max is not None else smallest)
-            self.bounds[name] = (min(min_rank, high), max(1, high))
+            high = config.gradient_cap(smallest)
+            self.bounds[name] = (min(config.min_rank, high), max(1, high))
         self.budget = self.spent()
         self.history: tp.List[dict] = [{"epoch": 0, "params": self.budget,
                                         "budget": self.budget, "ranks": self.ranks()}]
-
-    def _pinned(self, lcfg: tp.Any) -> tp.Set[str]:
-        from demucs_lora.lora.ranks import _glob_match, _layer_ranks
-        from demucs_lora.lora.targets import resolve_alias
-        pinned = set()
-        for glob, _ in _layer_ranks(lcfg):
-            resolved = resolve_alias(glob)
-            pinned |= {n for n in self.layers if _glob_match(n, resolved)}
-        return pinned
 
     # -- bookkeeping -------------------------------------------------------------
     def ranks(self) -> tp.Dict[str, int]:
@@ -267,8 +236,7 @@ class RankAdaptation:
         return (epoch + 1) % self.every == 0 and epoch + 1 < epochs
 
     def _set_ranks(self, ranks: tp.Mapping[str, int], perps=None) -> tp.Tuple[list, dict]:
-        swaps, dropped = [], {}
-        config = lora_config(self.model)
+        swaps, dropped, resized = [], {}, {}
         for name, rank in ranks.items():
             layer = self.layers[name]
             if int(rank) == layer.r:
@@ -277,7 +245,8 @@ class RankAdaptation:
             swaps += result["swaps"]
             if result["dropped"]:
                 dropped[name] = [d.tolist() for d in result["dropped"]]
-            config["ranks"][name] = int(rank)
+            resized[name] = int(rank)
+        set_ranks(self.model, resized)
         return swaps, dropped
 
     @staticmethod
@@ -398,11 +367,3 @@ def plot_history(history: tp.Sequence[dict], path: Path) -> tp.Optional[Path]:
 def _world_size() -> int:
     return torch.distributed.get_world_size() if torch.distributed.is_available() \
         and torch.distributed.is_initialized() else 1
-
-
-def calibration_batches(loader, augment, device: torch.device) -> tp.Iterator:
-    """(mix, stems) batches of the train loader, augmented as in training."""
-    from demucs_lora.data.stems import augment_batch
-    for batch in loader:
-        batch = augment_batch(augment, batch.to(device))
-        yield batch[:, 0], batch[:, 1:]

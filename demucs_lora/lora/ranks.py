@@ -1,7 +1,7 @@
 """Pick a LoRA rank for every targeted layer: ``uniform``, ``heuristic`` or ``gradient``.
 
-``allocate_ranks(model, cfg)`` reads the ``htdemucs.lora_*`` keys and returns a
-`RankTable` {module path: rank}. Rank 0 means "do not wrap this layer".
+``allocate_ranks(model, config)`` reads a `LoraConfig` (the ``htdemucs.lora_*`` keys)
+and returns a `RankTable` {module path: rank}. Rank 0 means "do not wrap this layer".
 
 Modes (``htdemucs.lora_rank_mode``):
 
@@ -25,33 +25,27 @@ order of increasing specificity (non-wildcard characters), ties in the order giv
 so more specific and later globs win. A glob matching no target is a ConfigError.
 
 Every mode clamps to ``lora_max_rank`` and to the smallest dimension of the matrix
-the adapter approximates; each clamp is logged once per call.
+the adapter approximates (`LoraConfig.rank_cap`); each clamp is logged once per call.
 """
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import fnmatch
 import heapq
 import itertools
-import json
 import logging
 import typing as tp
-from collections.abc import Mapping
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from demucs_lora.core.errors import ConfigError
+from demucs_lora.lora.config import LoraConfig
+from demucs_lora.lora.rank_table import LayerInfo, RankTable, layer_info, target_matrices
 from demucs_lora.lora.targets import glob_specificity, layer_role, lora_target_names, resolve_alias
 
 logger = logging.getLogger(__name__)
-
-from demucs_lora.lora.layers import LoRALayer, params_per_rank
-from demucs_lora.lora.layers_attention import check_enable_qkv
-
-MODES = ("uniform", "heuristic", "gradient")
 
 # Heuristic default table: rank = scale * lora_rank (rounded down, at least 1 unless 0).
 HEURISTIC_SCALE: tp.Dict[str, float] = {
@@ -71,134 +65,6 @@ HEURISTIC_SCALE: tp.Dict[str, float] = {
 }
 
 
-@dataclasses.dataclass(frozen=True)
-class LayerInfo:
-    """What the rank table knows about one target layer."""
-    type: str
-    shape: tp.Tuple[int, ...]   # main weight (in_proj_weight for attention)
-    params_per_rank: int        # adapter parameters per unit of rank
-    max_rank: int               # smallest dim of the approximated matrix
-    role: str
-
-
-class RankTable(Mapping):
-    """Ordered, read-only {module path: rank}; rank 0 means "not wrapped"."""
-
-    def __init__(self, ranks: tp.Mapping[str, int], info: tp.Mapping[str, LayerInfo],
-                 mode: str, budget: tp.Optional[int] = None,
-                 model_params: tp.Optional[int] = None):
-        self._ranks = {k: int(v) for k, v in ranks.items()}
-        self.info = dict(info)
-        self.mode = mode
-        self.budget = budget
-        self.model_params = model_params
-
-    def __getitem__(self, name: str) -> int:
-        return self._ranks[name]
-
-    def __iter__(self):
-        return iter(self._ranks)
-
-    def __len__(self) -> int:
-        return len(self._ranks)
-
-    def __repr__(self) -> str:
-        return f"RankTable({self.mode}, {self._ranks})"
-    def active(self) -> tp.Dict[str, int]:
-        """{path: rank} of the layers that get an adapter (rank > 0)."""
-        return {k: v for k, v in self._ranks.items() if v > 0}
-
-    def params(self, name: str) -> int:
-        return self._ranks[name] * self.info[name].params_per_rank
-
-    def trainable_params(self) -> int:
-        """Adapter parameters of the whole table (weights of A and B, no biases)."""
-        return sum(self.params(n) for n in self._ranks)
-
-    def format(self) -> str:
-        rows = [("layer", "type", "shape", "rank", "params")]
-        for name, rank in self._ranks.items():
-            info = self.info[name]
-            rows.append((name, info.type, "x".join(map(str, info.shape)), str(rank),
-                         str(self.params(name))))
-        total = self.trainable_params()
-        widths = [max(len(r[i]) for r in rows) for i in range(5)]
-        lines = ["  ".join(c.ljust(w) if i < 3 else c.rjust(w)
-                           for i, (c, w) in enumerate(zip(row, widths))) for row in rows]
-        lines.insert(1, "-" * len(lines[0]))
-        summary = f"mode={self.mode}  layers={len(self.active())}/{len(self)}  " \
-                  f"lora params={total}"
-        if self.budget is not None:
-            summary += f"  budget={self.budget}"
-        if self.model_params:
-            summary += f"  ({100 * total / self.model_params:.2f}% of {self.model_params})"
-        return "\n".join(lines + [summary])
-
-    def to_dict(self) -> tp.Dict[str, tp.Any]:
-        return {"mode": self.mode, "budget": self.budget, "model_params": self.model_params,
-                "trainable_params": self.trainable_params(), "ranks": dict(self._ranks),
-                "layers": [{"name": n, "type": self.info[n].type,
-                            "shape": list(self.info[n].shape), "role": self.info[n].role,
-                            "rank": r, "params": self.params(n)}
-                           for n, r in self._ranks.items()]}
-
-    def to_json(self, **kwargs) -> str:
-        return json.dumps(self.to_dict(), **kwargs)
-
-
-# ---------------------------------------------------------------- config handling
-
-def _get(cfg: tp.Any, key: str, default: tp.Any = None) -> tp.Any:
-    if hasattr(cfg, "get") and not isinstance(cfg, type):
-        return cfg.get(key, default)
-    return getattr(cfg, key, default)
-
-
-def _int(value: tp.Any, key: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) \
-            or int(value) < minimum:
-        raise ConfigError(f"htdemucs.{key} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def _layer_ranks(cfg: tp.Any) -> tp.List[tp.Tuple[str, int]]:
-    raw = _get(cfg, "layer_ranks")
-    if raw is None:
-        return []
-    if not hasattr(raw, "items"):
-        raise ConfigError(f"htdemucs.layer_ranks must be a mapping {{glob: rank}}, got {raw!r}")
-    return [(str(g), _int(r, f"layer_ranks[{g!r}]", 0)) for g, r in raw.items()]
-
-
-# ---------------------------------------------------------------- layer geometry
-
-def _matrices(module: nn.Module, enable_qkv) -> tp.List[tp.Tuple[nn.Parameter, tp.Callable]]:
-    """(weight, to_matrix) pairs: the matrices a LoRA of `module` approximates."""
-    if isinstance(module, nn.MultiheadAttention):
-        E = module.embed_dim
-        if module._qkv_same_embed_dim:
-            mats = [(module.in_proj_weight, (lambda t, i=i: t[i * E:(i + 1) * E]))
-                    for i in range(3) if enable_qkv[i]]
-        else:
-            ws = (module.q_proj_weight, module.k_proj_weight, module.v_proj_weight)
-            mats = [(ws[i], (lambda t: t)) for i in range(3) if enable_qkv[i]]
-        return mats + [(module.out_proj.weight, lambda t: t)]
-    # Conv (out, in*k), ConvTranspose (in, out*k), Linear (out, in), Embedding (num, dim)
-    return [(module.weight, lambda t: t.reshape(t.shape[0], -1))]
-
-
-def _layer_info(module: nn.Module, enable_qkv, role: str) -> LayerInfo:
-    if isinstance(module, LoRALayer):
-        module = module.base
-    mats = _matrices(module, enable_qkv)
-    smallest = min(min(fn(p.detach()).shape) for p, fn in mats)
-    main = module.in_proj_weight if isinstance(module, nn.MultiheadAttention) \
-        and module._qkv_same_embed_dim else mats[0][0]
-    return LayerInfo(type(module).__name__, tuple(main.shape),
-                     int(params_per_rank(module, enable_qkv=tuple(enable_qkv))),
-                     int(smallest), role)
-
-
 # ---------------------------------------------------------------- overrides, clamps
 
 def _glob_match(name: str, glob: str) -> bool:
@@ -206,9 +72,17 @@ def _glob_match(name: str, glob: str) -> bool:
         (glob.endswith(".*") and fnmatch.fnmatchcase(name, glob[:-2]))
 
 
-def _apply_overrides(ranks: tp.Dict[str, int], overrides: tp.List[tp.Tuple[str, int]],
-                     targets_key: tp.Any) -> tp.Set[str]:
-    """Apply `layer_ranks` in increasing specificity; return the overridden paths."""
+def pinned_layers(names: tp.Iterable[str], config: LoraConfig) -> tp.Set[str]:
+    """The layers of `names` that a ``layer_ranks`` glob matches (their rank is fixed)."""
+    globs = [resolve_alias(glob) for glob, _ in config.layer_ranks or ()]
+    return {n for n in names if any(_glob_match(n, g) for g in globs)}
+
+
+def apply_layer_ranks(ranks: tp.Dict[str, int], config: LoraConfig) -> tp.Set[str]:
+    """Apply ``layer_ranks`` in increasing specificity; return the overridden paths (a
+    glob matching no layer of `ranks` is a ConfigError listing close names)."""
+    overrides = list(config.layer_ranks or ())
+    targets_key = list(config.lora_targets)
     order = sorted(range(len(overrides)),
                    key=lambda i: (glob_specificity(resolve_alias(overrides[i][0])), i))
     pinned: tp.Set[str] = set()
@@ -230,12 +104,11 @@ def _apply_overrides(ranks: tp.Dict[str, int], overrides: tp.List[tp.Tuple[str, 
 
 
 def _clamp(ranks: tp.Dict[str, int], info: tp.Mapping[str, LayerInfo],
-           lora_max_rank: tp.Optional[int]) -> None:
+           config: LoraConfig) -> None:
     for name, rank in ranks.items():
-        cap = info[name].max_rank
-        why = f"smallest dim {cap}"
-        if lora_max_rank is not None and lora_max_rank < cap:
-            cap, why = lora_max_rank, f"htdemucs.lora_max_rank={lora_max_rank}"
+        smallest = info[name].max_rank
+        cap = config.rank_cap(smallest)
+        why = f"htdemucs.lora_max_rank={cap}" if cap < smallest else f"smallest dim {cap}"
         if rank > cap:
             logger.info("LoRA rank of %s clamped from %d to %d (%s)", name, rank, cap, why)
             ranks[name] = cap
@@ -258,7 +131,7 @@ def _gradient_spectra(model: nn.Module, names: tp.Sequence[str], enable_qkv,
                       ) -> tp.Dict[str, torch.Tensor]:
     """Per layer: squared singular values of the accumulated full-weight gradient
     (summed over the matrices of an attention adapter)."""
-    mats = {n: _matrices(model.get_submodule(n), enable_qkv) for n in names}
+    mats = {n: target_matrices(model.get_submodule(n), enable_qkv) for n in names}
     targets = list({id(p): p for ms in mats.values() for p, _ in ms}.values())
     all_params = list(model.parameters())
     saved_rg = [p.requires_grad for p in all_params]
@@ -331,98 +204,87 @@ def _greedy(ranks: tp.Dict[str, int], free: tp.Sequence[str], caps: tp.Mapping[s
                        "max_rank / smallest-dim caps leave no room", spent, budget)
 
 
-def allocate_ranks(model: nn.Module, cfg: tp.Any, batches: tp.Optional[tp.Iterable] = None,
+def allocate_ranks(model: nn.Module, config: LoraConfig,
+                   batches: tp.Optional[tp.Iterable] = None,
                    loss_fn: tp.Optional[tp.Callable] = None,
                    names: tp.Optional[tp.Sequence[str]] = None) -> RankTable:
-    """Rank per target layer of `model` from the `htdemucs` config node `cfg`.
+    """Rank per target layer of `model` for `config`.
 
-    `names` defaults to ``lora_target_names(model, cfg.lora_targets)``. `batches`
+    `names` defaults to ``lora_target_names(model, config.lora_targets)``. `batches`
     (iterable of (mix (B,C,T), sources (B,S,C,T))) and `loss_fn(output, sources)`
     (default L1) are used by the gradient mode only.
     """
-    mode = str(_get(cfg, "lora_rank_mode", "uniform"))
-    if mode not in MODES:
-        raise ConfigError(f"htdemucs.lora_rank_mode={mode!r} is unknown; allowed: {list(MODES)}")
-    raw_rank = _get(cfg, "lora_rank", 0)
-    rank = _int(raw_rank, "lora_rank", 0)
+    rank, mode = config.lora_rank, config.lora_rank_mode
     if rank == 0:
         raise ConfigError("htdemucs.lora_rank=0 means full fine-tuning: no rank to allocate; "
                           "set htdemucs.lora_rank > 0 for LoRA")
-    max_cap = _get(cfg, "lora_max_rank", None)
-    max_cap = None if max_cap is None else _int(max_cap, "lora_max_rank", 1)
-    qkv = _get(cfg, "lora_enable_qkv", None)
-    enable_qkv = check_enable_qkv([True, False, True] if qkv is None else list(qkv))
-    targets_key = list(_get(cfg, "lora_targets", None) or [])
-    if names is None:
-        names = lora_target_names(model, _get(cfg, "lora_targets", None))
-    names = list(names)
+    names = list(lora_target_names(model, config.lora_targets) if names is None else names)
     if not names:
-        raise ConfigError(f"htdemucs.lora_targets={targets_key} selects no layer of this model")
-    overrides = _layer_ranks(cfg)
-
+        raise ConfigError(f"htdemucs.lora_targets={list(config.lora_targets)} selects no "
+                          "layer of this model")
     depth = len(getattr(model, "encoder", ()) or ())
     t_depth = len(getattr(model, "tencoder", ()) or ())
-    info = {n: _layer_info(model.get_submodule(n), enable_qkv, layer_role(n, depth, t_depth))
-            for n in names}
+    info = {n: layer_info(model.get_submodule(n), config.lora_enable_qkv,
+                          layer_role(n, depth, t_depth)) for n in names}
     model_params = sum(p.numel() for p in model.parameters())
 
     budget = None
-    if mode == "heuristic" and _get(cfg, "lora_budget_match", False):
-        budget = _uniform_budget(names, info, rank, max_cap)
-        ranks = _budget_matched_heuristic(names, rank, depth, t_depth, info, max_cap, budget)
+    if mode == "heuristic" and config.lora_budget_match:
+        budget = _uniform_budget(info, config)
+        ranks = _budget_matched_heuristic(info, config, depth, t_depth, budget)
     elif mode == "heuristic":
         ranks = heuristic_ranks(names, rank, depth, t_depth)
     else:
         ranks = {n: rank for n in names}
-    pinned = _apply_overrides(ranks, overrides, targets_key)
-    _clamp(ranks, info, max_cap)
-
+    pinned = apply_layer_ranks(ranks, config)
+    _clamp(ranks, info, config)
     if mode == "gradient":
-        budget = _gradient_budget(ranks, names, pinned, info, rank, max_cap, cfg,
-                                  model, batches, loss_fn, enable_qkv)
+        budget = _gradient_budget(model, config, ranks, pinned, info, batches, loss_fn)
     return RankTable(ranks, info, mode, budget=budget, model_params=model_params)
 
 
-def _gradient_budget(ranks, names, pinned, info, rank, max_cap, cfg, model, batches,
-                     loss_fn, enable_qkv) -> int:
+def _gradient_budget(model: nn.Module, config: LoraConfig, ranks: tp.Dict[str, int],
+                     pinned: tp.Set[str], info: tp.Mapping[str, LayerInfo],
+                     batches: tp.Optional[tp.Iterable], loss_fn: tp.Optional[tp.Callable]
+                     ) -> int:
     """Gradient mode, in place on `ranks`: returns the parameter budget it matched."""
     if batches is None:
         raise ConfigError("htdemucs.lora_rank_mode=gradient needs calibration data: pass "
                           "batches of (mix, sources) to allocate_ranks (the train loader)")
-    min_rank = _int(_get(cfg, "min_rank", 1), "min_rank", 0)
-    max_rank = _int(_get(cfg, "max_rank", 32), "max_rank", max(1, min_rank))
-    n_batches = _int(_get(cfg, "lora_gradient_batches", 8), "lora_gradient_batches", 1)
-    uniform_cap = {n: min(info[n].max_rank, max_cap or info[n].max_rank) for n in names}
-    budget = _uniform_budget(names, info, rank, max_cap)
-    free = [n for n in names if n not in pinned]
-    caps = {n: min(uniform_cap[n], max_rank) for n in free}
+    budget = _uniform_budget(info, config)
+    free = [n for n in info if n not in pinned]
+    caps = {n: config.gradient_cap(info[n].max_rank) for n in free}
     for n in free:
-        ranks[n] = min(min_rank, caps[n])
+        ranks[n] = min(config.min_rank, caps[n])
     if free:
-        spectra = _gradient_spectra(model, free, enable_qkv, batches,
-                                    loss_fn or F.l1_loss, n_batches)
+        spectra = _gradient_spectra(model, free, config.lora_enable_qkv, batches,
+                                    loss_fn or F.l1_loss, config.lora_gradient_batches)
         _greedy(ranks, free, caps, spectra, info, budget)
     return budget
 
 
-def _uniform_budget(names, info, rank: int, max_cap) -> int:
-    """Adapter parameters of `uniform` at `rank` (after clamping): the matched budget."""
-    return sum(min(rank, info[n].max_rank, max_cap or info[n].max_rank)
-               * info[n].params_per_rank for n in names)
+def _cost(ranks: tp.Mapping[str, float], info: tp.Mapping[str, LayerInfo],
+          config: LoraConfig) -> int:
+    """Adapter parameters of `ranks` once clamped (`LoraConfig.rank_cap`)."""
+    return sum(min(int(r), config.rank_cap(info[n].max_rank)) * info[n].params_per_rank
+               for n, r in ranks.items())
 
 
-def _budget_matched_heuristic(names, rank, depth, t_depth, info, max_cap, budget):
+def _uniform_budget(info: tp.Mapping[str, LayerInfo], config: LoraConfig) -> int:
+    """Adapter parameters of `uniform` at ``lora_rank`` (after clamping): the budget."""
+    return _cost({n: config.lora_rank for n in info}, info, config)
+
+
+def _budget_matched_heuristic(info: tp.Mapping[str, LayerInfo], config: LoraConfig,
+                              depth: int, t_depth: int, budget: int) -> tp.Dict[str, int]:
     """The heuristic table scaled (one factor for all roles) to spend at most `budget`:
     bisection on the factor, keeping the largest table that fits."""
-    def cost(ranks):
-        return sum(min(r, info[n].max_rank, max_cap or info[n].max_rank)
-                   * info[n].params_per_rank for n, r in ranks.items())
     low, high = 0.0, 8.0
-    best = {n: 0 for n in names}
+    best = {n: 0 for n in info}
     for _ in range(30):
         mid = (low + high) / 2
-        ranks = heuristic_ranks(names, rank * mid, depth, t_depth)
-        if cost(ranks) <= budget:
+        ranks = heuristic_ranks(list(info), config.lora_rank * mid, depth, t_depth)
+        if _cost(ranks, info, config) <= budget:
             low, best = mid, ranks
         else:
             high = mid

@@ -1,6 +1,6 @@
 """Which HTDemucs modules get LoRA adapters, and what role each plays.
 
-Groups (the values of ``htdemucs.lora_targets``):
+Groups (the values of ``htdemucs.lora_targets``, `lora.config.TARGET_GROUPS`):
 
 - ``encoder``: every supported layer under ``encoder.*`` and ``tencoder.*``
   (conv, rewrite, DConv branches).
@@ -32,19 +32,8 @@ import typing as tp
 
 from torch import nn
 
-from demucs_lora.core.errors import ConfigError
-
+from demucs_lora.lora.config import TARGET_GROUPS, check_targets
 from demucs_lora.lora.layers import SUPPORTED_TYPES, LoRALayer
-
-# group -> module-path prefixes it covers (a prefix matches itself and its children)
-GROUPS: tp.Dict[str, tp.Tuple[str, ...]] = {
-    "encoder": ("encoder", "tencoder"),
-    "decoder": ("decoder", "tdecoder"),
-    "transformer": ("crosstransformer",),
-    "upsampler": ("channel_upsampler", "channel_downsampler",
-                  "channel_upsampler_t", "channel_downsampler_t"),
-    "freq_emb": ("freq_emb.embedding",),
-}
 
 # sub-module names inside a transformer layer that `transformer.NAME` aliases to
 _TRANSFORMER_PARTS = ("self_attn", "cross_attn", "linear1", "linear2")
@@ -53,20 +42,6 @@ _TRANSFORMER_PARTS = ("self_attn", "cross_attn", "linear1", "linear2")
 ROLES = ("head", "outer_encoder", "outer_decoder", "inner_encoder", "inner_decoder",
          "encoder", "decoder", "dconv", "attention", "ffn", "upsampler", "freq_emb",
          "other")
-
-
-def _normalize_groups(targets: tp.Any) -> tp.List[str]:
-    if targets is None:
-        raise ConfigError("htdemucs.lora_targets is null; give a list of groups "
-                          f"from {sorted(GROUPS)}")
-    if isinstance(targets, str):
-        targets = [targets]
-    groups = [str(t) for t in targets]
-    unknown = [g for g in groups if g not in GROUPS]
-    if unknown:
-        raise ConfigError(f"htdemucs.lora_targets: unknown group(s) {unknown}; "
-                          f"allowed groups are {sorted(GROUPS)}")
-    return groups
 
 
 def _under(name: str, prefix: str) -> bool:
@@ -80,7 +55,7 @@ def lora_target_names(model: nn.Module, targets: tp.Iterable[str]) -> tp.List[st
     model already wrapped, a LoRA wrapper is listed under its own path (not its
     ``.base``). Raises ConfigError for an unknown group.
     """
-    prefixes = [p for g in _normalize_groups(targets) for p in GROUPS[g]]
+    prefixes = [p for g in check_targets(targets) for p in TARGET_GROUPS[g]]
     names: tp.List[str] = []
     wholes: tp.List[str] = []
     for name, module in model.named_modules():
@@ -160,7 +135,7 @@ def layer_role(name: str, depth: int, t_depth: tp.Optional[int] = None) -> str:
         if parts[-1] in ("linear1", "linear2"):
             return "ffn"
         return "other"
-    if parts[0] in GROUPS["upsampler"]:
+    if parts[0] in TARGET_GROUPS["upsampler"]:
         return "upsampler"
     if parts[0] == "freq_emb":
         return "freq_emb"

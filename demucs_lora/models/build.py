@@ -17,18 +17,11 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from demucs_lora.core.errors import ConfigError, ModelLoadError
+from demucs_lora.lora.config import LoraConfig
 from demucs_lora.lora.targets import head_names
-from demucs_lora.models.heads import remap_sources
+from demucs_lora.models.adapters import remap_model
 
 logger = logging.getLogger(__name__)
-
-# htdemucs.* keys that belong to the LoRA machinery, not to the HTDemucs constructor.
-LORA_KEYS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_rslora", "lora_targets",
-             "lora_bias", "lora_rank_mode", "lora_budget_match", "lora_max_rank",
-             "layer_ranks", "min_rank", "max_rank", "lora_enable_qkv",
-             "lora_gradient_batches", "lora_rank_adaptation", "lora_adapt_every",
-             "lora_save_dtype")
-
 
 # HTDemucs arguments that come from elsewhere in the config (dset.*), not htdemucs.*.
 NOT_HTDEMUCS = ("self", "sources", "samplerate", "audio_channels", "segment")
@@ -42,7 +35,8 @@ def htdemucs_kwargs() -> tp.Dict[str, tp.Any]:
 
 def architecture_kwargs(cfg: DictConfig) -> dict:
     """HTDemucs constructor kwargs from the config (the htdemucs.* keys that HTDemucs takes;
-    the lora keys and the derived hop_length are not among them)."""
+    the lora keys, `lora.config.LORA_KEYS`, and the derived hop_length are not among
+    them)."""
     known = htdemucs_kwargs()
     kwargs = {k: v for k, v in OmegaConf.to_container(cfg.htdemucs, resolve=True).items()
               if k in known}
@@ -86,15 +80,6 @@ def load_base(continue_from: tp.Optional[str], pretrained_repo: tp.Optional[str]
         return members[0]
     from demucs_lora.models.bag import TrainableBag  # a BagOfModels that can also be called
     return TrainableBag(members, loaded.weights, loaded.segment)
-
-
-def remap_model(model: nn.Module, sources: tp.Sequence[str],
-                source_init: tp.Optional[tp.Mapping] = None) -> nn.Module:
-    """``heads.remap_sources`` for an HTDemucs, member by member for a bag."""
-    if isinstance(model, BagOfModels):
-        from demucs_lora.models.bag import remap_bag
-        return remap_bag(model, sources, source_init)
-    return remap_sources(model, sources, source_init)
 
 
 def build_base(cfg: DictConfig, root: tp.Optional[Path] = None) -> HTDemucs:
@@ -157,13 +142,13 @@ def build_model(cfg: DictConfig, root: tp.Optional[Path] = None,
         members = [("", model)]
     train_heads = should_train_heads(cfg, base_sources)
     heads = [p + h for p, m in members for h in head_names(m)] if train_heads else []
-    lcfg = cfg.htdemucs
+    config = LoraConfig.from_cfg(cfg.htdemucs)
     report = {"ranks": {}, "layers": [], "train_heads": heads, "base_sources": base_sources}
-    if lcfg.lora_rank <= 0 and cfg.get("lora_checkpoint"):
+    if config.lora_rank <= 0 and cfg.get("lora_checkpoint"):
         raise ConfigError(f"lora_checkpoint={cfg.lora_checkpoint} starts LoRA factors, but "
                           "htdemucs.lora_rank=0 is full fine-tuning: set htdemucs.lora_rank "
                           "(and the other htdemucs.lora_* keys) to the adapter's")
-    if lcfg.lora_rank <= 0:
+    if config.lora_rank <= 0:
         for p in model.parameters():
             p.requires_grad_(True)
         report["trainable"] = trainable_summary(model)
@@ -172,17 +157,14 @@ def build_model(cfg: DictConfig, root: tp.Optional[Path] = None,
     from demucs_lora.lora.targets import lora_target_names
     table = {}
     for prefix, member in members:
-        names = [n for n in lora_target_names(member, list(lcfg.lora_targets))
+        names = [n for n in lora_target_names(member, config.lora_targets)
                  if prefix + n not in heads]
         batches = calibration() if (calibration is not None
-                                    and lcfg.lora_rank_mode == "gradient") else None
-        member_table = allocate_ranks(member, lcfg, batches=batches, names=names)
+                                    and config.lora_rank_mode == "gradient") else None
+        member_table = allocate_ranks(member, config, batches=batches, names=names)
         table.update({prefix + k: v for k, v in dict(member_table).items()})
     ranks = {k: int(v) for k, v in table.items() if int(v) > 0}
-    report["layers"] = inject_lora(
-        model, ranks, alpha=lcfg.lora_alpha, dropout=lcfg.lora_dropout,
-        rslora=lcfg.lora_rslora, bias=lcfg.lora_bias, enable_qkv=list(lcfg.lora_enable_qkv),
-        train_extra=heads)
+    report["layers"] = inject_lora(model, config.layout(ranks, heads))
     report["ranks"] = ranks
     report["rank_table"] = table if len(members) > 1 else member_table
     if cfg.get("lora_checkpoint"):
@@ -199,7 +181,7 @@ def start_from_adapter(model: nn.Module, adapter: str, root: tp.Optional[Path] =
     shapes, and trained on this very base (fingerprint), else AdapterMismatch."""
     from demucs_lora.hub.resolve import resolve_adapter
     from demucs_lora.core.errors import AdapterMismatch
-    from demucs_lora.lora.state import load_lora_weights
+    from demucs_lora.models.methods import load_lora_weights
     path = resolve_adapter(adapter, root)
     try:
         model = load_lora_weights(model, path)

@@ -69,7 +69,7 @@ def remap_sources(model: HTDemucs, sources: tp.Sequence[str],
                   source_init: tp.Optional[tp.Mapping] = None) -> HTDemucs:
     """A new HTDemucs for `sources` whose heads are sliced/copied from `model`'s.
     Kept sources keep their weights (in the new order); every other weight is copied.
-    (A bag: ``build.remap_model``.)"""
+    (A bag: ``adapters.remap_model``.)"""
     base_sources = list(model.sources)
     if list(sources) == base_sources and not source_init:
         return model

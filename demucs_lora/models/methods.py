@@ -13,9 +13,10 @@ the stock loader rebuilds exactly that class. These are callables stored on the 
 (`ModelMethod`), so the class stays ``HTDemucs``: ``serialize_model``, the stock CLI,
 ``state_dict()`` and ``copy.deepcopy`` see a plain HTDemucs (a deep copy's methods are
 bound to the copy); pickling a whole model keeps them (``__reduce__`` names the model and
-the method, never a half-built bound method). ``lora_config`` is the live dict the LoRA
-injector keeps (the adapter header's layout keys), kept in step by ``inject_lora`` and
-``remove_lora``.
+the method, never a half-built bound method). ``lora_config`` is the
+`lora.config.LoraLayout` the LoRA injector puts on the model (it reads like the adapter
+header's layout keys: ``model.lora_config["ranks"]``); ``inject_lora``, rank adaptation
+and ``remove_lora`` replace it, so it is always the model's own.
 """
 from __future__ import annotations
 
@@ -28,12 +29,22 @@ if tp.TYPE_CHECKING:  # pragma: no cover
 METHODS = ("load_lora_weights", "get_lora_state", "quantize")
 
 
+def load_lora_weights(model: "nn.Module", path, check_base: bool = True) -> "nn.Module":
+    """Load the adapter pair at ``path`` strictly, injecting the LoRA layers first when
+    the model has none (else swapping the tensors of same-layout layers).
+
+    If the adapter was trained for other sources than the model's, the model's heads are
+    remapped first (`models.adapters`), so a new model object may be returned: always use
+    the return value; it carries the guide's methods (`attach`)."""
+    from demucs_lora.models.adapters import load_adapter_any_sources
+    return attach(load_adapter_any_sources(model, path, check_base=check_base))
+
+
 def _load_lora_weights(model: "nn.Module", path, check_base: bool = True) -> "nn.Module":
     """Put the adapter ``path`` (``x``, ``x.safetensors``/``.json`` or an XP signature)
     on this model: injected the first time, tensors swapped after. Returns the model
     (a new object only when the adapter's sources differ: always use the result)."""
     from demucs_lora.hub.resolve import resolve_adapter
-    from demucs_lora.lora.state import load_lora_weights
     return load_lora_weights(model, resolve_adapter(path), check_base=check_base)
 
 
@@ -71,8 +82,7 @@ class ModelMethod:
         self.model, self.name = model, name
 
     def __call__(self, *args, **kwargs):
-        result = _IMPLEMENTATIONS[self.name](self.model, *args, **kwargs)
-        return attach(result) if self.name == "load_lora_weights" else result
+        return _IMPLEMENTATIONS[self.name](self.model, *args, **kwargs)
 
     def __reduce__(self):
         return (ModelMethod, (self.model, self.name))
@@ -87,8 +97,8 @@ class ModelMethod:
 
 def attach(model: "nn.Module") -> "nn.Module":
     """Give ``model`` the guide's methods and ``lora_config`` (idempotent); returns it."""
-    from demucs_lora.lora.inject import LORA_CONFIG_ATTR
+    from demucs_lora.lora.inject import carried_layout
     for name in METHODS:
         object.__setattr__(model, name, ModelMethod(model, name))
-    object.__setattr__(model, "lora_config", getattr(model, LORA_CONFIG_ATTR, None))
+    object.__setattr__(model, "lora_config", carried_layout(model))
     return model

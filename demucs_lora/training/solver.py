@@ -78,8 +78,10 @@ class Solver(SolverGuards):
         self.saved = "no epoch had finished, so nothing was saved"  # what checkpoint.th is
         self.adaptation = None  # htdemucs.lora_rank_adaptation (lora/rank_adaptation.py)
         if cfg.htdemucs.get("lora_rank_adaptation") and cfg.htdemucs.lora_rank > 0:
+            from demucs_lora.lora.config import LoraConfig
             from demucs_lora.lora.rank_adaptation import RankAdaptation
-            self.adaptation = RankAdaptation(self.model, cfg.htdemucs, seed=cfg.seed)
+            self.adaptation = RankAdaptation(self.model, LoraConfig.from_cfg(cfg.htdemucs),
+                                             seed=cfg.seed)
 
     def _wrap_ddp(self) -> None:
         """DDP all-reduces the trainable parameters only (rewrapped when ranks change: the
@@ -327,7 +329,7 @@ class Solver(SolverGuards):
 
     def _adapt_ranks(self, epoch: int) -> None:
         """Dynamic rank adaptation (every process, same decision); see rank_adaptation.py."""
-        from demucs_lora.lora.rank_adaptation import calibration_batches
+        from demucs_lora.data.stems import calibration_batches
         batches = calibration_batches(self.loaders["train"], self.augment, self.device)
         self.adaptation.reallocate(batches, lambda est, ref: self._loss(est, ref)[0],
                                    self.optimizer, self.ema, epoch)

@@ -10,9 +10,11 @@ from omegaconf import OmegaConf
 from safetensors import safe_open
 
 from demucs_lora.core.errors import AdapterMismatch, ConfigError
+from demucs_lora.lora.config import LoraLayout
 from demucs_lora.lora.inject import (inject_lora, iter_lora_layers, merge_lora, remove_lora,
                                      unmerge_lora)
-from demucs_lora.lora.state import get_lora_state, load_lora_weights, save_adapter
+from demucs_lora.lora.state import get_lora_state, save_adapter
+from demucs_lora.models.methods import load_lora_weights
 from demucs_lora.lora.targets import lora_target_names
 
 ALL = ["encoder", "decoder", "transformer", "freq_emb"]
@@ -46,7 +48,7 @@ def test_whole_model_identity_merge_and_remove(mix, tmp_path):
     model = tiny()
     ref = run(model, mix)
     names = lora_target_names(model, ALL)
-    report = inject_lora(model, {n: 4 for n in names})
+    report = inject_lora(model, LoraLayout({n: 4 for n in names}))
     assert len(report) == len(names) == len(list(iter_lora_layers(model)))
     assert run(model, mix).sub(ref).abs().max() == 0
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -74,8 +76,9 @@ def test_whole_model_identity_merge_and_remove(mix, tmp_path):
 
 def test_adapter_round_trip_and_header(mix, tmp_path):
     model = tiny()
-    inject_lora(model, {n: 2 for n in lora_target_names(model, ["encoder", "transformer"])},
-                alpha=8, train_extra=["decoder.3.conv_tr"])
+    names = lora_target_names(model, ["encoder", "transformer"])
+    inject_lora(model, LoraLayout({n: 2 for n in names}, alpha=8,
+                                  train_extra=["decoder.3.conv_tr"]))
     randomize_b(model)
     with torch.no_grad():
         model.decoder[3].conv_tr.weight.mul_(1.5)  # a "trained" head
@@ -95,12 +98,12 @@ def test_adapter_round_trip_and_header(mix, tmp_path):
 
 def test_adapter_on_other_base_or_shape_is_mismatch(tmp_path):
     model = tiny()
-    inject_lora(model, {n: 2 for n in lora_target_names(model, ["transformer"])})
+    inject_lora(model, LoraLayout({n: 2 for n in lora_target_names(model, ["transformer"])}))
     save_adapter(model, tmp_path / "ad")
     with pytest.raises(AdapterMismatch, match="different base"):
         load_lora_weights(tiny(seed=5), tmp_path / "ad")
     other = tiny()
-    inject_lora(other, {n: 3 for n in lora_target_names(other, ["transformer"])})
+    inject_lora(other, LoraLayout({n: 3 for n in lora_target_names(other, ["transformer"])}))
     with pytest.raises(AdapterMismatch, match="ranks"):
         load_lora_weights(other, tmp_path / "ad")
     wider = HTDemucs(sources=["drums", "bass", "other", "vocals"], channels=16, t_layers=2,
@@ -108,7 +111,8 @@ def test_adapter_on_other_base_or_shape_is_mismatch(tmp_path):
     with pytest.raises(AdapterMismatch, match="shape mismatches"):
         load_lora_weights(wider, tmp_path / "ad")
     scaled = tiny()
-    inject_lora(scaled, {n: 2 for n in lora_target_names(scaled, ["transformer"])}, alpha=4)
+    inject_lora(scaled, LoraLayout({n: 2 for n in lora_target_names(scaled, ["transformer"])},
+                                   alpha=4))
     with pytest.raises(AdapterMismatch, match="alpha"):
         load_lora_weights(scaled, tmp_path / "ad")  # same shapes, other scaling: refused
     with pytest.raises(AdapterMismatch, match="does not exist"):
@@ -118,7 +122,7 @@ def test_adapter_on_other_base_or_shape_is_mismatch(tmp_path):
 def test_hot_swap_on_one_base(mix, tmp_path):
     model = tiny()
     base_out = run(model, mix)
-    inject_lora(model, {n: 2 for n in lora_target_names(model, ["decoder"])})
+    inject_lora(model, LoraLayout({n: 2 for n in lora_target_names(model, ["decoder"])}))
     randomize_b(model, seed=1)
     out_a = run(model, mix)
     save_adapter(model, tmp_path / "a")
@@ -137,10 +141,10 @@ def test_hot_swap_on_one_base(mix, tmp_path):
 def test_inject_errors():
     model = tiny()
     with pytest.raises(ConfigError, match="close names"):
-        inject_lora(model, {"encoder.9.conv": 4})
+        inject_lora(model, LoraLayout({"encoder.9.conv": 4}))
     with pytest.raises(ConfigError, match="lora_bias"):
-        inject_lora(model, {"encoder.1.conv": 4}, bias="some")
-    inject_lora(model, {"encoder.1.conv": 4}, bias="all")
+        inject_lora(model, LoraLayout({"encoder.1.conv": 4}, bias="some"))
+    inject_lora(model, LoraLayout({"encoder.1.conv": 4}, bias="all"))
     assert model.encoder[2].conv.bias.requires_grad  # bias=all: every bias trains
     with pytest.raises(ConfigError, match="already has LoRA"):
-        inject_lora(model, {"encoder.2.conv": 4})
+        inject_lora(model, LoraLayout({"encoder.2.conv": 4}))

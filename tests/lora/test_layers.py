@@ -7,8 +7,9 @@ import torch
 from torch import nn
 
 from demucs_lora.core.errors import ConfigError
+from demucs_lora.lora.config import BIAS_MODES
 from demucs_lora.lora.layers import (
-    BIAS_MODES, SUPPORTED_TYPES, LoRAConv1d, LoRAConv2d, LoRAConvTranspose1d,
+    SUPPORTED_TYPES, LoRAConv1d, LoRAConv2d, LoRAConvTranspose1d,
     LoRAConvTranspose2d, LoRAEmbedding, LoRALayer, LoRALinear, LoRAMultiheadAttention,
     params_per_rank, wrap_module)
 

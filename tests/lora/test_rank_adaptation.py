@@ -11,8 +11,9 @@ from torch import nn
 from demucs_lora.core.errors import ConfigError
 from demucs_lora.lora.inject import inject_lora, iter_lora_layers, lora_config
 from demucs_lora.lora.layers import LoRALinear
-from demucs_lora.lora.rank_adaptation import (RankAdaptation, check_config, plan_ranks,
-                                              resize_layer, LayerScore)
+from demucs_lora.lora.config import LoraConfig, LoraLayout
+from demucs_lora.lora.rank_adaptation import (RankAdaptation, plan_ranks, resize_layer,
+                                              LayerScore)
 from demucs_lora.lora.targets import lora_target_names
 
 TARGETS = ["encoder", "decoder", "transformer"]
@@ -21,12 +22,12 @@ TARGETS = ["encoder", "decoder", "transformer"]
 def lcfg(**kw):
     base = {"lora_adapt_every": 1, "lora_gradient_batches": 1, "min_rank": 1, "max_rank": 32,
             "lora_max_rank": 32, "layer_ranks": None}
-    return OmegaConf.create({**base, **kw})
+    return LoraConfig.from_cfg(OmegaConf.create({**base, **kw}))
 
 
 def lora_htdemucs(tiny, rank=4, seed=1):
     names = lora_target_names(tiny, TARGETS)
-    inject_lora(tiny, {n: rank for n in names})
+    inject_lora(tiny, LoraLayout({n: rank for n in names}))
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # a trained-looking adapter: B != 0
         for name, p in tiny.named_parameters():
@@ -155,7 +156,9 @@ def test_history_is_written_and_plotted(adapted, tmp_path):
 
 def test_adapter_reloads_with_the_new_ranks(adapted, tmp_path):
     from demucs_lora.lora.inject import remove_lora
-    from demucs_lora.lora.state import load_lora_weights, read_adapter, save_adapter
+    from demucs_lora.models.methods import load_lora_weights
+    from demucs_lora.lora.adapter_file import read_adapter
+    from demucs_lora.lora.state import save_adapter
     model = adapted["model"]
     save_adapter(model, tmp_path / "lora")
     header, _ = read_adapter(tmp_path / "lora")
@@ -205,11 +208,11 @@ def test_plan_keeps_bounds_and_pinned_layers():
 def test_config_keys_are_checked():
     base = OmegaConf.create({"htdemucs": {"lora_rank": 4, "lora_rank_adaptation": True,
                                           "lora_adapt_every": 2}})
-    check_config(base)
+    LoraConfig.from_cfg(base.htdemucs)
     for key, value, match in (("lora_adapt_every", 0, "lora_adapt_every"),
                               ("lora_rank_adaptation", "yes", "true or false"),
                               ("lora_rank", 0, "lora_rank > 0")):
         bad = copy.deepcopy(base)
         bad.htdemucs[key] = value
         with pytest.raises(ConfigError, match=match):
-            check_config(bad)
+            LoraConfig.from_cfg(bad.htdemucs)

@@ -10,6 +10,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from demucs_lora.core.errors import ConfigError
+from demucs_lora.lora.config import LoraConfig
 from demucs_lora.lora.layers import params_per_rank
 from demucs_lora.lora.ranks import RankTable, allocate_ranks
 from demucs_lora.lora.targets import lora_target_names
@@ -23,13 +24,17 @@ def tiny():
     return HTDemucs(sources=SOURCES, channels=8, t_layers=2, depth=4, segment=1)
 
 
-def cfg(**overrides):
+def raw_cfg(**overrides):
     base = dict(lora_rank=8, lora_rank_mode="uniform",
                 lora_targets=["encoder", "decoder", "transformer"], lora_max_rank=32,
                 layer_ranks=None, min_rank=1, max_rank=32,
                 lora_enable_qkv=[True, False, True], lora_gradient_batches=2)
     base.update(overrides)
     return base
+
+
+def cfg(**overrides):
+    return LoraConfig.from_cfg(raw_cfg(**overrides))
 
 
 @pytest.fixture(scope="module")
@@ -152,10 +157,10 @@ def test_accepts_omegaconf_and_namespace(model):
     node = OmegaConf.load(YAML).htdemucs
     node = OmegaConf.merge(node, {"lora_rank": 8, "lora_rank_mode": "heuristic",
                                   "layer_ranks": {"transformer.*": 4}})
-    table = allocate_ranks(model, node)
+    table = allocate_ranks(model, LoraConfig.from_cfg(node))
     assert table["crosstransformer.layers.0.linear1"] == 4
-    ns = types.SimpleNamespace(**cfg())
-    assert dict(allocate_ranks(model, ns)) == dict(allocate_ranks(model, cfg()))
+    ns = types.SimpleNamespace(**raw_cfg())
+    assert dict(allocate_ranks(model, LoraConfig.from_cfg(ns))) == dict(allocate_ranks(model, cfg()))
 
 
 def test_format_and_json(model):
@@ -244,10 +249,11 @@ def test_full_size_uniform_r8_under_5_percent():
 def test_heuristic_budget_match_spends_at_most_uniform_budget(tiny_htdemucs):
     cfg = {"lora_rank": 8, "lora_targets": ["encoder", "decoder", "transformer"],
            "lora_max_rank": 32}
-    uniform = allocate_ranks(tiny_htdemucs, dict(cfg, lora_rank_mode="uniform"))
-    plain = allocate_ranks(tiny_htdemucs, dict(cfg, lora_rank_mode="heuristic"))
-    matched = allocate_ranks(tiny_htdemucs, dict(cfg, lora_rank_mode="heuristic",
-                                                 lora_budget_match=True))
+    def table(**kw):
+        return allocate_ranks(tiny_htdemucs, LoraConfig.from_cfg(dict(cfg, **kw)))
+    uniform = table(lora_rank_mode="uniform")
+    plain = table(lora_rank_mode="heuristic")
+    matched = table(lora_rank_mode="heuristic", lora_budget_match=True)
     budget = uniform.trainable_params()
     assert plain.trainable_params() > budget  # the plain table overspends here
     assert 0.85 * budget <= matched.trainable_params() <= budget

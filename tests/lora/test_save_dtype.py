@@ -13,8 +13,11 @@ from safetensors import safe_open
 
 from demucs_lora.config.check import check_config
 from demucs_lora.core.errors import ConfigError
+from demucs_lora.lora.config import LoraLayout
 from demucs_lora.lora.inject import inject_lora
-from demucs_lora.lora.state import adapter_paths, load_lora_weights, save_adapter
+from demucs_lora.lora.adapter_file import adapter_paths
+from demucs_lora.models.methods import load_lora_weights
+from demucs_lora.lora.state import save_adapter
 from demucs_lora.lora.targets import lora_target_names
 
 TARGETS = ["encoder", "decoder", "transformer"]
@@ -28,7 +31,7 @@ def base(seed=0):
 
 def adapted(seed=0):
     model = base(seed)
-    inject_lora(model, {n: 8 for n in lora_target_names(model, TARGETS)})
+    inject_lora(model, LoraLayout({n: 8 for n in lora_target_names(model, TARGETS)}))
     gen = torch.Generator().manual_seed(3)
     with torch.no_grad():  # a trained-looking adapter: non-zero B
         for name, p in model.named_parameters():
@@ -82,7 +85,7 @@ def test_trained_heads_stay_float32(tmp_path):
     model = base()
     heads = ["decoder.3.conv_tr", "tdecoder.3.conv_tr"]
     names = [n for n in lora_target_names(model, TARGETS) if n not in heads]
-    inject_lora(model, {n: 4 for n in names}, train_extra=heads)
+    inject_lora(model, LoraLayout({n: 4 for n in names}, train_extra=heads))
     tensors, _ = save_adapter(model, tmp_path / "a", save_dtype="bfloat16")
     with safe_open(str(tensors), "pt") as f:
         dtypes = {k: f.get_tensor(k).dtype for k in f.keys()}

@@ -5,7 +5,8 @@ from torch import nn
 
 from demucs_lora.core.errors import ConfigError
 from demucs_lora.lora.layers import SUPPORTED_TYPES, wrap_module
-from demucs_lora.lora.targets import (GROUPS, glob_specificity, head_names, layer_role,
+from demucs_lora.lora.config import TARGET_GROUPS as GROUPS
+from demucs_lora.lora.targets import (glob_specificity, head_names, layer_role,
                                       lora_target_names, resolve_alias)
 
 SOURCES = ["drums", "bass", "other", "vocals"]
