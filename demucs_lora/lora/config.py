@@ -2,7 +2,7 @@
 
 `LoraConfig` is the one owner of the ``htdemucs.lora_*`` keys (plus ``layer_ranks``,
 ``min_rank`` and ``max_rank``): its fields are those keys, its defaults are the values of
-conf/model/htdemucs.yaml (tests/lora/test_config.py checks that they agree), and it is
+conf/model/lora_keys.yaml (tests/lora/test_config.py checks that they agree), and it is
 validated once, on construction, with a `ConfigError` naming ``htdemucs.KEY``, the bad
 value and what is allowed. PEFT's ``LoraConfig`` is the shape it follows.
 
@@ -104,8 +104,8 @@ def check_layer_ranks(value: tp.Any, key: str = "htdemucs.layer_ranks"
     """``{glob: rank}`` as ordered (glob, rank) pairs, ranks >= 0; None stays None."""
     if value is None:
         return None
-    if isinstance(value, tuple):
-        pairs = value
+    if isinstance(value, tuple) and all(isinstance(p, tuple) and len(p) == 2 for p in value):
+        pairs = value  # already normalized (dataclasses.replace, a copy)
     elif _items(value) is not None:
         pairs = tuple(_items(value))
     else:
@@ -117,7 +117,7 @@ def check_layer_ranks(value: tp.Any, key: str = "htdemucs.layer_ranks"
 # ----------------------------------------------------------------------------- config
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
-    """The ``htdemucs.*`` LoRA keys of a run, validated (see conf/model/htdemucs.yaml)."""
+    """The ``htdemucs.*`` LoRA keys of a run, validated (see conf/model/lora_keys.yaml)."""
     lora_rank: int = 0                  # 0 = full fine-tuning
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0

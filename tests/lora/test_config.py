@@ -40,6 +40,13 @@ def test_each_bad_value_names_the_key_value_and_what_is_allowed(key, value, allo
     assert f"htdemucs.{key}" in text and allowed in text and "\n" not in text
 
 
+def test_from_cfg_reads_config_nodes_and_checks_them_alike():
+    node = OmegaConf.create({"lora_rank": 4, "layer_ranks": {"encoder.*": 2}, "depth": 4})
+    assert LoraConfig.from_cfg(node).layer_ranks == (("encoder.*", 2),)
+    with pytest.raises(ConfigError, match="htdemucs.layer_ranks=.*mapping"):
+        LoraConfig.from_cfg(OmegaConf.create({"layer_ranks": [1, 2]}))
+
+
 def test_cross_key_rules():
     with pytest.raises(ConfigError, match="min_rank must not exceed max_rank"):
         LoraConfig(min_rank=8, max_rank=4)
