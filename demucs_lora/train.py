@@ -83,12 +83,10 @@ def build_loaders(cfg: DictConfig) -> tp.Tuple[dict, torch.nn.Module]:
 
 
 def _calibration(loaders: dict, augment) -> tp.Callable[[], tp.Iterable]:
-    from demucs_lora.data.stems import augment_batch
-    def batches():
-        for batch in loaders["train"]:
-            batch = augment_batch(augment, batch)
-            yield batch[:, 0], batch[:, 1:]
-    return batches
+    """Gradient rank mode's calibration data: the train batches, augmented (on the CPU,
+    where the model is built; `allocate_ranks` moves them to the model's device)."""
+    from demucs_lora.data.stems import calibration_batches
+    return lambda: calibration_batches(loaders["train"], augment, torch.device("cpu"))
 
 
 def enable_checkpointing(model: torch.nn.Module) -> None:

@@ -5,7 +5,7 @@ from torch import nn
 
 from demucs_lora.core.errors import ConfigError
 from demucs_lora.lora.layers import SUPPORTED_TYPES, wrap_module
-from demucs_lora.lora.config import TARGET_GROUPS as GROUPS
+from demucs_lora.lora.config import TARGET_GROUPS
 from demucs_lora.lora.targets import (glob_specificity, head_names, layer_role,
                                       lora_target_names, resolve_alias)
 
@@ -70,7 +70,7 @@ def test_unknown_group_lists_allowed(model):
         lora_target_names(model, ["encoder", "attention"])
     msg = str(err.value)
     assert "attention" in msg and "htdemucs.lora_targets" in msg
-    for group in GROUPS:
+    for group in TARGET_GROUPS:
         assert group in msg
 
 
