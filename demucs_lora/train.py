@@ -92,25 +92,6 @@ def _calibration(loaders: dict, augment) -> tp.Callable[[], tp.Iterable]:
     return batches
 
 
-def enable_checkpointing(model: torch.nn.Module) -> None:
-    """Activation checkpointing per encoder/decoder/transformer layer (memory for time)."""
-    from torch.utils.checkpoint import checkpoint
-    layers = []
-    for member in getattr(model, "models", [model]):  # every member of a bag
-        layers += [*member.encoder, *member.decoder, *getattr(member, "tencoder", []),
-                   *getattr(member, "tdecoder", [])]
-        if getattr(member, "crosstransformer", None) is not None:
-            layers += [*member.crosstransformer.layers, *member.crosstransformer.layers_t]
-    for layer in layers:
-        forward = layer.forward
-
-        def wrapped(*args, _forward=forward, **kwargs):
-            if not torch.is_grad_enabled():
-                return _forward(*args, **kwargs)
-            return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
-        layer.forward = wrapped
-
-
 def _start_logging(folder: Path) -> None:
     if not distrib.is_master():  # one train.log, written by rank 0 (Hydra's job logging)
         root = logging.getLogger()
@@ -177,6 +158,7 @@ def run(cfg: DictConfig) -> tp.List[dict]:
         print(model)
         return []
     if cfg.enable_checkpointing:
+        from demucs_lora.models.checkpointing import enable_checkpointing
         enable_checkpointing(model)
     solver = Solver(cfg, model, report, loaders, augment, device)
     return solver.run()
