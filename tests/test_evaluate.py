@@ -42,7 +42,7 @@ def check_table_matches_json(printed, results):
 
 
 def test_xp_with_shifts_prints_table_equal_to_json(xp, monkeypatch, capsys):
-    from demucs_lora.inference.evaluate import main
+    from demucs_lora.commands.test_pretrained import main
     monkeypatch.chdir(xp.root)
     main(["-n", xp.sig, "test.shifts=2", "--no-progress"])
     printed = capsys.readouterr().out
@@ -60,7 +60,7 @@ def test_xp_with_shifts_prints_table_equal_to_json(xp, monkeypatch, capsys):
 def test_base_plus_adapter_equals_xp_and_json_option(xp, tmp_path, monkeypatch, capsys):
     """best.th is base + lora_best merged: both routes give the same scores (shifts 0);
     the adapter's header names the XP, so its config (dataset) is used."""
-    from demucs_lora.inference.evaluate import main
+    from demucs_lora.commands.test_pretrained import main
     monkeypatch.chdir(xp.root)
     out_a, out_b = tmp_path / "a.json", tmp_path / "b.json"
     main(["-n", xp.sig, "--split", "valid", "--json", str(out_a), "--no-progress"])
@@ -77,7 +77,7 @@ def test_base_plus_adapter_equals_xp_and_json_option(xp, tmp_path, monkeypatch, 
 
 def test_xp_config_overrides(xp):
     from demucs_lora.core.errors import ConfigError
-    from demucs_lora.inference.evaluate import xp_config
+    from demucs_lora.commands.test_pretrained import xp_config
     file = xp.folder / "config.yaml"
     cfg = xp_config(file, ["test.shifts=3", "optim=adamw", "dset.wav=/elsewhere"])
     saved = OmegaConf.load(file)
@@ -101,7 +101,7 @@ def test_dataset_gives_raw_audio(xp):
     """Metrics are on the original scale: the test set is read un-normalized (the mixture
     is normalized per track in separate_tensor, like the demucs CLI)."""
     import soundfile as sf
-    from demucs_lora.inference.evaluate import build_dataset
+    from demucs_lora.inference.evaluation import build_dataset
     data = build_dataset(xp.cfg, ["drums", "bass", "other", "vocals"], "test", 44100, 2,
                          progress=False)
     item = data[0]

@@ -45,7 +45,7 @@ def lora_model(base, seed, rank=2, alpha=16.0):
 
 
 def tiny_config(root, base_path, data):
-    from demucs_lora.inference.evaluate import compose
+    from demucs_lora.config.compose import compose
     return compose(["model=htdemucs_tiny", "variant=debug", "htdemucs.t_layers=1",
                     "htdemucs.lora_rank=2", f"dset.wav={data}",
                     f"dset.metadata={root / 'metadata'}", f"continue_from={base_path}"])
@@ -96,7 +96,7 @@ def write_mix(path, seconds=0.6, seed=0, samplerate=44100, channels=2):
 
 
 def our_stems(model, path):
-    from demucs_lora.inference.separate import read_audio, separate_tensor
+    from demucs_lora.inference.separation import read_audio, separate_tensor
     wav = read_audio(path, model.samplerate, model.audio_channels)
     return separate_tensor(model, wav, shifts=0)
 

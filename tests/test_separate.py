@@ -27,7 +27,7 @@ def read(path):
 
 
 def separate(*argv):
-    from demucs_lora.inference.separate import main
+    from demucs_lora.commands.separate import main
     main([str(a) for a in argv])
 
 
@@ -92,7 +92,7 @@ def test_errors_exit_1_with_message(setup, tmp_path, monkeypatch, capsys):
 
 
 def test_module_entry_point_help():
-    proc = subprocess.run([sys.executable, "-m", "demucs_lora.inference.separate", "--help"],
+    proc = subprocess.run([sys.executable, "-m", "demucs_lora.commands.separate", "--help"],
                           capture_output=True, text=True, cwd=REPO, timeout=120)
     assert proc.returncode == 0
     for flag in ("--base", "--repo", "--adapter", "--merge", "--mp3", "--shifts", "--overlap"):
@@ -101,7 +101,7 @@ def test_module_entry_point_help():
 
 def test_adapter_folder_names_are_unique_and_readable():
     from pathlib import Path
-    from demucs_lora.inference.separate import adapter_names
+    from demucs_lora.commands.separate import adapter_names
     paths = [Path("/o/outputs/xps/a1/lora_best"), Path("/r/demo.lora"),
              Path("/o/outputs/xps/b2/lora_best"), Path("/p/outputs/xps/c3/lora_best")]
     given = ["a1", "r/demo.lora.safetensors", "outputs/xps/b2/lora_best", "c3/lora_best"]

@@ -7,7 +7,8 @@ import pytest
 import soundfile as sf
 
 from demucs_lora.data import synth
-from demucs_lora.data.verify import main, verify_dataset
+from demucs_lora.commands.verify_dataset import main
+from demucs_lora.data.verify import verify_dataset
 
 SR = 8000
 SOURCES = ["drums", "bass", "other", "vocals"]
