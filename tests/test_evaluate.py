@@ -97,6 +97,23 @@ def test_unknown_model_exits_with_message(xp, tmp_path):
     assert "'nothing' not found" in proc.stderr and xp.sig in proc.stderr
 
 
+def test_exit_status_per_kind_of_error(xp, monkeypatch, capsys):
+    """2 and one line for a config error (an override the XP's config lacks), 1 and one
+    line for a model that is not found."""
+    from demucs_lora.commands.test_pretrained import main
+    monkeypatch.chdir(xp.root)
+    with pytest.raises(SystemExit) as exc:
+        main(["-n", xp.sig, "--no-progress", "test.shfts=2"])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and err.startswith("error: ConfigError:") and "\n" not in err
+    assert "'test.shfts'" in err
+    with pytest.raises(SystemExit) as exc:
+        main(["-n", "nothing", "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 1 and err.startswith("error: ModelLoadError:") and "\n" not in err
+    assert "'nothing' not found" in err
+
+
 def test_dataset_gives_raw_audio(xp):
     """Metrics are on the original scale: the test set is read un-normalized (the mixture
     is normalized per track in separate_tensor, like the demucs CLI)."""

@@ -220,7 +220,8 @@ def test_unknown_sig_lists_recent_xps(xp, in_root, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         export("deadbeef", "-o", tmp_path / "rel")
     err = capsys.readouterr().err
-    assert exc.value.code == 1
+    assert exc.value.code == 1 and err.startswith("error: ModelLoadError:")
+    assert err.strip().count("\n") == 0
     assert "unknown XP signature 'deadbeef'" in err and xp.sig in err
     listed = err.split("most recent XPs: ")[1].strip().split(", ")
     assert 1 <= len(listed) <= 5
@@ -228,9 +229,11 @@ def test_unknown_sig_lists_recent_xps(xp, in_root, tmp_path, capsys):
 
 @pytest.mark.parametrize("name", ["my-model", "a/b"])
 def test_bad_names_refused(xp, in_root, tmp_path, capsys, name):
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exc:
         export(xp.sig, "--name", name, "-o", tmp_path / "rel")
     err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.startswith("error: ConfigError:")  # a config error
+    assert err.strip().count("\n") == 0
     assert repr(name) in err
     if "-" in name:
         assert "NAME-CHECKSUM" in err and "my_model" in err

@@ -87,7 +87,31 @@ def test_errors_exit_1_with_message(setup, tmp_path, monkeypatch, capsys):
     assert exc.value.code == 1 and "adapter no/such/adapter" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
         separate("missing.wav", "--base", xp.base_path, "-o", tmp_path)
-    assert exc.value.code == 1 and "missing.wav" in capsys.readouterr().err
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 1 and "missing.wav" in err
+    assert err.startswith("error: AudioError:") and "\n" not in err
+    with pytest.raises(SystemExit) as exc:
+        separate("song.wav", "--base", "nothing", "-o", tmp_path)
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 1 and err.startswith("error: ModelLoadError:") and "\n" not in err
+    assert "'nothing'" in err
+    assert not any(tmp_path.iterdir())
+
+
+def test_config_and_usage_errors_exit_2_with_one_line(setup, tmp_path, monkeypatch, capsys):
+    """A bad --device is a ConfigError (not torch's error in the first forward); a bad
+    --overlap or --shifts is refused by the parser; nothing is loaded or written."""
+    monkeypatch.chdir(setup.root)
+    with pytest.raises(SystemExit) as exc:
+        separate("song.wav", "--base", setup.base_path, "-d", "gpu", "-o", tmp_path)
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and err.startswith("error: ConfigError: --device 'gpu'")
+    assert "\n" not in err and "use cpu or cuda" in err
+    for option, value, say in (("--overlap", "1.5", "[0, 1)"), ("--shifts", "-1", ">= 0")):
+        with pytest.raises(SystemExit) as exc:
+            separate("song.wav", "--base", setup.base_path, option, value, "-o", tmp_path)
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert exc.value.code == 2 and option in last and say in last
     assert not any(tmp_path.iterdir())
 
 
