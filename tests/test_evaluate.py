@@ -107,6 +107,15 @@ def test_exit_status_per_kind_of_error(xp, monkeypatch, capsys):
     err = capsys.readouterr().err.strip()
     assert exc.value.code == 2 and err.startswith("error: ConfigError:") and "\n" not in err
     assert "'test.shfts'" in err
+    with pytest.raises(SystemExit) as exc:  # a value out of range: before any separation
+        main(["-n", xp.sig, "--no-progress", "test.overlap=2"])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and err == \
+        "error: ConfigError: test.overlap=2: must be in [0, 1) (overlap between chunks)"
+    with pytest.raises(SystemExit) as exc:  # was: zero tracks evaluated, an empty JSON
+        main(["-n", xp.sig, "--no-progress", "--max-tracks", "-1"])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exc.value.code == 2 and "--max-tracks" in last and ">= 1" in last
     with pytest.raises(SystemExit) as exc:
         main(["-n", "nothing", "--no-progress"])
     err = capsys.readouterr().err.strip()

@@ -51,3 +51,22 @@ def test_demo_step_failure_keeps_the_step_status(capsys):
     assert exc.value.code == 2
     assert capsys.readouterr().err.strip() == \
         "error: demo: this step failed (exit 2); see the output above"
+
+
+def test_nothing_to_train_is_a_config_error():
+    from omegaconf import OmegaConf
+    from torch import nn
+    from demucs_lora.training.optim import build_optimizer
+    frozen = nn.Linear(2, 2).requires_grad_(False)
+    cfg = OmegaConf.create({"optim": "adam", "lr": 1e-3, "betas": [0.9, 0.999],
+                            "weight_decay": 0.0})
+    with pytest.raises(errors.ConfigError, match="nothing to train.*htdemucs.lora_rank"):
+        build_optimizer(frozen, cfg)
+
+
+def test_writing_under_a_file_is_a_disk_write_error(tmp_path):
+    """`--json afile/x.json`: one line naming the file in the way, not NotADirectoryError."""
+    from demucs_lora.core.files import atomic_write_text
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(errors.DiskWriteError, match="afile is a file, not a folder"):
+        atomic_write_text(tmp_path / "afile" / "x.json", "{}")

@@ -107,12 +107,18 @@ def test_config_and_usage_errors_exit_2_with_one_line(setup, tmp_path, monkeypat
     err = capsys.readouterr().err.strip()
     assert exc.value.code == 2 and err.startswith("error: ConfigError: --device 'gpu'")
     assert "\n" not in err and "use cpu or cuda" in err
-    for option, value, say in (("--overlap", "1.5", "[0, 1)"), ("--shifts", "-1", ">= 0")):
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(SystemExit) as exc:  # -o names a file: refused before separating
+        separate("song.wav", "--base", setup.base_path, "-o", tmp_path / "afile")
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and err.startswith("error: ConfigError: -o") and "\n" not in err
+    assert f"{tmp_path / 'afile'} is a file, not a folder" in err
+    for option, value, say in (("--overlap", "1.5", "in [0, 1)"), ("--shifts", "-1", ">= 0")):
         with pytest.raises(SystemExit) as exc:
             separate("song.wav", "--base", setup.base_path, option, value, "-o", tmp_path)
         last = capsys.readouterr().err.strip().splitlines()[-1]
-        assert exc.value.code == 2 and option in last and say in last
-    assert not any(tmp_path.iterdir())
+        assert exc.value.code == 2 and option in last and say in last, last
+    assert [p.name for p in tmp_path.iterdir()] == ["afile"]
 
 
 def test_module_entry_point_help():

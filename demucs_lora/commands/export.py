@@ -39,7 +39,8 @@ import typing as tp
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from demucs_lora.core.files import atomic_write_group
+from demucs_lora.commands.arguments import positive_int
+from demucs_lora.core.files import atomic_write_group, not_a_folder
 from demucs_lora.core.errors import ConfigError, DemucsLoRAError, ModelLoadError, exit_on_user_error
 
 if tp.TYPE_CHECKING:  # pragma: no cover
@@ -302,7 +303,7 @@ def get_parser() -> argparse.ArgumentParser:
                         "NAME.yaml + SIG.safetensors, demucs 4.1's Hugging Face layout")
     parser.add_argument("--no-eval", action="store_true",
                         help="with --quantize: skip the nSDR comparison")
-    parser.add_argument("--eval-tracks", type=int, default=EVAL_TRACKS,
+    parser.add_argument("--eval-tracks", type=positive_int, default=EVAL_TRACKS,
                         help=f"valid tracks for the nSDR comparison (default {EVAL_TRACKS})")
     parser.add_argument("--force", action="store_true", help="overwrite existing files")
     parser.add_argument("--trust-remote-code", action="store_true",
@@ -314,6 +315,8 @@ def run(args: argparse.Namespace, root: tp.Optional[Path] = None) -> tp.List[Job
     """Plan every export (all checks first), then write; returns the jobs done."""
     root = Path(root or Path.cwd())
     out = args.out if args.out.is_absolute() else root / args.out
+    if not_a_folder(out):
+        raise ConfigError(f"-o {args.out}: {not_a_folder(out)}; give an output folder")
     if getattr(args, "format", "th") == "hf" and args.quantize:
         raise ConfigError("--format hf stores float weights (demucs reads no int8 there): "
                           "drop --quantize, or use --format th")

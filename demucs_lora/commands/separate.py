@@ -20,7 +20,9 @@ import argparse
 import typing as tp
 from pathlib import Path
 
-from demucs_lora.core.errors import AudioError, exit_on_user_error
+from demucs_lora.commands.arguments import fraction, non_negative_int
+from demucs_lora.core.errors import AudioError, ConfigError, exit_on_user_error
+from demucs_lora.core.files import not_a_folder
 from demucs_lora.inference.separation import (inference_device, read_audio, separate_tensor,
                                               write_stems)
 
@@ -43,22 +45,6 @@ def adapter_names(paths: tp.Sequence[Path], given: tp.Sequence[str]) -> tp.List[
     return unique
 
 
-def _shifts(text: str) -> int:
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"{text!r}: an integer >= 0 (0 = no random shift)")
-    return int(text)
-
-
-def _overlap(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: a fraction in [0, 1) (default 0.25)")
-    return value
-
-
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="demucs-lora", description="Separate audio files with a base HTDemucs and "
@@ -78,9 +64,9 @@ def get_parser() -> argparse.ArgumentParser:
                         help="output folder (default: separated)")
     parser.add_argument("--mp3", action="store_true", help="write mp3 instead of float32 wav")
     parser.add_argument("--mp3-bitrate", type=int, default=320)
-    parser.add_argument("--shifts", type=_shifts, default=1,
+    parser.add_argument("--shifts", type=non_negative_int, default=1,
                         help="random time shifts averaged (default 1, as demucs; 0 = exact)")
-    parser.add_argument("--overlap", type=_overlap, default=0.25,
+    parser.add_argument("--overlap", type=fraction, default=0.25,
                         help="overlap between chunks, in [0, 1)")
     parser.add_argument("--no-split", dest="split", action="store_false",
                         help="process whole tracks at once (memory hungry)")
@@ -100,6 +86,8 @@ def run(args: argparse.Namespace) -> tp.List[Path]:
     missing = [str(t) for t in args.tracks if not t.is_file()]
     if missing:
         raise AudioError(f"input file(s) not found: {', '.join(missing)}")
+    if not_a_folder(args.out):
+        raise ConfigError(f"-o {args.out}: {not_a_folder(args.out)}; give an output folder")
     base = get_model(args.base, repo=args.repo, trust_remote_code=args.trust_remote_code)
     adapters = [resolve_adapter(a) for a in args.adapter]
     runs: tp.List[tp.Tuple[str, tp.Optional[Path]]] = [("", None)] if not adapters else [

@@ -26,6 +26,7 @@ import sys
 import typing as tp
 from pathlib import Path
 
+from demucs_lora.commands.arguments import positive_int
 from demucs_lora.config.compose import compose, hydra_errors_as_config_errors, load_xp_config
 from demucs_lora.core.errors import ConfigError, DemucsLoRAError, exit_on_user_error
 from demucs_lora.core.files import atomic_write_text
@@ -94,7 +95,8 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--split", choices=["test", "valid"], default="test")
     parser.add_argument("--json", type=Path, help="output JSON (default: XP/test_results.json "
                         "for an XP, else not written)")
-    parser.add_argument("--max-tracks", type=int, default=None, help="evaluate N tracks only")
+    parser.add_argument("--max-tracks", type=positive_int, default=None, metavar="N",
+                        help="evaluate N tracks only")
     parser.add_argument("--metrics", nargs="+", default=None, metavar="NAME",
                         help="metrics to report (default: nsdr si_sdr l1_freq bleedless "
                              "fullness); also sdr (BSSEval v4, museval's), neg_log_wmse, "
@@ -145,6 +147,7 @@ def selected_metrics(args: argparse.Namespace) -> tp.Tuple[str, ...]:
 def run(args: argparse.Namespace) -> dict:
     """Load, configure, evaluate, print, write; returns the results dict."""
     from demucs_lora.api import get_model
+    from demucs_lora.config.values import check_value_ranges
     from demucs_lora.hub.resolve import xp_folder
     metrics = selected_metrics(args)
     device = inference_device(args.device)
@@ -156,6 +159,7 @@ def run(args: argparse.Namespace) -> dict:
                       trust_remote_code=args.trust_remote_code)
     xp = _source_xp(args.name, args.adapter)
     cfg = xp_config(xp / "config.yaml", args.overrides) if xp else compose(args.overrides)
+    check_value_ranges(cfg, ("test.shifts", "test.overlap"))
     sources = cfg.dset.get("sources")
     if sources is not None and list(sources) != list(model.sources):
         print(f"note: evaluating the model's sources {list(model.sources)} (config has "
