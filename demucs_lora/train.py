@@ -20,7 +20,8 @@ from dora import distrib, get_xp
 from dora.hydra import HydraMain
 from omegaconf import DictConfig, OmegaConf
 
-from demucs_lora.config.keys import canonical_checked, hydra_error, is_hydra_error, prepare_argv
+from demucs_lora.config.compose import hydra_errors_as_config_errors
+from demucs_lora.config.keys import canonical_checked, prepare_argv
 from demucs_lora.training.dora_cli import (DDP_NOTE, argv_from_model, install_cpu_ddp_fallback,
                        install_excepthook)
 from demucs_lora.training.dora_files import check_job_pickle
@@ -193,12 +194,8 @@ class _LoRAHydraMain(HydraMain):
 
     def get_xp(self, argv: tp.Sequence[str]):
         argv = prepare_argv(argv)
-        try:
+        with hydra_errors_as_config_errors():  # composition errors: one screen
             xp = super().get_xp(argv)
-        except Exception as exc:  # hydra/omegaconf composition errors: one screen
-            if not is_hydra_error(exc):
-                raise
-            raise hydra_error(exc) from None
         canonical_checked(xp.cfg, argv)
         check_job_pickle(xp.folder, self.dora.shep.job_file)  # before Dora unpickles it
         return xp
