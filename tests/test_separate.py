@@ -95,6 +95,15 @@ def test_errors_exit_1_with_message(setup, tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip()
     assert exc.value.code == 1 and err.startswith("error: ModelLoadError:") and "\n" not in err
     assert "'nothing'" in err
+    sf.write(str(xp.root / "silence.wav"), torch.zeros(0, 2).numpy(), 44100)
+    sf.write(str(xp.root / "nan.wav"), torch.full((441, 2), float("nan")).numpy(), 44100,
+             subtype="FLOAT")
+    for name, say in (("silence.wav", "holds no samples (0 frames)"),
+                      ("nan.wav", "holds NaN/inf samples")):
+        with pytest.raises(SystemExit) as exc:  # was torch's RuntimeError, demucs' assert
+            separate(name, "--base", xp.base_path, "-o", tmp_path)
+        err = capsys.readouterr().err.strip()
+        assert exc.value.code == 1 and err == f"error: AudioError: {name} {say}: re-export it"
     assert not any(tmp_path.iterdir())
 
 

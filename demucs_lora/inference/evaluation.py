@@ -53,7 +53,7 @@ def evaluate_model(model: "nn.Module", dataset, shifts: int = 0, overlap: float 
     import torch
     import tqdm
     from demucs_lora.metrics import METRICS, summarize, track_metrics
-    from demucs_lora.inference.separation import separate_tensor
+    from demucs_lora.inference.separation import check_audio, separate_tensor
     metrics = tuple(metrics or METRICS)
     names = list(dataset.metadata)
     count = len(names) if max_tracks is None else min(max_tracks, len(names))
@@ -63,7 +63,7 @@ def evaluate_model(model: "nn.Module", dataset, shifts: int = 0, overlap: float 
     tracks = {}
     for index in tqdm.tqdm(range(count), desc="test", unit="track", disable=not progress):
         item = dataset[index]
-        mix, ref = item[0], item[1:]
+        mix, ref = check_audio(item[0], f"{dataset.root / names[index]} (mixture)"), item[1:]
         est = separate_tensor(model, mix.to(device), shifts=shifts, overlap=overlap,
                               split=split, device=device).cpu()
         tracks[names[index]] = track_metrics(est, ref, list(model.sources), metrics,

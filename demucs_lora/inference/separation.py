@@ -54,9 +54,21 @@ def read_audio(path: tp.Union[str, Path], samplerate: int, channels: int) -> "to
     except ValueError as exc:
         raise AudioError(f"{path}: {exc} ({wav.shape[0]} channels, model wants "
                          f"{channels})") from exc
+    check_audio(wav, path)
     if sr != samplerate:
         wav = julius.resample_frac(wav, int(sr), int(samplerate))
     return wav.contiguous()
+
+
+def check_audio(wav: "torch.Tensor", where: tp.Union[str, Path]) -> "torch.Tensor":
+    """``wav`` when it can be separated; AudioError for no samples or NaN/inf samples
+    (torch's and demucs' own errors on them say nothing about the file)."""
+    import torch
+    if wav.shape[-1] == 0:
+        raise AudioError(f"{where} holds no samples (0 frames): re-export it")
+    if not torch.isfinite(wav).all():
+        raise AudioError(f"{where} holds NaN/inf samples: re-export it")
+    return wav
 
 
 def separate_tensor(model: "nn.Module", wav: "torch.Tensor", shifts: int = 1,
