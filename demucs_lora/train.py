@@ -25,7 +25,7 @@ from demucs_lora.config.keys import canonical_checked, prepare_argv
 from demucs_lora.training.dora_cli import (DDP_NOTE, argv_from_model, install_cpu_ddp_fallback,
                        install_excepthook)
 from demucs_lora.training.dora_files import check_job_pickle
-from demucs_lora.core.errors import DatasetError, DemucsLoRAError, exit_on_user_error
+from demucs_lora.core.errors import ConfigError, DatasetError, exit_on_user_error
 from demucs_lora.lora.rank_adaptation import check_config as check_rank_adaptation
 from demucs_lora.core.files import atomic_write_text, remove_stale_temps
 from demucs_lora.training.xp_guard import StopSignals, XPLock, die_with_launcher
@@ -35,11 +35,11 @@ logger = logging.getLogger("demucs_lora")
 
 def pick_device(cfg: DictConfig) -> torch.device:
     if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise DemucsLoRAError("device=cuda but no CUDA device is visible; use device=cpu")
+        raise ConfigError("device=cuda but no CUDA device is visible; use device=cpu")
     cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     if cfg.mixed_precision == "fp16" and not cuda:
-        raise DemucsLoRAError("mixed_precision=fp16 needs a CUDA device; use "
-                              "mixed_precision=bf16 on CPU")
+        raise ConfigError("mixed_precision=fp16 needs a CUDA device; use "
+                          "mixed_precision=bf16 on CPU")
     return torch.device("cuda" if cuda else "cpu")
 
 
@@ -60,8 +60,8 @@ def build_loaders(cfg: DictConfig) -> tp.Tuple[dict, torch.nn.Module]:
     train_set, valid_set, test_set = get_datasets(cfg, list(cfg.dset.sources))
     world = distrib.world_size()
     if cfg.batch_size % world:
-        raise DemucsLoRAError(f"batch_size={cfg.batch_size} must be divisible by the number "
-                              f"of processes ({world})")
+        raise ConfigError(f"batch_size={cfg.batch_size} must be divisible by the number "
+                          f"of processes ({world})")
     sampler = DistributedSampler(train_set, shuffle=True, seed=cfg.seed) if world > 1 else None
     workers = cfg.misc.num_workers
     train = DataLoader(train_set, batch_size=cfg.batch_size // world, shuffle=sampler is None,

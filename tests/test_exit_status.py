@@ -70,3 +70,14 @@ def test_writing_under_a_file_is_a_disk_write_error(tmp_path):
     (tmp_path / "afile").write_text("")
     with pytest.raises(errors.DiskWriteError, match="afile is a file, not a folder"):
         atomic_write_text(tmp_path / "afile" / "x.json", "{}")
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a CPU-only machine")
+@pytest.mark.parametrize("device, precision, key", [("cuda", "none", "device=cuda"),
+                                                    ("cpu", "fp16", "mixed_precision=fp16")])
+def test_training_device_errors_are_config_errors(device, precision, key):
+    """`dora run device=cuda` on a CPU machine: exit status 2, like any bad value."""
+    from omegaconf import OmegaConf
+    from demucs_lora.train import pick_device
+    with pytest.raises(errors.ConfigError, match=key):
+        pick_device(OmegaConf.create({"device": device, "mixed_precision": precision}))
