@@ -35,10 +35,10 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "demucs-lora=demucs_lora.inference.separate:main",
+            "demucs-lora=demucs_lora.commands.separate:main",
             "demucs-lora-export=demucs_lora.commands.export:main",
-            "demucs-lora-verify=demucs_lora.data.verify:main",
-            "demucs-lora-test=demucs_lora.inference.evaluate:main",
+            "demucs-lora-verify=demucs_lora.commands.verify_dataset:main",
+            "demucs-lora-test=demucs_lora.commands.test_pretrained:main",
         ],
     },
 )

@@ -210,11 +210,12 @@ def _nsdr(summary: tp.Mapping[str, float]) -> tp.Dict[str, float]:
 def test_scores(model_path: Path, data_args: tp.Sequence[str], workdir: Path,
                 cache: tp.Optional[Path] = None) -> tp.Dict[str, float]:
     """nSDR per source and mean of a model file on the test split of the run's data
-    (demucs_lora.inference.evaluate, as `tools.test_pretrained --split test` computes it)."""
+    (demucs_lora.inference.evaluation, as `tools.test_pretrained --split test` computes it)."""
     if cache is not None and cache.exists() and \
             cache.stat().st_mtime >= model_path.stat().st_mtime:
         return json.loads(cache.read_text())
-    from demucs_lora.inference.evaluate import build_dataset, compose, evaluate_model
+    from demucs_lora.config.compose import compose
+    from demucs_lora.inference.evaluation import build_dataset, evaluate_model
     from demucs_lora.hub.safe_load import load_model_file
     cwd = Path.cwd()
     os.chdir(workdir)   # dset.metadata (./metadata) is relative to where dora ran

@@ -141,7 +141,7 @@ def build_config(name: str, size: str, segment: float, seed: int
     """(model of configuration `name`, trainable flags set; layers to hook for a floor)."""
     from demucs_lora.lora.config import LoraLayout
     from demucs_lora.lora.inject import inject_lora
-    from demucs_lora.train import enable_checkpointing
+    from demucs_lora.models.checkpointing import enable_checkpointing
     config = CONFIGS[name]
     hooks: tp.List[str] = []
     if config.kind in ("lora",):

@@ -20,11 +20,12 @@ from dora import distrib, get_xp
 from dora.hydra import HydraMain
 from omegaconf import DictConfig, OmegaConf
 
-from demucs_lora.config.keys import canonical_checked, hydra_error, is_hydra_error, prepare_argv
+from demucs_lora.config.compose import hydra_errors_as_config_errors
+from demucs_lora.config.keys import canonical_checked, prepare_argv
 from demucs_lora.training.dora_cli import (DDP_NOTE, argv_from_model, install_cpu_ddp_fallback,
                        install_excepthook)
 from demucs_lora.training.dora_files import check_job_pickle
-from demucs_lora.core.errors import DatasetError, DemucsLoRAError, exit_on_user_error
+from demucs_lora.core.errors import ConfigError, DatasetError, exit_on_user_error
 from demucs_lora.core.files import atomic_write_text, remove_stale_temps
 from demucs_lora.training.xp_guard import StopSignals, XPLock, die_with_launcher
 
@@ -33,11 +34,11 @@ logger = logging.getLogger("demucs_lora")
 
 def pick_device(cfg: DictConfig) -> torch.device:
     if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise DemucsLoRAError("device=cuda but no CUDA device is visible; use device=cpu")
+        raise ConfigError("device=cuda but no CUDA device is visible; use device=cpu")
     cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     if cfg.mixed_precision == "fp16" and not cuda:
-        raise DemucsLoRAError("mixed_precision=fp16 needs a CUDA device; use "
-                              "mixed_precision=bf16 on CPU")
+        raise ConfigError("mixed_precision=fp16 needs a CUDA device; use "
+                          "mixed_precision=bf16 on CPU")
     return torch.device("cuda" if cuda else "cpu")
 
 
@@ -58,8 +59,8 @@ def build_loaders(cfg: DictConfig) -> tp.Tuple[dict, torch.nn.Module]:
     train_set, valid_set, test_set = get_datasets(cfg, list(cfg.dset.sources))
     world = distrib.world_size()
     if cfg.batch_size % world:
-        raise DemucsLoRAError(f"batch_size={cfg.batch_size} must be divisible by the number "
-                              f"of processes ({world})")
+        raise ConfigError(f"batch_size={cfg.batch_size} must be divisible by the number "
+                          f"of processes ({world})")
     sampler = DistributedSampler(train_set, shuffle=True, seed=cfg.seed) if world > 1 else None
     workers = cfg.misc.num_workers
     train = DataLoader(train_set, batch_size=cfg.batch_size // world, shuffle=sampler is None,
@@ -87,25 +88,6 @@ def _calibration(loaders: dict, augment) -> tp.Callable[[], tp.Iterable]:
     where the model is built; `allocate_ranks` moves them to the model's device)."""
     from demucs_lora.data.stems import calibration_batches
     return lambda: calibration_batches(loaders["train"], augment, torch.device("cpu"))
-
-
-def enable_checkpointing(model: torch.nn.Module) -> None:
-    """Activation checkpointing per encoder/decoder/transformer layer (memory for time)."""
-    from torch.utils.checkpoint import checkpoint
-    layers = []
-    for member in getattr(model, "models", [model]):  # every member of a bag
-        layers += [*member.encoder, *member.decoder, *getattr(member, "tencoder", []),
-                   *getattr(member, "tdecoder", [])]
-        if getattr(member, "crosstransformer", None) is not None:
-            layers += [*member.crosstransformer.layers, *member.crosstransformer.layers_t]
-    for layer in layers:
-        forward = layer.forward
-
-        def wrapped(*args, _forward=forward, **kwargs):
-            if not torch.is_grad_enabled():
-                return _forward(*args, **kwargs)
-            return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
-        layer.forward = wrapped
 
 
 def _start_logging(folder: Path) -> None:
@@ -173,6 +155,7 @@ def run(cfg: DictConfig) -> tp.List[dict]:
         print(model)
         return []
     if cfg.enable_checkpointing:
+        from demucs_lora.models.checkpointing import enable_checkpointing
         enable_checkpointing(model)
     solver = Solver(cfg, model, report, loaders, augment, device)
     return solver.run()
@@ -207,12 +190,8 @@ class _LoRAHydraMain(HydraMain):
 
     def get_xp(self, argv: tp.Sequence[str]):
         argv = prepare_argv(argv)
-        try:
+        with hydra_errors_as_config_errors():  # composition errors: one screen
             xp = super().get_xp(argv)
-        except Exception as exc:  # hydra/omegaconf composition errors: one screen
-            if not is_hydra_error(exc):
-                raise
-            raise hydra_error(exc) from None
         canonical_checked(xp.cfg, argv)
         check_job_pickle(xp.folder, self.dora.shep.job_file)  # before Dora unpickles it
         return xp

@@ -31,7 +31,7 @@ class FakeLink:
 
 
 def config(*overrides: str):
-    from demucs_lora.inference.evaluate import compose
+    from demucs_lora.config.compose import compose
     return compose([*BASE_OVERRIDES, f"dset.samplerate={SR}", *overrides])
 
 

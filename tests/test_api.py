@@ -48,7 +48,7 @@ def test_public_quantize_is_the_int8_function_and_apply_model_is_demucs():
 
 def test_hot_swap_example_runs_as_written(xp, tmp_path, monkeypatch):
     from demucs_lora import get_model, save_adapter
-    from demucs_lora.inference.separate import separate_tensor
+    from demucs_lora.inference.separation import separate_tensor
     code = docstring_example()
     assert 10 <= len(code.splitlines()) <= 13
     monkeypatch.chdir(tmp_path)

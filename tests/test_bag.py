@@ -5,7 +5,7 @@ import torch
 from model_layouts import tiny, write_hf_cache
 
 from demucs_lora.models.bag import TrainableBag, bag_weights
-from demucs_lora.inference.evaluate import compose
+from demucs_lora.config.compose import compose
 from demucs_lora.models.build import build_model
 
 WEIGHTS = [[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0]]

@@ -7,7 +7,7 @@ import soundfile as sf
 
 from demucs_lora.config.check import check_config
 from demucs_lora.core.errors import ConfigError
-from demucs_lora.inference.evaluate import compose
+from demucs_lora.config.compose import compose
 
 QUICK = ["model=htdemucs_tiny", "variant=debug"]
 

@@ -179,14 +179,14 @@ def test_export_refuses_a_nan_best(tmp_path):
 
 
 def test_test_pretrained_fails_when_every_score_is_nan(tmp_path, monkeypatch, capsys):
-    from demucs_lora.inference import evaluate
+    from demucs_lora.commands import test_pretrained
     from test_export import make_xp
     make_xp(tmp_path, sig="xpnan")
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(evaluate, "evaluate_model", lambda model, data, **kw: {
+    monkeypatch.setattr(test_pretrained, "evaluate_model", lambda model, data, **kw: {
         "tracks": {"t": {}}, "summary": {"nsdr": None, "nsdr_drums": None}})
-    args = evaluate.get_parser().parse_intermixed_args(["-n", "xpnan", "--split", "valid",
-                                                        "--no-progress"])
-    with pytest.raises(evaluate.NoScores, match="every score of xpnan is NaN"):
-        evaluate.run(args)
+    args = test_pretrained.get_parser().parse_intermixed_args(
+        ["-n", "xpnan", "--split", "valid", "--no-progress"])
+    with pytest.raises(test_pretrained.NoScores, match="every score of xpnan is NaN"):
+        test_pretrained.run(args)
     assert not (tmp_path / "outputs" / "xps" / "xpnan" / "valid_results.json").exists()

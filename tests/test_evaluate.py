@@ -42,7 +42,7 @@ def check_table_matches_json(printed, results):
 
 
 def test_xp_with_shifts_prints_table_equal_to_json(xp, monkeypatch, capsys):
-    from demucs_lora.inference.evaluate import main
+    from demucs_lora.commands.test_pretrained import main
     monkeypatch.chdir(xp.root)
     main(["-n", xp.sig, "test.shifts=2", "--no-progress"])
     printed = capsys.readouterr().out
@@ -60,7 +60,7 @@ def test_xp_with_shifts_prints_table_equal_to_json(xp, monkeypatch, capsys):
 def test_base_plus_adapter_equals_xp_and_json_option(xp, tmp_path, monkeypatch, capsys):
     """best.th is base + lora_best merged: both routes give the same scores (shifts 0);
     the adapter's header names the XP, so its config (dataset) is used."""
-    from demucs_lora.inference.evaluate import main
+    from demucs_lora.commands.test_pretrained import main
     monkeypatch.chdir(xp.root)
     out_a, out_b = tmp_path / "a.json", tmp_path / "b.json"
     main(["-n", xp.sig, "--split", "valid", "--json", str(out_a), "--no-progress"])
@@ -77,7 +77,7 @@ def test_base_plus_adapter_equals_xp_and_json_option(xp, tmp_path, monkeypatch, 
 
 def test_xp_config_overrides(xp):
     from demucs_lora.core.errors import ConfigError
-    from demucs_lora.inference.evaluate import xp_config
+    from demucs_lora.commands.test_pretrained import xp_config
     file = xp.folder / "config.yaml"
     cfg = xp_config(file, ["test.shifts=3", "optim=adamw", "dset.wav=/elsewhere"])
     saved = OmegaConf.load(file)
@@ -97,11 +97,37 @@ def test_unknown_model_exits_with_message(xp, tmp_path):
     assert "'nothing' not found" in proc.stderr and xp.sig in proc.stderr
 
 
+def test_exit_status_per_kind_of_error(xp, monkeypatch, capsys):
+    """2 and one line for a config error (an override the XP's config lacks), 1 and one
+    line for a model that is not found."""
+    from demucs_lora.commands.test_pretrained import main
+    monkeypatch.chdir(xp.root)
+    with pytest.raises(SystemExit) as exc:
+        main(["-n", xp.sig, "--no-progress", "test.shfts=2"])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and err.startswith("error: ConfigError:") and "\n" not in err
+    assert "'test.shfts'" in err
+    with pytest.raises(SystemExit) as exc:  # a value out of range: before any separation
+        main(["-n", xp.sig, "--no-progress", "test.overlap=2"])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and err == \
+        "error: ConfigError: test.overlap=2: must be in [0, 1) (overlap between chunks)"
+    with pytest.raises(SystemExit) as exc:  # was: zero tracks evaluated, an empty JSON
+        main(["-n", xp.sig, "--no-progress", "--max-tracks", "-1"])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exc.value.code == 2 and "--max-tracks" in last and ">= 1" in last
+    with pytest.raises(SystemExit) as exc:
+        main(["-n", "nothing", "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 1 and err.startswith("error: ModelLoadError:") and "\n" not in err
+    assert "'nothing' not found" in err
+
+
 def test_dataset_gives_raw_audio(xp):
     """Metrics are on the original scale: the test set is read un-normalized (the mixture
     is normalized per track in separate_tensor, like the demucs CLI)."""
     import soundfile as sf
-    from demucs_lora.inference.evaluate import build_dataset
+    from demucs_lora.inference.evaluation import build_dataset
     data = build_dataset(xp.cfg, ["drums", "bass", "other", "vocals"], "test", 44100, 2,
                          progress=False)
     item = data[0]

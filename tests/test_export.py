@@ -47,7 +47,7 @@ def lora_model(base, seed, rank=2, alpha=16.0):
 
 
 def tiny_config(root, base_path, data):
-    from demucs_lora.inference.evaluate import compose
+    from demucs_lora.config.compose import compose
     return compose(["model=htdemucs_tiny", "variant=debug", "htdemucs.t_layers=1",
                     "htdemucs.lora_rank=2", f"dset.wav={data}",
                     f"dset.metadata={root / 'metadata'}", f"continue_from={base_path}"])
@@ -98,7 +98,7 @@ def write_mix(path, seconds=0.6, seed=0, samplerate=44100, channels=2):
 
 
 def our_stems(model, path):
-    from demucs_lora.inference.separate import read_audio, separate_tensor
+    from demucs_lora.inference.separation import read_audio, separate_tensor
     wav = read_audio(path, model.samplerate, model.audio_channels)
     return separate_tensor(model, wav, shifts=0)
 
@@ -222,7 +222,8 @@ def test_unknown_sig_lists_recent_xps(xp, in_root, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         export("deadbeef", "-o", tmp_path / "rel")
     err = capsys.readouterr().err
-    assert exc.value.code == 1
+    assert exc.value.code == 1 and err.startswith("error: ModelLoadError:")
+    assert err.strip().count("\n") == 0
     assert "unknown XP signature 'deadbeef'" in err and xp.sig in err
     listed = err.split("most recent XPs: ")[1].strip().split(", ")
     assert 1 <= len(listed) <= 5
@@ -230,9 +231,11 @@ def test_unknown_sig_lists_recent_xps(xp, in_root, tmp_path, capsys):
 
 @pytest.mark.parametrize("name", ["my-model", "a/b"])
 def test_bad_names_refused(xp, in_root, tmp_path, capsys, name):
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exc:
         export(xp.sig, "--name", name, "-o", tmp_path / "rel")
     err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.startswith("error: ConfigError:")  # a config error
+    assert err.strip().count("\n") == 0
     assert repr(name) in err
     if "-" in name:
         assert "NAME-CHECKSUM" in err and "my_model" in err

@@ -4,7 +4,7 @@ import pytest
 import torch
 from model_layouts import isolate_caches, tiny, write_hf_cache
 
-from demucs_lora.inference.evaluate import compose
+from demucs_lora.config.compose import compose
 from demucs_lora.models.build import build_model
 
 SIX = ["drums", "bass", "other", "vocals", "guitar", "piano"]

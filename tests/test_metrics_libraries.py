@@ -123,7 +123,7 @@ def test_test_pretrained_selects_metrics(tmp_path, monkeypatch, capsys):
     import json
     from test_evaluate import check_table_matches_json
     from test_export import make_xp
-    from demucs_lora.inference.evaluate import main
+    from demucs_lora.commands.test_pretrained import main
     from demucs_lora.core.errors import ConfigError
     xp = make_xp(tmp_path)
     monkeypatch.chdir(xp.root)

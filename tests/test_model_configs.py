@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from demucs.htdemucs import HTDemucs
 
-from demucs_lora.data.verify import compose_config
+from demucs_lora.config.compose import compose
 from demucs_lora.models.build import architecture_kwargs, build_base
 
 ASSET = Path(__file__).resolve().parents[1] / "demucs_lora" / "assets" / "base_tiny_A.th"
@@ -23,7 +23,7 @@ def n_params(model):
 
 
 def test_released_htdemucs_architecture():
-    cfg = compose_config(["model=htdemucs"])
+    cfg = compose(["model=htdemucs"])
     kwargs = architecture_kwargs(cfg)
     assert (kwargs["dconv_mode"], kwargs["bottom_channels"], kwargs["t_dropout"],
             kwargs["depth"], kwargs["t_layers"]) == (3, 512, 0.02, 4, 5)
@@ -38,20 +38,20 @@ def test_released_htdemucs_architecture():
 
 
 def test_htdemucs_6s_sets_six_sources():
-    cfg = compose_config(["model=htdemucs_6s"])
+    cfg = compose(["model=htdemucs_6s"])
     assert list(cfg.dset.sources) == ["drums", "bass", "other", "vocals", "guitar", "piano"]
     model = build_base(cfg)
     assert len(model.sources) == 6 and n_params(model) == 41_989_076
-    assert architecture_kwargs(cfg) == architecture_kwargs(compose_config(["model=htdemucs"]))
+    assert architecture_kwargs(cfg) == architecture_kwargs(compose(["model=htdemucs"]))
     # the command line and variants still win over the model config
-    assert list(compose_config(["model=htdemucs_6s", "dset.sources=[a,b]"]).dset.sources) == [
+    assert list(compose(["model=htdemucs_6s", "dset.sources=[a,b]"]).dset.sources) == [
         "a", "b"]
-    assert len(compose_config(["model=htdemucs_6s", "variant=five_stem"]).dset.sources) == 5
+    assert len(compose(["model=htdemucs_6s", "variant=five_stem"]).dset.sources) == 5
 
 
 def test_tiny_config_keeps_the_shipped_base_architecture():
     from demucs_lora.hub.safe_load import load_model_file
-    cfg = compose_config(["model=htdemucs_tiny"])
+    cfg = compose(["model=htdemucs_tiny"])
     kwargs = architecture_kwargs(cfg)
     assert kwargs["dconv_mode"] == 1 and kwargs["bottom_channels"] == 0
     assert "t_dropout" not in kwargs
@@ -62,7 +62,7 @@ def test_tiny_config_keeps_the_shipped_base_architecture():
 @pytest.mark.parametrize("overrides", [[], ["model=htdemucs_tiny", "variant=debug"],
                                        ["variant=five_stem"]])
 def test_sources_default_unchanged(overrides):
-    cfg = compose_config(overrides)
+    cfg = compose(overrides)
     expected = (["other", "kick", "vocals", "bass", "hihat"] if "variant=five_stem" in overrides
                 else None)  # null: the base's sources (a new model: the 4 demucs stems)
     assert (list(cfg.dset.sources) if cfg.dset.sources is not None else None) == expected

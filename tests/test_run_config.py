@@ -19,7 +19,7 @@ def base():
 
 
 def cfg(*overrides):
-    from demucs_lora.inference.evaluate import compose
+    from demucs_lora.config.compose import compose
     return compose(["continue_from=htdemucs", *overrides])
 
 
@@ -63,7 +63,7 @@ def test_hop_length_only_the_derived_value():
 
 
 def test_lora_without_base_needs_the_opt_in():
-    from demucs_lora.inference.evaluate import compose
+    from demucs_lora.config.compose import compose
     with pytest.raises(ConfigError, match="continue_from=null") as exc:
         rc.check_lora_base(compose(["htdemucs.lora_rank=4"]))
     assert "\n" not in str(exc.value) and "lora_without_base=true" in str(exc.value)
@@ -73,7 +73,7 @@ def test_lora_without_base_needs_the_opt_in():
 
 
 def test_what_is_trained_says_it():
-    from demucs_lora.inference.evaluate import compose
+    from demucs_lora.config.compose import compose
     report = {"trainable": {"trainable": 10, "total": 100, "percent": 10.0}, "train_heads": []}
     line = rc.what_is_trained(compose(["htdemucs.lora_rank=4", "lora_without_base=true"]),
                               report)

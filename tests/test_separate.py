@@ -27,7 +27,7 @@ def read(path):
 
 
 def separate(*argv):
-    from demucs_lora.inference.separate import main
+    from demucs_lora.commands.separate import main
     main([str(a) for a in argv])
 
 
@@ -87,12 +87,51 @@ def test_errors_exit_1_with_message(setup, tmp_path, monkeypatch, capsys):
     assert exc.value.code == 1 and "adapter no/such/adapter" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
         separate("missing.wav", "--base", xp.base_path, "-o", tmp_path)
-    assert exc.value.code == 1 and "missing.wav" in capsys.readouterr().err
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 1 and "missing.wav" in err
+    assert err.startswith("error: AudioError:") and "\n" not in err
+    with pytest.raises(SystemExit) as exc:
+        separate("song.wav", "--base", "nothing", "-o", tmp_path)
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 1 and err.startswith("error: ModelLoadError:") and "\n" not in err
+    assert "'nothing'" in err
+    sf.write(str(xp.root / "silence.wav"), torch.zeros(0, 2).numpy(), 44100)
+    sf.write(str(xp.root / "nan.wav"), torch.full((441, 2), float("nan")).numpy(), 44100,
+             subtype="FLOAT")
+    for name, say in (("silence.wav", "holds no samples (0 frames)"),
+                      ("nan.wav", "holds NaN/inf samples")):
+        with pytest.raises(SystemExit) as exc:  # was torch's RuntimeError, demucs' assert
+            separate(name, "--base", xp.base_path, "-o", tmp_path)
+        err = capsys.readouterr().err.strip()
+        assert exc.value.code == 1 and err == f"error: AudioError: {name} {say}: re-export it"
     assert not any(tmp_path.iterdir())
 
 
+def test_config_and_usage_errors_exit_2_with_one_line(setup, tmp_path, monkeypatch, capsys):
+    """A bad --device is a ConfigError (not torch's error in the first forward); a bad
+    --overlap or --shifts is refused by the parser; nothing is loaded or written."""
+    monkeypatch.chdir(setup.root)
+    with pytest.raises(SystemExit) as exc:
+        separate("song.wav", "--base", setup.base_path, "-d", "gpu", "-o", tmp_path)
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and err.startswith("error: ConfigError: --device 'gpu'")
+    assert "\n" not in err and "use cpu or cuda" in err
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(SystemExit) as exc:  # -o names a file: refused before separating
+        separate("song.wav", "--base", setup.base_path, "-o", tmp_path / "afile")
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and err.startswith("error: ConfigError: -o") and "\n" not in err
+    assert f"{tmp_path / 'afile'} is a file, not a folder" in err
+    for option, value, say in (("--overlap", "1.5", "in [0, 1)"), ("--shifts", "-1", ">= 0")):
+        with pytest.raises(SystemExit) as exc:
+            separate("song.wav", "--base", setup.base_path, option, value, "-o", tmp_path)
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert exc.value.code == 2 and option in last and say in last, last
+    assert [p.name for p in tmp_path.iterdir()] == ["afile"]
+
+
 def test_module_entry_point_help():
-    proc = subprocess.run([sys.executable, "-m", "demucs_lora.inference.separate", "--help"],
+    proc = subprocess.run([sys.executable, "-m", "demucs_lora.commands.separate", "--help"],
                           capture_output=True, text=True, cwd=REPO, timeout=120)
     assert proc.returncode == 0
     for flag in ("--base", "--repo", "--adapter", "--merge", "--mp3", "--shifts", "--overlap"):
@@ -101,7 +140,7 @@ def test_module_entry_point_help():
 
 def test_adapter_folder_names_are_unique_and_readable():
     from pathlib import Path
-    from demucs_lora.inference.separate import adapter_names
+    from demucs_lora.commands.separate import adapter_names
     paths = [Path("/o/outputs/xps/a1/lora_best"), Path("/r/demo.lora"),
              Path("/o/outputs/xps/b2/lora_best"), Path("/p/outputs/xps/c3/lora_best")]
     given = ["a1", "r/demo.lora.safetensors", "outputs/xps/b2/lora_best", "c3/lora_best"]

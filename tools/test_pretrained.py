@@ -1,8 +1,8 @@
 """Evaluate a model: `python -m tools.test_pretrained -n NAME_OR_SIG [options] [overrides]`.
 
-Thin entry point; the logic (and `--help`) lives in demucs_lora.inference.evaluate.
+Thin entry point; the logic (and `--help`) lives in demucs_lora.commands.test_pretrained.
 """
-from demucs_lora.inference.evaluate import main
+from demucs_lora.commands.test_pretrained import main
 
 if __name__ == "__main__":
     main()

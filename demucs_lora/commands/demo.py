@@ -22,6 +22,7 @@ import time
 import typing as tp
 from pathlib import Path
 
+from demucs_lora.core.errors import DemucsLoRAError, exit_on_user_error
 from demucs_lora.core.paths import ASSETS_DIR, REPO_DIR
 
 REPO = REPO_DIR
@@ -47,8 +48,10 @@ def _run(*args: str) -> subprocess.CompletedProcess:
     print("$ " + " ".join(("python",) + args if args[0] == "-m" else args), flush=True)
     proc = subprocess.run([sys.executable, *args] if args[0] == "-m" else list(args),
                           cwd=REPO)
-    if proc.returncode != 0:
-        sys.exit(f"demo: this step failed (exit {proc.returncode}); see the output above")
+    if proc.returncode != 0:  # the step's own status: 2 config/usage, 1 data/model, ...
+        print(f"error: demo: this step failed (exit {proc.returncode}); see the output above",
+              file=sys.stderr)
+        sys.exit(proc.returncode)
     return proc
 
 
@@ -155,19 +158,22 @@ elapsed         {time.time() - start:.0f} s""")
 
 
 def main(argv: tp.Optional[tp.Sequence[str]] = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m demucs_lora.commands.demo", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m demucs_lora.commands.demo",
+                                     description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--make-base", action="store_true", help="only retrain the base")
     parser.add_argument("--retrain-base", action="store_true",
                         help="retrain the base before the demo instead of the shipped one")
     parser.add_argument("-o", "--out", type=Path, default=REPO / "demo_out")
     args = parser.parse_args(argv)
-    if args.make_base:
-        make_base()
-        return
-    if shutil.which("dora") is None and not (Path(sys.executable).parent / "dora").exists():
-        sys.exit("dora is not installed: run `make demo` (it installs everything)")
-    demo(args.out, args.retrain_base)
+    with exit_on_user_error():
+        if args.make_base:
+            make_base()
+            return
+        if shutil.which("dora") is None and not (Path(sys.executable).parent / "dora").exists():
+            raise DemucsLoRAError("dora is not installed: run `make demo` (it installs "
+                                  "everything)")
+        demo(args.out, args.retrain_base)
 
 
 if __name__ == "__main__":

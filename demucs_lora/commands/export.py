@@ -39,7 +39,8 @@ import typing as tp
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from demucs_lora.core.files import atomic_write, atomic_write_group
+from demucs_lora.commands.arguments import positive_int
+from demucs_lora.core.files import atomic_write_group, not_a_folder
 from demucs_lora.core.errors import ConfigError, DemucsLoRAError, ModelLoadError, exit_on_user_error
 
 if tp.TYPE_CHECKING:  # pragma: no cover
@@ -149,16 +150,12 @@ def plan(sigs: tp.Sequence[str], out: Path, name: tp.Optional[str], which: str,
 def load_xp_model(folder: Path, which: str = "best", trust_remote_code: bool = False,
                   root: tp.Optional[Path] = None) -> tp.Tuple["nn.Module", "DictConfig"]:
     """(plain merged HTDemucs, config) of an XP: best.th, or base + lora_last merged."""
-    from omegaconf import OmegaConf
+    from demucs_lora.config.compose import load_xp_config
     from demucs_lora.core.finite import check_finite_model
     from demucs_lora.lora.inject import remove_lora
     from demucs_lora.models.methods import load_lora_weights
     from demucs_lora.models.build import load_base
-    try:
-        cfg = OmegaConf.load(folder / "config.yaml")
-    except Exception as exc:  # yaml errors of a torn or edited file
-        raise ModelLoadError(f"{folder / 'config.yaml'} is not readable YAML ({exc}); run the "
-                             "XP again (`dora run` rewrites it) or restore it") from None
+    cfg = load_xp_config(folder / "config.yaml")
     if which == "best":
         best = folder / "best.th"
         if not best.is_file() and not (folder / "best.yaml").is_file():
@@ -174,10 +171,6 @@ def load_xp_model(folder: Path, which: str = "best", trust_remote_code: bool = F
     return check_finite_model(remove_lora(model).eval(), f"{folder} (base + lora_last)"), cfg
 
 
-_atomic = atomic_write
-_atomic_group = atomic_write_group
-
-
 def _package_bytes(package: dict) -> int:
     import torch
     buf = io.BytesIO()
@@ -189,7 +182,7 @@ def _nsdr_cost(model: "nn.Module", quantized_path: Path, cfg: "DictConfig",
                tracks: int) -> str:
     """nSDR of float vs int8 on the first ``tracks`` valid tracks (shifts 0): one line."""
     from demucs_lora.core.errors import DatasetError
-    from demucs_lora.inference.evaluate import build_dataset, evaluate_model
+    from demucs_lora.inference.evaluation import build_dataset, evaluate_model
     from demucs_lora.hub.packages import load_model_file
     try:
         data = build_dataset(cfg, list(model.sources), "valid", model.samplerate,
@@ -209,64 +202,79 @@ def _nsdr_cost(model: "nn.Module", quantized_path: Path, cfg: "DictConfig",
 def export_one(job: Job, args: argparse.Namespace, root: Path) -> tp.List[str]:
     """Write the files of one job as a whole (all of them or none: temporary files renamed
     together, the adapter header last); returns the lines to print."""
-    import torch
     from demucs.states import serialize_model
-    from demucs_lora.hub.int8 import quantize
     model, cfg = load_xp_model(job.folder, args.adapter, args.trust_remote_code, root)
-    fmt = getattr(args, "format", "th")
     float_size = sum(_package_bytes(serialize_model(m, cfg, half=False))
                      for m in getattr(model, "models", [model]))  # every member of a bag
-    if job.members:
-        from demucs_lora.models.bag import bag_writes
-        if args.quantize:
-            raise ConfigError(f"XP {job.sig} is a bag: --quantize writes single models only")
-        writes = bag_writes(model, job.model_path.parent, job.name, _plain(cfg),
-                            half=args.half, fmt=fmt)
-        tail = [writes.pop()]  # NAME.yaml, which names the members: renamed last
-    elif args.quantize:
-        package = quantize(model, bits=args.quantize, training_args=_plain(cfg))
-        writes = [(job.model_path, lambda tmp: torch.save(package, tmp))]
-    elif fmt == "hf":
-        from demucs_lora.hub.packages import safetensors_writer
-        spec = f"models: ['{job.sig}']\n"
-        writes = [(job.model_path, safetensors_writer(model, half=args.half)),
-                  (job.bag_path, lambda tmp: Path(tmp).write_text(spec))]
-    else:
-        package = serialize_model(model, cfg, half=args.half)
-        writes = [(job.model_path, lambda tmp: torch.save(package, tmp))]
+    writes, last = _model_writes(job, args, model, cfg)
     if job.lora_src is not None:
         from demucs_lora.lora.adapter_file import read_adapter
         read_adapter(job.lora_src)  # a torn, corrupt or NaN adapter is not exported
         for ext, dst in zip((".safetensors", ".json"), job.lora_dst):
             writes.append((dst, lambda tmp, src=job.lora_src.with_suffix(ext):
                            shutil.copyfile(src, tmp)))
-    paths = _atomic_group(writes + (tail if job.members else []))
+    paths = atomic_write_group(writes + last)
     size = job.model_path.stat().st_size
     if job.members:
         size = sum(p.stat().st_size for p in paths if p in job.members)
-        lines = [f"wrote bag {job.model_path} + {len(job.members)} member files ({size:,} "
-                 f"bytes); stock CLI: python -m demucs --repo {job.model_path.parent} -n "
-                 f"{job.name} TRACK"]
-    elif args.quantize:
-        lines = [f"wrote {job.model_path} ({size:,} bytes, int{args.quantize}: "
-                 f"{size / float_size:.2f}x the float32 model's {float_size:,}; load "
-                 "with demucs_lora.get_model, the stock demucs CLI cannot read it)"]
-        if not args.no_eval:
-            lines.append("  " + _nsdr_cost(model, job.model_path, cfg, args.eval_tracks))
-    elif fmt == "hf":
-        lines = [f"wrote {job.bag_path} + {job.model_path} ({size:,} bytes, demucs 4.1 "
-                 f"HF layout); upload the folder's two files to a hub repo and run demucs "
-                 f"-n hf://NAMESPACE/{job.name}"]
-    else:
-        kind = f"float16, {size / float_size:.2f}x float32" if args.half else "float32"
-        lines = [f"wrote {job.model_path} ({size:,} bytes, {kind}); stock CLI: python -m "
-                 f"demucs --repo {job.model_path.parent} -n {job.name} TRACK"]
+    lines = [_model_line(job, args, size, float_size)]
+    if args.quantize and not job.members and not args.no_eval:
+        lines.append("  " + _nsdr_cost(model, job.model_path, cfg, args.eval_tracks))
     if job.lora_src is not None:
         lsize = job.lora_dst[0].stat().st_size
         lines.append(f"wrote {job.lora_dst[0]} + .json (adapter lora_{args.adapter}: "
                      f"{lsize:,} bytes = {100 * lsize / size:.2f}% of {job.model_path.name}, "
                      f"{100 * lsize / float_size:.2f}% of the float32 model)")
     return lines
+
+
+Writes = tp.List[tp.Tuple[Path, tp.Callable[[str], None]]]
+
+
+def _model_writes(job: Job, args: argparse.Namespace, model: "nn.Module",
+                  cfg: "DictConfig") -> tp.Tuple[Writes, Writes]:
+    """(the model files to write, those to rename after every other one: a bag's
+    NAME.yaml, which names its members) in the format the arguments ask for."""
+    import torch
+    from demucs.states import serialize_model
+    fmt = getattr(args, "format", "th")
+    if job.members:
+        from demucs_lora.models.bag import bag_writes
+        if args.quantize:
+            raise ConfigError(f"XP {job.sig} is a bag: --quantize writes single models only")
+        writes = bag_writes(model, job.model_path.parent, job.name, _plain(cfg),
+                            half=args.half, fmt=fmt)
+        return writes[:-1], writes[-1:]
+    if args.quantize:
+        from demucs_lora.hub.int8 import quantize
+        package = quantize(model, bits=args.quantize, training_args=_plain(cfg))
+    elif fmt == "hf":
+        from demucs_lora.hub.packages import safetensors_writer
+        spec = f"models: ['{job.sig}']\n"
+        return [(job.model_path, safetensors_writer(model, half=args.half)),
+                (job.bag_path, lambda tmp: Path(tmp).write_text(spec))], []
+    else:
+        package = serialize_model(model, cfg, half=args.half)
+    return [(job.model_path, lambda tmp: torch.save(package, tmp))], []
+
+
+def _model_line(job: Job, args: argparse.Namespace, size: int, float_size: int) -> str:
+    """What was written and how to load it, for the model file(s) of ``job``."""
+    if job.members:
+        return (f"wrote bag {job.model_path} + {len(job.members)} member files ({size:,} "
+                f"bytes); stock CLI: python -m demucs --repo {job.model_path.parent} -n "
+                f"{job.name} TRACK")
+    if args.quantize:
+        return (f"wrote {job.model_path} ({size:,} bytes, int{args.quantize}: "
+                f"{size / float_size:.2f}x the float32 model's {float_size:,}; load "
+                "with demucs_lora.get_model, the stock demucs CLI cannot read it)")
+    if getattr(args, "format", "th") == "hf":
+        return (f"wrote {job.bag_path} + {job.model_path} ({size:,} bytes, demucs 4.1 "
+                f"HF layout); upload the folder's two files to a hub repo and run demucs "
+                f"-n hf://NAMESPACE/{job.name}")
+    kind = f"float16, {size / float_size:.2f}x float32" if args.half else "float32"
+    return (f"wrote {job.model_path} ({size:,} bytes, {kind}); stock CLI: python -m "
+            f"demucs --repo {job.model_path.parent} -n {job.name} TRACK")
 
 
 def _plain(cfg: "DictConfig") -> dict:
@@ -295,7 +303,7 @@ def get_parser() -> argparse.ArgumentParser:
                         "NAME.yaml + SIG.safetensors, demucs 4.1's Hugging Face layout")
     parser.add_argument("--no-eval", action="store_true",
                         help="with --quantize: skip the nSDR comparison")
-    parser.add_argument("--eval-tracks", type=int, default=EVAL_TRACKS,
+    parser.add_argument("--eval-tracks", type=positive_int, default=EVAL_TRACKS,
                         help=f"valid tracks for the nSDR comparison (default {EVAL_TRACKS})")
     parser.add_argument("--force", action="store_true", help="overwrite existing files")
     parser.add_argument("--trust-remote-code", action="store_true",
@@ -307,6 +315,8 @@ def run(args: argparse.Namespace, root: tp.Optional[Path] = None) -> tp.List[Job
     """Plan every export (all checks first), then write; returns the jobs done."""
     root = Path(root or Path.cwd())
     out = args.out if args.out.is_absolute() else root / args.out
+    if not_a_folder(out):
+        raise ConfigError(f"-o {args.out}: {not_a_folder(out)}; give an output folder")
     if getattr(args, "format", "th") == "hf" and args.quantize:
         raise ConfigError("--format hf stores float weights (demucs reads no int8 there): "
                           "drop --quantize, or use --format th")

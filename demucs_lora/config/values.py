@@ -79,10 +79,13 @@ RANGES: tp.Sequence[tp.Tuple[str, tp.Callable[[tp.Any], bool], str, str, bool]] 
 )
 
 
-def check_value_ranges(cfg: DictConfig) -> None:
-    """Raise ConfigError on the first key whose value is out of range (see RANGES)."""
+def check_value_ranges(cfg: DictConfig, keys: tp.Optional[tp.Collection[str]] = None
+                       ) -> None:
+    """Raise ConfigError on the first key (of ``keys``, default all) whose value is out of
+    range (see RANGES)."""
     for key, ok, allowed, why, optional in RANGES:
-        _require(cfg, key, ok, allowed, why, optional)
+        if keys is None or key in keys:
+            _require(cfg, key, ok, allowed, why, optional)
 
 
 def check_base_values(cfg: DictConfig, base: tp.Any) -> None:

@@ -38,17 +38,41 @@ class DiskWriteError(DemucsLoRAError, OSError):
     """A file could not be written (disk full, read-only folder); names the file."""
 
 
+class AudioError(DemucsLoRAError):
+    """An input audio file cannot be read or converted (names the file)."""
+
+
 class XPBusy(DemucsLoRAError):
     """Another process is training the same XP (names its pid)."""
 
 
+CONFIG_EXIT = 2
+"""Exit status of a config or usage error (a bad key, value, override or argument: fix the
+command line); argparse exits with it too."""
+DATA_EXIT = 1
+"""Exit status of every other user error: data, model, adapter, checkpoint, disk, a run
+that diverged or a busy XP (fix the files, or what the message names)."""
+
+
+def exit_code(exc: DemucsLoRAError) -> int:
+    """The exit status of a user error: CONFIG_EXIT for a ConfigError, else DATA_EXIT."""
+    return CONFIG_EXIT if isinstance(exc, ConfigError) else DATA_EXIT
+
+
+def exit_with(exc: DemucsLoRAError, logger: tp.Optional[logging.Logger] = None) -> tp.NoReturn:
+    """Print ``error: KIND: message`` on stderr (and log it) and exit with exit_code."""
+    if logger is not None:
+        logger.error("%s: %s", type(exc).__name__, exc)
+    print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+    sys.exit(exit_code(exc))
+
+
 @contextlib.contextmanager
 def exit_on_user_error(logger: tp.Optional[logging.Logger] = None):
-    """CLI boundary: a user error prints one line (no traceback) and exits with status 1."""
+    """The CLI boundary (every command, the demo, Dora's entry point): a user error
+    prints one line, no traceback, and exits with its exit_code; anything else is a bug
+    and keeps its traceback."""
     try:
         yield
     except DemucsLoRAError as exc:
-        if logger is not None:
-            logger.error("%s: %s", type(exc).__name__, exc)
-        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        sys.exit(1)
+        exit_with(exc, logger)

@@ -60,12 +60,22 @@ def disk_error(path: PathLike, reason: str):
                           "again; nothing half-written was left behind)")
 
 
+def not_a_folder(folder: PathLike) -> tp.Optional[str]:
+    """'X is a file, not a folder' when the first existing part of ``folder`` is a file
+    (an output option naming a file): the user's mistake, not a traceback."""
+    folder = Path(folder)
+    for part in (folder, *folder.parents):
+        if part.exists():
+            return None if part.is_dir() else f"{part} is a file, not a folder"
+    return None
+
+
 def _temp_beside(path: Path) -> str:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as exc:
-        reason = disk_reason(path.parent, exc)
+        reason = disk_reason(path.parent, exc) or not_a_folder(path.parent)
         if reason is None:
             raise
         raise disk_error(path, reason) from None

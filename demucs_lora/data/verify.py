@@ -7,9 +7,8 @@ channels and length agree across a track, no NaN/inf, not silent (warning), litt
 clipping (warning), and the stems sum to the mixture (relative L1 within
 dset.sum_tolerance). Each file is read once, in blocks. Results are cached per track (file
 size + mtime) next to the metadata cache, so a second run only rereads changed tracks.
-Exit status: 0 usable, 1 errors (or warnings with --strict), 2 usage error.
+The command line is ``demucs_lora.commands.verify_dataset``.
 """
-import argparse
 import hashlib
 import json
 import sys
@@ -337,60 +336,3 @@ def verify_config(cfg, strict=False, progress=True):
                           _abspath(cfg.dset.metadata),
                           float(cfg.dset.get("sum_tolerance", 1e-3)), residual,
                           strict=strict, progress=progress, stem_files=stem_files(cfg))
-
-
-# ----------------------------------------------------------------------------- CLI
-from demucs_lora.core.paths import CONF_DIR
-
-
-def compose_config(overrides):
-    """conf/ composed with overrides in any spelling (the guide's aliases included)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from demucs_lora.config.keys import canonical_checked, prepare_argv
-    overrides = prepare_argv(overrides)
-    if GlobalHydra.instance().is_initialized():
-        GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3",
-                               job_name="verify_dataset"):
-        return canonical_checked(compose(config_name="config", overrides=overrides), overrides)
-
-
-def run(argv=None):
-    """The CLI; returns the exit status (0 usable, 1 not usable, 2 usage error)."""
-    from omegaconf import OmegaConf
-    parser = argparse.ArgumentParser(
-        prog="python -m tools.verify_dataset",
-        description="Check a stem folder (root/{train,valid,test}/TRACK/{mixture,SOURCE}.wav)."
-                    " Without PATH nor dset.wav, checks the synthetic dataset.")
-    parser.add_argument("args", nargs="*", metavar="[PATH] [KEY=VALUE ...]",
-                        help="dataset folder (= dset.wav) and Hydra overrides")
-    parser.add_argument("--strict", action="store_true", help="warnings fail too")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args = parser.parse_intermixed_args(argv)
-    paths = [a for a in args.args if "=" not in a]
-    overrides = [a for a in args.args if "=" in a]
-    if len(paths) > 1:
-        parser.print_usage(sys.stderr)
-        print(f"error: one PATH at most, got {paths}", file=sys.stderr)
-        return 2
-    try:
-        cfg = compose_config(overrides)
-        if paths:
-            cfg = OmegaConf.merge(cfg, {"dset": {"wav": str(Path(paths[0]).expanduser()
-                                                               .resolve())}})
-        report = verify_config(cfg, strict=args.strict, progress=not args.no_progress)
-    except (ConfigError, DatasetError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except Exception as err:  # hydra/omegaconf: bad override, unknown key or group
-        if type(err).__module__.split(".")[0] not in ("hydra", "omegaconf"):
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(report.format())
-    return 0 if report.ok else 1
-
-
-def main(argv=None):
-    sys.exit(run(argv))

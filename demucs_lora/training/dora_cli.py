@@ -7,7 +7,7 @@
   pretrained name in `pretrained_repo`, a .th file): the run starts from that model
   (`continue_from=NAME`). Otherwise the error says what `-f` takes.
 - A user error raised while Dora prepares the XP (bad key, unknown `-f`) prints one line,
-  not a traceback (sys.excepthook, for DemucsLoRAError only).
+  not a traceback, and exits with its status (sys.excepthook, for DemucsLoRAError only).
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import sys
 import typing as tp
 from pathlib import Path
 
-from demucs_lora.core.errors import DemucsLoRAError, ModelLoadError
+from demucs_lora.core.errors import DemucsLoRAError, ModelLoadError, exit_with
 
 logger = logging.getLogger(__name__)
 DDP_NOTE = "DEMUCS_LORA_DDP_NOTE"
@@ -66,15 +66,16 @@ def install_cpu_ddp_fallback() -> None:
 
 
 def install_excepthook() -> None:
-    """A DemucsLoRAError that reaches the top of a `dora` command prints one line."""
+    """A DemucsLoRAError that reaches the top of a `dora` command (raised while Dora
+    prepares the XP, outside our main) goes through the CLI boundary: one line, its exit
+    status (core.errors.exit_code)."""
     previous = sys.excepthook
     if getattr(previous, "_demucs_lora", False):
         return
 
     def hook(kind, exc, tb):
         if isinstance(exc, DemucsLoRAError):
-            print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
-            return
+            exit_with(exc)
         previous(kind, exc, tb)
 
     hook._demucs_lora = True  # type: ignore[attr-defined]

@@ -12,11 +12,16 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from demucs_lora.core.errors import ConfigError
+
 
 def build_optimizer(model: nn.Module, cfg: DictConfig) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
-        raise RuntimeError("no trainable parameter: check htdemucs.lora_* and train_heads")
+        raise ConfigError("nothing to train: no parameter requires a gradient; set "
+                          "htdemucs.lora_rank > 0 (and htdemucs.lora_targets that match "
+                          "layers of the model), train_heads=true, or htdemucs.lora_rank=0 for a "
+                          "full fine-tune")
     klass = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[cfg.optim]
     return klass(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
 

@@ -126,8 +126,8 @@ def test_augmentation_keeps_mixture_the_sum(dataset, tmp_path):
 
 
 def _compose(*overrides):
-    from demucs_lora.data.verify import compose_config
-    return compose_config(list(overrides))
+    from demucs_lora.config.compose import compose
+    return compose(list(overrides))
 
 
 def test_get_datasets_synthetic_and_wav(dataset, tmp_path):

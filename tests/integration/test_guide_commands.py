@@ -77,7 +77,7 @@ def test_five_stems_from_htdemucs(tmp_path, guide):
     # An architecture key that differs from the base: refused before any data is read.
     proc, out = _run(tmp_path / "bad", "five_stems", guide, data=guide["data5"],
                      extra=["htdemucs.nfft=2048"], check=False)
-    assert proc.returncode == 1
+    assert proc.returncode == 2  # a config error (README: exit status)
     assert "htdemucs.nfft=2048 but the base htdemucs has nfft=4096: its weights fix the " \
            "architecture" in out
 
@@ -117,7 +117,7 @@ def test_six_stems_keep_guitar_and_piano(tmp_path, guide):
 
 def test_lora_from_scratch_is_refused_then_opted_in(tmp_path, guide):
     proc, _ = _run(tmp_path / "refused", "scratch", guide, extra=SMALL_SYNTH, check=False)
-    assert proc.returncode == 1
+    assert proc.returncode == 2  # a config error (README: exit status)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "continue_from" in errors[0]
     assert not list((tmp_path / "refused").glob("outputs/xps/*/checkpoint.th"))
@@ -138,6 +138,6 @@ def test_dset_wav_group_and_unknown_f(tmp_path, guide):
     (xp,) = xps(tmp_path)
     assert OmegaConf.load(xp / "config.yaml").dset.wav == str(guide["data4"])
     proc = dora(tmp_path, "run", "-f", "nothing", check=False)
-    assert proc.returncode == 1
+    assert proc.returncode == 2  # a config error (README: exit status)
     assert "-f takes an XP signature (dora run -f SIG) or a model" in proc.stderr
     assert "Traceback" not in proc.stderr

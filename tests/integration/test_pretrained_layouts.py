@@ -44,7 +44,8 @@ def test_train_and_test_from_each_layout(caches, layout):
     scores = json.loads(out.read_text())
     # The same random-init tiny model scored on the same synthetic track: same numbers.
     ref = tiny()
-    from demucs_lora.inference.evaluate import build_dataset, compose, evaluate_model
+    from demucs_lora.config.compose import compose
+    from demucs_lora.inference.evaluation import build_dataset, evaluate_model
     cfg = compose(["variant=debug", f"dset.metadata={caches / 'metadata'}"])
     data = build_dataset(cfg, list(ref.sources), "test", ref.samplerate, ref.audio_channels,
                          progress=False)

@@ -106,13 +106,13 @@ def test_bad_dtype_and_overflow(tmp_path):
 
 
 def test_config_validates_lora_save_dtype():
-    from demucs_lora.data.verify import compose_config
-    cfg = compose_config(["model=htdemucs_tiny", "variant=debug"])
+    from demucs_lora.config.compose import compose
+    cfg = compose(["model=htdemucs_tiny", "variant=debug"])
     assert cfg.htdemucs.lora_save_dtype == "float32"
     check_config(cfg)
     for value in ("float16", "bfloat16"):
-        check_config(compose_config(["model=htdemucs_tiny",
+        check_config(compose(["model=htdemucs_tiny",
                                      f"htdemucs.lora_save_dtype={value}"]))
     with pytest.raises(ConfigError, match="lora_save_dtype.*bfloat16"):
-        check_config(compose_config(["model=htdemucs_tiny", "htdemucs.lora_save_dtype=fp8"]))
-    assert compose_config(["model=htdemucs"]).htdemucs.lora_save_dtype == "float32"
+        check_config(compose(["model=htdemucs_tiny", "htdemucs.lora_save_dtype=fp8"]))
+    assert compose(["model=htdemucs"]).htdemucs.lora_save_dtype == "float32"

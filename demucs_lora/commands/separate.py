@@ -1,6 +1,6 @@
 """Separate audio files with a base model and one or more adapters (``demucs-lora``).
 
-    python -m demucs_lora.inference.separate song.wav --base NAME --repo release_models \\
+    python -m demucs_lora.commands.separate song.wav --base NAME --repo release_models \\
         --adapter outputs/xps/SIG1/lora_best --adapter SIG2 [--merge] [-o separated]
 
 Why not the stock ``demucs`` CLI: it loads one plain model per run. Here the base is
@@ -11,8 +11,8 @@ the mixture is normalized by its (mono) mean/std before ``apply_model`` and rest
 after, ``--shifts 1 --overlap 0.25`` by default, and stems land in
 ``OUT/MODEL[_ADAPTER]/TRACK/SOURCE.wav`` (float32 wav, no clipping) or ``.mp3``
 (``demucs.audio.save_audio``, which rescales to avoid clipping like the stock CLI).
-Audio is read with soundfile, resampled with julius to the model rate; mono becomes
-stereo. Exit status: 0 done, 1 a user error (message names the file and the fix).
+Audio in and out: ``demucs_lora.inference.separation``. Exit status: 0 done; 2 a config
+or usage error; 1 a data, model or adapter error (one line naming the file and the fix).
 """
 from __future__ import annotations
 
@@ -20,78 +20,17 @@ import argparse
 import typing as tp
 from pathlib import Path
 
-from demucs_lora.core.errors import DemucsLoRAError, exit_on_user_error
-
-if tp.TYPE_CHECKING:  # pragma: no cover
-    import torch
-    from torch import nn
-
-
-class AudioError(DemucsLoRAError):
-    """An input audio file cannot be read (names the file)."""
-
-
-def read_audio(path: tp.Union[str, Path], samplerate: int, channels: int) -> "torch.Tensor":
-    """(channels, time) float32 tensor of ``path`` at ``samplerate`` (soundfile + julius)."""
-    import julius
-    import soundfile as sf
-    import torch
-    from demucs.audio import convert_audio_channels
-    try:
-        data, sr = sf.read(str(path), dtype="float32", always_2d=True)
-    except Exception as exc:  # soundfile raises several types
-        raise AudioError(f"cannot read audio file {path}: {exc} (soundfile reads wav, flac, "
-                         "ogg and mp3; convert other formats first)") from exc
-    wav = torch.from_numpy(data.T.copy())
-    try:
-        wav = convert_audio_channels(wav, channels)
-    except ValueError as exc:
-        raise AudioError(f"{path}: {exc} ({wav.shape[0]} channels, model wants "
-                         f"{channels})") from exc
-    if sr != samplerate:
-        wav = julius.resample_frac(wav, int(sr), int(samplerate))
-    return wav.contiguous()
-
-
-def separate_tensor(model: "nn.Module", wav: "torch.Tensor", shifts: int = 1,
-                    overlap: float = 0.25, split: bool = True, segment: tp.Optional[float] = None,
-                    device: tp.Optional[str] = None, progress: bool = False) -> "torch.Tensor":
-    """Stems (S, C, T) of ``wav`` (C, T), normalized exactly as ``demucs.api.Separator``:
-    ``ref = wav.mean(0)``, input ``(wav - ref.mean()) / (ref.std() + 1e-8)``, output
-    ``* std + mean``. Same numbers as ``python -m demucs`` for the same (merged) weights."""
-    import torch
-    from demucs.apply import apply_model
-    ref = wav.mean(0)
-    mean, std = ref.mean(), ref.std() + 1e-8
-    with torch.no_grad():
-        out = apply_model(model, ((wav - mean) / std)[None], shifts=shifts, split=split,
-                          overlap=overlap, segment=segment, device=device, progress=progress,
-                          num_workers=0)
-    return out[0] * std + mean
-
-
-def write_stems(stems: "torch.Tensor", sources: tp.Sequence[str], folder: Path,
-                samplerate: int, mp3: bool = False, bitrate: int = 320) -> tp.List[Path]:
-    """``folder/SOURCE.wav`` (float32, exact) or ``.mp3`` per stem; returns the paths."""
-    import soundfile as sf
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for name, stem in zip(sources, stems):
-        stem = stem.detach().cpu().float()
-        if mp3:
-            from demucs.audio import save_audio
-            path = folder / f"{name}.mp3"
-            save_audio(stem, str(path), samplerate, bitrate=bitrate, clip="rescale")
-        else:
-            path = folder / f"{name}.wav"
-            sf.write(str(path), stem.T.numpy(), int(samplerate), subtype="FLOAT")
-        paths.append(path)
-    return paths
+from demucs_lora.commands.arguments import fraction, non_negative_int
+from demucs_lora.core.errors import AudioError, ConfigError, exit_on_user_error
+from demucs_lora.core.files import not_a_folder
+from demucs_lora.inference.separation import (inference_device, read_audio, separate_tensor,
+                                              write_stems)
 
 
 def adapter_names(paths: tp.Sequence[Path], given: tp.Sequence[str]) -> tp.List[str]:
     """One folder-friendly, unique name per adapter: the XP signature when given as one,
-    else the file stem (``NAME.lora`` from tools.export gives ``NAME``), prefixed by the parent folder when stems collide
+    else the file stem (``NAME.lora`` from tools.export gives ``NAME``), prefixed by the
+    parent folder when stems collide
     (``outputs/xps/A/lora_best`` and ``outputs/xps/B/lora_best`` -> ``A_lora_best``...)."""
     names = [text if "/" not in text and not Path(text).suffix and path.parent.name == text
              else path.name.removesuffix(".lora") for text, path in zip(given, paths)]
@@ -125,9 +64,10 @@ def get_parser() -> argparse.ArgumentParser:
                         help="output folder (default: separated)")
     parser.add_argument("--mp3", action="store_true", help="write mp3 instead of float32 wav")
     parser.add_argument("--mp3-bitrate", type=int, default=320)
-    parser.add_argument("--shifts", type=int, default=1,
+    parser.add_argument("--shifts", type=non_negative_int, default=1,
                         help="random time shifts averaged (default 1, as demucs; 0 = exact)")
-    parser.add_argument("--overlap", type=float, default=0.25, help="overlap between chunks")
+    parser.add_argument("--overlap", type=fraction, default=0.25,
+                        help="overlap between chunks, in [0, 1)")
     parser.add_argument("--no-split", dest="split", action="store_false",
                         help="process whole tracks at once (memory hungry)")
     parser.add_argument("-d", "--device", default=None,
@@ -139,14 +79,15 @@ def get_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> tp.List[Path]:
     """Separate every track with every adapter; returns the files written."""
-    import torch
     import tqdm
     from demucs_lora.api import get_model, model_display_name, with_adapter
     from demucs_lora.hub.resolve import resolve_adapter
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = inference_device(args.device)
     missing = [str(t) for t in args.tracks if not t.is_file()]
     if missing:
         raise AudioError(f"input file(s) not found: {', '.join(missing)}")
+    if not_a_folder(args.out):
+        raise ConfigError(f"-o {args.out}: {not_a_folder(args.out)}; give an output folder")
     base = get_model(args.base, repo=args.repo, trust_remote_code=args.trust_remote_code)
     adapters = [resolve_adapter(a) for a in args.adapter]
     runs: tp.List[tp.Tuple[str, tp.Optional[Path]]] = [("", None)] if not adapters else [
@@ -176,7 +117,7 @@ def run(args: argparse.Namespace) -> tp.List[Path]:
 
 
 def main(argv: tp.Optional[tp.Sequence[str]] = None) -> None:
-    """Console script ``demucs-lora``; exits 1 with a one-line message on user errors."""
+    """Console script ``demucs-lora``; a user error exits with one line (exit_code)."""
     args = get_parser().parse_args(argv)
     with exit_on_user_error():
         written = run(args)

@@ -14,56 +14,33 @@ on; group overrides (``dset=wav``, ``variant=five_stem``, ``model=...``) change 
 what they change in ``conf/`` and ``key=value`` overrides are applied on top. Otherwise
 the ``conf/`` defaults composed with the overrides. The sources evaluated are the model's.
 
-Why the mixture is normalized here and not by the dataset: ``StemDataset`` can normalize
-by the whole-track statistics of its metadata (what training uses); for testing we read raw
-audio (``normalize=False``) and normalize each mixture exactly like the demucs CLI and
-``demucs.evaluate`` (``separate.separate_tensor``), so metrics are on the original scale
-and comparable with demucs'. ``test.shifts`` draws random offsets: Python's ``random`` is
-seeded with ``seed`` so reruns agree. Values are rounded to ``DECIMALS`` in the JSON and
-the table is formatted from that dict, so the two always agree.
+The numbers come from ``demucs_lora.inference.evaluation`` (how each mixture is
+normalized, seeding, rounding). Exit status: 0 done; 2 a config or usage error; 1 a
+data, model or adapter error, or every score NaN (README: Command-line exit status).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
-import random
 import sys
 import typing as tp
 from pathlib import Path
 
-from demucs_lora.core.files import atomic_write_text
+from demucs_lora.commands.arguments import positive_int
+from demucs_lora.config.compose import compose, hydra_errors_as_config_errors, load_xp_config
 from demucs_lora.core.errors import ConfigError, DemucsLoRAError, exit_on_user_error
+from demucs_lora.core.files import atomic_write_text
+from demucs_lora.inference.evaluation import build_dataset, evaluate_model, format_table
+from demucs_lora.inference.separation import inference_device
 
 if tp.TYPE_CHECKING:  # pragma: no cover
     from omegaconf import DictConfig
-    from torch import nn
 
-DECIMALS = 4
+GROUPS = ("model", "dset", "optim", "variant")
 
 
 class NoScores(DemucsLoRAError):
     """Every score is NaN (the model outputs NaN/inf): exit status 1, not a table of '-'."""
-from demucs_lora.core.paths import CONF_DIR
-GROUPS = ("model", "dset", "optim", "variant")
-
-
-# ----------------------------------------------------------------------------- config
-def compose(overrides: tp.Sequence[str] = ()) -> "DictConfig":
-    """``conf/config.yaml`` composed with Hydra overrides (no Hydra run, no chdir); the
-    guide's spellings are accepted (demucs_lora.config.aliases)."""
-    from hydra import compose as hydra_compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from demucs_lora.config.keys import canonical_checked, prepare_argv
-    overrides = prepare_argv(overrides)
-    if not CONF_DIR.is_dir():
-        raise ConfigError(f"no Hydra config folder at {CONF_DIR}: run from a source checkout")
-    if GlobalHydra.instance().is_initialized():
-        GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3",
-                               job_name="test_pretrained"):
-        return canonical_checked(hydra_compose(config_name="config", overrides=overrides),
-                                 overrides)
 
 
 def _flat(cfg: tp.Mapping, prefix: str = "") -> tp.Dict[str, tp.Any]:
@@ -81,7 +58,7 @@ def xp_config(config_file: Path, overrides: tp.Sequence[str]) -> "DictConfig":
     ``key=value`` set directly (the key must exist: a typo is an error, not a no-op)."""
     from omegaconf import OmegaConf
     from demucs_lora.config.aliases import canonical_config, normalize_argv
-    cfg = canonical_config(OmegaConf.load(config_file))     # older files: top-level sources
+    cfg = canonical_config(load_xp_config(config_file))  # older files: top-level sources
     overrides = normalize_argv(overrides)
     groups = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in GROUPS]
     values = [o for o in overrides if o not in groups]
@@ -100,89 +77,11 @@ def xp_config(config_file: Path, overrides: tp.Sequence[str]) -> "DictConfig":
                 and not key.startswith("+"):
             raise ConfigError(f"override {item!r}: {config_file} has no key {key!r} "
                               "(prefix it with + to add a new key)")
-        dotted = OmegaConf.from_dotlist([item.lstrip("+")])
-        cfg = OmegaConf.merge(cfg, dotted)
+        with hydra_errors_as_config_errors():
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item.lstrip("+")]))
     return cfg
 
 
-# ----------------------------------------------------------------------------- data
-def build_dataset(cfg: "DictConfig", sources: tp.Sequence[str], split: str,
-                  samplerate: int, channels: int, progress: bool = True):
-    """Whole-track, un-normalized StemDataset of ``split`` for ``sources``."""
-    from demucs_lora.data.stems import _abspath, build_metadata, dataset_root, stem_files, StemDataset
-    from demucs_lora.core.errors import DatasetError
-    residual = cfg.get("residual_source")
-    root = dataset_root(cfg, list(sources), progress=progress)
-    files = stem_files(cfg)
-    meta = build_metadata(root, list(sources), _abspath(cfg.dset.metadata), residual, files)
-    dataset = StemDataset(root, split, list(sources), meta, segment=None,
-                          samplerate=samplerate, channels=channels, normalize=False,
-                          residual_source=residual, stem_files=files)
-    if len(dataset) == 0:
-        raise DatasetError(f"{root}: no tracks in {split}/ (expected {root / split}/TRACK/"
-                           f"{{mixture,{','.join(sources)}}}.wav); use --split valid or "
-                           "another dset.wav")
-    return dataset
-
-
-def evaluate_model(model: "nn.Module", dataset, shifts: int = 0, overlap: float = 0.25,
-                   split: bool = True, metrics: tp.Sequence[str] = (),
-                   max_tracks: tp.Optional[int] = None, device: str = "cpu",
-                   progress: bool = True, seed: int = 0) -> dict:
-    """``{"tracks": {name: {source: {metric: v}}}, "summary": {metric_source, metric}}``,
-    values rounded to DECIMALS; every track separated with ``separate_tensor``."""
-    import torch
-    import tqdm
-    from demucs_lora.metrics import METRICS, summarize, track_metrics
-    from demucs_lora.inference.separate import separate_tensor
-    metrics = tuple(metrics or METRICS)
-    names = list(dataset.metadata)
-    count = len(names) if max_tracks is None else min(max_tracks, len(names))
-    random.seed(seed)
-    torch.manual_seed(seed)
-    model = model.to(device).eval()
-    tracks = {}
-    for index in tqdm.tqdm(range(count), desc="test", unit="track", disable=not progress):
-        item = dataset[index]
-        mix, ref = item[0], item[1:]
-        est = separate_tensor(model, mix.to(device), shifts=shifts, overlap=overlap,
-                              split=split, device=device).cpu()
-        tracks[names[index]] = track_metrics(est, ref, list(model.sources), metrics,
-                                             samplerate=model.samplerate, mix=mix)
-    summary = summarize(list(tracks.values()))
-    return {"tracks": _round(tracks), "summary": _round(summary)}
-
-
-def _round(value: tp.Any) -> tp.Any:
-    if isinstance(value, dict):
-        return {k: _round(v) for k, v in value.items()}
-    if isinstance(value, float):
-        return None if math.isnan(value) else round(value, DECIMALS)
-    return value
-
-
-# ----------------------------------------------------------------------------- table
-def format_table(results: dict) -> str:
-    """Rows: the sources then ``mean``; columns: the metrics (keys as in the JSON).
-    Built from ``results["summary"]`` only, so it shows exactly the JSON numbers."""
-    summary = results["summary"]
-    sources, metrics = results["sources"], results["metrics"]
-    width = max(8, *(len(s) for s in sources))
-    cols = [max(10, len(m) + 1) for m in metrics]
-
-    def cell(value: tp.Optional[float], w: int) -> str:
-        return f"{'-' if value is None else f'{value:.{DECIMALS}f}':>{w}}"
-
-    lines = [f"{'source':<{width}}" + "".join(f"{m:>{w}}" for m, w in zip(metrics, cols))]
-    for source in sources:
-        lines.append(f"{source:<{width}}" + "".join(
-            cell(summary.get(f"{m}_{source}"), w) for m, w in zip(metrics, cols)))
-    lines.append(f"{'mean':<{width}}" + "".join(cell(summary.get(m), w)
-                                               for m, w in zip(metrics, cols)))
-    return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------- CLI
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="demucs-lora-test", description="Evaluate a model (exported name, XP signature "
@@ -196,7 +95,8 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--split", choices=["test", "valid"], default="test")
     parser.add_argument("--json", type=Path, help="output JSON (default: XP/test_results.json "
                         "for an XP, else not written)")
-    parser.add_argument("--max-tracks", type=int, default=None, help="evaluate N tracks only")
+    parser.add_argument("--max-tracks", type=positive_int, default=None, metavar="N",
+                        help="evaluate N tracks only")
     parser.add_argument("--metrics", nargs="+", default=None, metavar="NAME",
                         help="metrics to report (default: nsdr si_sdr l1_freq bleedless "
                              "fullness); also sdr (BSSEval v4, museval's), neg_log_wmse, "
@@ -246,10 +146,11 @@ def selected_metrics(args: argparse.Namespace) -> tp.Tuple[str, ...]:
 
 def run(args: argparse.Namespace) -> dict:
     """Load, configure, evaluate, print, write; returns the results dict."""
-    import torch
     from demucs_lora.api import get_model
+    from demucs_lora.config.values import check_value_ranges
     from demucs_lora.hub.resolve import xp_folder
     metrics = selected_metrics(args)
+    device = inference_device(args.device)
     bad = [o for o in args.overrides if "=" not in o]
     if bad:
         raise ConfigError(f"unexpected argument(s) {bad}: overrides are key=value, the model "
@@ -258,13 +159,13 @@ def run(args: argparse.Namespace) -> dict:
                       trust_remote_code=args.trust_remote_code)
     xp = _source_xp(args.name, args.adapter)
     cfg = xp_config(xp / "config.yaml", args.overrides) if xp else compose(args.overrides)
+    check_value_ranges(cfg, ("test.shifts", "test.overlap"))
     sources = cfg.dset.get("sources")
     if sources is not None and list(sources) != list(model.sources):
         print(f"note: evaluating the model's sources {list(model.sources)} (config has "
               f"{list(sources)})", file=sys.stderr)
     dataset = build_dataset(cfg, list(model.sources), args.split, model.samplerate,
                             model.audio_channels, progress=not args.no_progress)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     test = cfg.test
     results = {"model": str(args.name), "adapter": args.adapter, "split": args.split,
                "xp": xp.name if xp else None, "sources": list(model.sources),
@@ -297,16 +198,10 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def main(argv: tp.Optional[tp.Sequence[str]] = None) -> None:
-    """Console script ``demucs-lora-test``; exits 1 with a message on user errors."""
+    """Console script ``demucs-lora-test``; a user error exits with one line (exit_code)."""
     args = get_parser().parse_intermixed_args(argv)
-    try:
-        with exit_on_user_error():
-            run(args)
-    except Exception as exc:  # hydra/omegaconf: bad override, unknown key or group
-        if type(exc).__module__.split(".")[0] not in ("hydra", "omegaconf"):
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(1)
+    with exit_on_user_error():
+        run(args)
 
 
 if __name__ == "__main__":
