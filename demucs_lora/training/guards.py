@@ -20,6 +20,7 @@ from demucs_lora.training import checkpoint as ckpt
 from demucs_lora.training.epoch import EpochProgress, agree, gather_rng
 from demucs_lora.core.errors import TrainingDiverged
 from demucs_lora.core.finite import divergence_error, is_finite_number, nonfinite_names
+from demucs_lora.models.trainable import trainable_state
 
 logger = logging.getLogger("demucs_lora.training.solver")
 
@@ -80,7 +81,7 @@ class SolverGuards:
 
     def _best_candidate(self, epoch: int, metrics: dict) -> tp.Optional[dict]:
         """The state to keep as best after this epoch, or None: never a non-finite one."""
-        state = self.ema.shadow if self.ema else ckpt.trainable_state(self.model)
+        state = self.ema.shadow if self.ema else trainable_state(self.model)
         score = metrics.get("valid_nsdr")
         if score is not None and not is_finite_number(score):
             logger.warning("epoch %d: validation nSDR is %s: not a candidate for best.th",

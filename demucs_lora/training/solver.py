@@ -32,6 +32,7 @@ from demucs_lora.training.epoch import EpochProgress, agree, skip_batches
 from demucs_lora.core.errors import CheckpointError, TrainingDiverged
 from demucs_lora.training.guards import SolverGuards
 from demucs_lora.metrics import nsdr
+from demucs_lora.models.trainable import load_trainable_state, trainable_state
 from demucs_lora.training.optim import TrainableEMA, build_optimizer, build_scheduler
 from demucs_lora.core.files import atomic_write_text
 from demucs_lora.training.xp_guard import StopSignals, active_stop_signals
@@ -98,7 +99,7 @@ class Solver(SolverGuards):
     # ---------------------------------------------------------------- state
     def _state(self, partial: tp.Optional[dict] = None) -> dict:
         return {"format": ckpt.CHECKPOINT_FORMAT,
-                "model": ckpt.trainable_state(self.model),
+                "model": trainable_state(self.model),
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(),
@@ -121,7 +122,7 @@ class Solver(SolverGuards):
                 self.adaptation.load_state_dict(state["rank_adaptation"], self.optimizer,
                                                 self.ema)
                 self._wrap_ddp()
-            ckpt.load_trainable_state(self.model, state["model"])
+            load_trainable_state(self.model, state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             if state["scaler"]:
@@ -266,12 +267,17 @@ class Solver(SolverGuards):
     @torch.no_grad()
     def validate(self, epoch: int) -> dict:
         """Separate whole valid tracks with apply_model; nSDR per source and mean."""
-        model = self.model
-        swap = None
-        if self.ema:
-            swap = ckpt.trainable_state(model)
-            ckpt.load_trainable_state(model, self.ema.shadow)
-        model.eval()
+        with self.ema.applied(self.model) if self.ema else contextlib.nullcontext():
+            sums = self._nsdr_sums(epoch)
+        per_source = (sums[:-1] / sums[-1].clamp(min=1)).tolist()
+        metrics = {f"nsdr_{name}": value for name, value in zip(self.sources, per_source)}
+        metrics["nsdr"] = sum(per_source) / len(per_source)
+        return metrics
+
+    def _nsdr_sums(self, epoch: int) -> torch.Tensor:
+        """Summed nSDR per source over this rank's valid tracks (all ranks' once reduced),
+        with the track count last."""
+        self.model.eval()
         dataset = self.loaders["valid"].dataset
         indices = list(range(distrib.rank(), len(dataset), distrib.world_size()))
         sums = torch.zeros(len(self.sources) + 1, dtype=torch.float64)
@@ -279,19 +285,14 @@ class Solver(SolverGuards):
                                disable=not self.is_master):
             track = dataset[index].to(self.device)
             mix, ref = track[0], track[1:]
-            est = apply_model(model, mix[None], shifts=self.cfg.test.shifts,
+            est = apply_model(self.model, mix[None], shifts=self.cfg.test.shifts,
                               split=self.cfg.test.split, overlap=self.cfg.test.overlap,
                               progress=False, num_workers=0)[0]
             sums[:-1] += nsdr(est.cpu()[None], ref.cpu()[None])[0].double()
             sums[-1] += 1
         if distrib.world_size() > 1:
             torch.distributed.all_reduce(sums)
-        if swap is not None:
-            ckpt.load_trainable_state(model, swap)
-        per_source = (sums[:-1] / sums[-1].clamp(min=1)).tolist()
-        metrics = {f"nsdr_{name}": value for name, value in zip(self.sources, per_source)}
-        metrics["nsdr"] = sum(per_source) / len(per_source)
-        return metrics
+        return sums
 
     # ---------------------------------------------------------------- run
     def _log_epoch(self, epoch: int, metrics: dict) -> None:
