@@ -47,6 +47,8 @@ import time
 import typing as tp
 from pathlib import Path
 
+from demucs_lora.core.files import atomic_write_text
+
 from . import common
 from .common import ROOT
 
@@ -229,7 +231,7 @@ def test_scores(model_path: Path, data_args: tp.Sequence[str], workdir: Path,
     finally:
         os.chdir(cwd)
     if cache is not None:
-        cache.write_text(json.dumps(scores))
+        atomic_write_text(cache, json.dumps(scores))
     return scores
 
 

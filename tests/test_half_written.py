@@ -123,21 +123,21 @@ def test_read_only_folder_is_one_line(tmpfs):
 
 
 def test_disk_full_mid_run_then_resume_is_exact(tmp_path, tmpfs, monkeypatch):
-    from demucs_lora.training import checkpoint as ckpt
+    from demucs_lora.training import solver as solver_module
     reference = make_solver(monkeypatch, tmp_path / "ref", "epochs=2").run()
     folder = tmpfs / "xp"
     solver = make_solver(monkeypatch, folder, "epochs=2")
-    real_save, filler = ckpt.atomic_torch_save, {}
+    real_save, filler = solver_module.atomic_torch_save, {}
 
     def save_then_fill(obj, path):  # the disk fills up right after epoch 1's checkpoint
         real_save(obj, path)
         if path.name == "checkpoint.th" and not filler:
             filler["path"] = fill(tmpfs)
-    monkeypatch.setattr(ckpt, "atomic_torch_save", save_then_fill)
+    monkeypatch.setattr(solver_module, "atomic_torch_save", save_then_fill)
     with pytest.raises(DiskWriteError, match="No space left on device") as info:
         solver.run()
     assert str(folder) in str(info.value)
-    monkeypatch.setattr(ckpt, "atomic_torch_save", real_save)
+    monkeypatch.setattr(solver_module, "atomic_torch_save", real_save)
     filler["path"].unlink()
     resumed = make_solver(monkeypatch, folder, "epochs=2").run()
     for ref, res in zip(reference, resumed):

@@ -39,7 +39,7 @@ import typing as tp
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from demucs_lora.core.files import atomic_write, atomic_write_group
+from demucs_lora.core.files import atomic_write_group
 from demucs_lora.core.errors import ConfigError, DemucsLoRAError, ModelLoadError, exit_on_user_error
 
 if tp.TYPE_CHECKING:  # pragma: no cover
@@ -174,10 +174,6 @@ def load_xp_model(folder: Path, which: str = "best", trust_remote_code: bool = F
     return check_finite_model(remove_lora(model).eval(), f"{folder} (base + lora_last)"), cfg
 
 
-_atomic = atomic_write
-_atomic_group = atomic_write_group
-
-
 def _package_bytes(package: dict) -> int:
     import torch
     buf = io.BytesIO()
@@ -240,7 +236,7 @@ def export_one(job: Job, args: argparse.Namespace, root: Path) -> tp.List[str]:
         for ext, dst in zip((".safetensors", ".json"), job.lora_dst):
             writes.append((dst, lambda tmp, src=job.lora_src.with_suffix(ext):
                            shutil.copyfile(src, tmp)))
-    paths = _atomic_group(writes + (tail if job.members else []))
+    paths = atomic_write_group(writes + (tail if job.members else []))
     size = job.model_path.stat().st_size
     if job.members:
         size = sum(p.stat().st_size for p in paths if p in job.members)

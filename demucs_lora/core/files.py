@@ -1,8 +1,8 @@
 """Small shared helpers: atomic file writes (nothing a user has is ever half-written).
 
-Every file a run or a tool writes goes through `atomic_write` (one file) or
-`atomic_write_group` (files that only make sense together, e.g. an adapter's
-``.safetensors`` + ``.json``): the data goes to ``.NAME.XXXX.tmp`` beside the target and
+Every file a run or a tool writes goes through `atomic_write` (one file; `atomic_write_text`
+and `atomic_torch_save` for the two common payloads) or `atomic_write_group` (files that
+only make sense together, e.g. an adapter's ``.safetensors`` + ``.json``): the data goes to ``.NAME.XXXX.tmp`` beside the target and
 is renamed over it once complete, so a kill or a full disk leaves the old file or the new
 one, never a torn one. A write that fails for lack of space or on a read-only folder is a
 `DiskWriteError` naming the file; `remove_stale_temps` deletes the temps a killed write
@@ -134,6 +134,12 @@ def atomic_write_group(items: tp.Sequence[tp.Tuple[PathLike, Writer]]) -> tp.Lis
 
 def atomic_write_text(path: PathLike, text: str) -> Path:
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def atomic_torch_save(obj, path: PathLike) -> Path:
+    """``torch.save(obj)`` to a temp beside `path`, renamed over it once complete."""
+    import torch
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def remove_stale_temps(folder: PathLike, min_age: float = 0.0,

@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from demucs_lora.core.files import atomic_write
+from demucs_lora.core.files import atomic_torch_save
 from demucs_lora.core.errors import ConfigError, ModelLoadError
 
 SCHEME = "per_channel_symmetric"
@@ -222,5 +222,5 @@ def save_quantized(model: nn.Module, path: tp.Union[str, Path], bits: int = 8,
     """Write ``quantize(model)`` to ``path`` atomically (temporary file, then os.replace)."""
     path = Path(path)
     package = quantize(model, bits, training_args, optimize_scales)
-    atomic_write(path, lambda tmp: torch.save(package, tmp))
+    atomic_torch_save(package, path)
     return path

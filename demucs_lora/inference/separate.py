@@ -21,6 +21,7 @@ import typing as tp
 from pathlib import Path
 
 from demucs_lora.core.errors import DemucsLoRAError, exit_on_user_error
+from demucs_lora.core.files import atomic_write
 
 if tp.TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -78,13 +79,15 @@ def write_stems(stems: "torch.Tensor", sources: tp.Sequence[str], folder: Path,
     paths = []
     for name, stem in zip(sources, stems):
         stem = stem.detach().cpu().float()
-        if mp3:
-            from demucs.audio import save_audio
+        if mp3:  # demucs.audio.save_audio's mp3 branch, into the temp
+            from demucs.audio import encode_mp3, prevent_clip
             path = folder / f"{name}.mp3"
-            save_audio(stem, str(path), samplerate, bitrate=bitrate, clip="rescale")
+            atomic_write(path, lambda tmp, wav=prevent_clip(stem, mode="rescale"): encode_mp3(
+                wav, tmp, samplerate, bitrate=bitrate, verbose=True))
         else:
             path = folder / f"{name}.wav"
-            sf.write(str(path), stem.T.numpy(), int(samplerate), subtype="FLOAT")
+            atomic_write(path, lambda tmp, data=stem.T.numpy(): sf.write(
+                tmp, data, int(samplerate), format="WAV", subtype="FLOAT"))
         paths.append(path)
     return paths
 

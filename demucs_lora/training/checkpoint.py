@@ -24,7 +24,7 @@ from torch import nn
 
 from demucs_lora.training.epoch import partial_problem
 from demucs_lora.core.errors import CheckpointError
-from demucs_lora.core.files import atomic_write
+from demucs_lora.core.files import atomic_torch_save
 from demucs_lora.lora.inject import has_lora, remove_lora
 from demucs_lora.lora.state import base_fingerprint, fingerprints_match, save_adapter
 from demucs_lora.models.trainable import swapped_trainables
@@ -32,11 +32,6 @@ from demucs_lora.models.trainable import swapped_trainables
 CHECKPOINT_FORMAT = "demucs-lora-checkpoint/2"
 RESUME_KEYS = ("format", "model", "optimizer", "scheduler", "scaler", "ema", "rng", "epoch",
                "history", "best_state", "best_nsdr", "base", "partial", "rank_adaptation")
-
-
-def atomic_torch_save(obj, path: Path) -> None:
-    """torch.save to a temp file in the same folder, then rename over `path`."""
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 # ---------------------------------------------------------------------------- RNG

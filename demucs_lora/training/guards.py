@@ -19,6 +19,7 @@ from dora import distrib
 from demucs_lora.training import checkpoint as ckpt
 from demucs_lora.training.epoch import EpochProgress, agree, gather_rng
 from demucs_lora.core.errors import TrainingDiverged
+from demucs_lora.core.files import atomic_torch_save
 from demucs_lora.core.finite import divergence_error, is_finite_number, nonfinite_names
 from demucs_lora.models.trainable import trainable_state
 
@@ -54,7 +55,7 @@ class SolverGuards:
         """A stop signal: checkpoint here (exact resume at this step), then exit."""
         progress.rng = gather_rng(ckpt.rng_state())
         if self.is_master:
-            ckpt.atomic_torch_save(self._state(partial=progress.to_state()),
+            atomic_torch_save(self._state(partial=progress.to_state()),
                                    self.folder / "checkpoint.th")
             logger.warning("Stopped at epoch %d step %d/%d: checkpoint.th saved; the same "
                            "command resumes exactly there", progress.epoch + 1, progress.step,

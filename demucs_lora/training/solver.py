@@ -34,7 +34,7 @@ from demucs_lora.training.guards import SolverGuards
 from demucs_lora.metrics import nsdr
 from demucs_lora.models.trainable import load_trainable_state, trainable_state
 from demucs_lora.training.optim import TrainableEMA, build_optimizer, build_scheduler
-from demucs_lora.core.files import atomic_write_text
+from demucs_lora.core.files import atomic_torch_save, atomic_write_text
 from demucs_lora.training.xp_guard import StopSignals, active_stop_signals
 
 logger = logging.getLogger(__name__)
@@ -406,7 +406,7 @@ class Solver(SolverGuards):
             if self.adaptation and self.adaptation.due(epoch, self.cfg.epochs):
                 self._adapt_ranks(epoch)  # after the adapters of this epoch, before its checkpoint
             if self.is_master:
-                ckpt.atomic_torch_save(self._state(), self.folder / "checkpoint.th")
+                atomic_torch_save(self._state(), self.folder / "checkpoint.th")
                 self.xp.link.push_metrics(metrics)
             self.saved = self._describe_saved()
             if distrib.world_size() > 1:
