@@ -178,7 +178,7 @@ def run(cfg: DictConfig) -> tp.List[dict]:
         return []
     if cfg.enable_checkpointing:
         enable_checkpointing(model)
-    solver = Solver(cfg, model, report, loaders, augment, device)
+    solver = Solver(cfg, model, loaders, augment, device)
     return solver.run()
 
 

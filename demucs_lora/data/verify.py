@@ -93,10 +93,6 @@ class Report:
             lines.append(f"NOT USABLE: {n_err} errors, {n_warn} warnings ({why})")
         return "\n".join(lines)
 
-    def raise_if_failed(self):
-        if not self.ok:
-            raise DatasetError(self.format())
-
 
 # ----------------------------------------------------------------------------- one track
 def _open_files(folder, names, residual):

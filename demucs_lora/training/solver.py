@@ -42,12 +42,11 @@ FP16_MAX_SKIPS = 24  # consecutive overflowing fp16 steps (loss scale / 2**24) =
 
 
 class Solver(SolverGuards):
-    def __init__(self, cfg: DictConfig, model: nn.Module, report: dict, loaders: dict,
-                 augment: nn.Module, device: torch.device):
+    def __init__(self, cfg: DictConfig, model: nn.Module, loaders: dict, augment: nn.Module,
+                 device: torch.device):
         self.cfg = cfg
         self.device = device
         self.model = model.to(device)
-        self.report = report
         self.loaders = loaders
         self.augment = augment.to(device)
         self.xp = get_xp()
