@@ -217,7 +217,7 @@ def test_scores(model_path: Path, data_args: tp.Sequence[str], workdir: Path,
             cache.stat().st_mtime >= model_path.stat().st_mtime:
         return json.loads(cache.read_text())
     from demucs_lora.inference.evaluate import build_dataset, compose, evaluate_model
-    from demucs_lora.hub.safe_load import load_model_file
+    from demucs_lora.hub.packages import load_model_file
     cwd = Path.cwd()
     os.chdir(workdir)   # dset.metadata (./metadata) is relative to where dora ran
     try:

@@ -8,7 +8,8 @@ from omegaconf import OmegaConf
 from demucs_lora.core.errors import ConfigError
 from demucs_lora.hub.int8 import (SCALE_SUFFIX, dequantize_state, quantize,
                                   save_quantized)
-from demucs_lora.hub.safe_load import load_model_file, load_package
+from demucs_lora.hub.packages import load_model_file
+from demucs_lora.hub.safe_load import load_package
 
 SOURCES = ["drums", "bass", "other", "vocals"]
 

@@ -18,7 +18,7 @@ each channel's best; max-abs included, so it is never worse) refined by two leas
 steps ``scale = <w, q> / <q, q>``. Biases, norms and layer scales stay float32. The
 package holds only tensors and builtins (plus the demucs ``klass``), so it opens with
 ``torch.load(weights_only=True)`` and the allowlist of ``demucs_lora.hub.safe_load``:
-``safe_load.load_model_file`` (which ``hub.packages.load_model_file`` calls) sees the
+``safe_load.model_from_package`` (which ``hub.packages.load_model_file`` calls) sees the
 ``quantized`` key, dequantizes and builds ``quantized["klass"]``. The stock loader (``python
 -m demucs --repo DIR -n NAME``) calls ``klass(*args, **kwargs)`` first: ``klass`` is
 `Int8Package`, which raises demucs' own ``ModelLoadingError`` "int8 file: load it with
