@@ -50,7 +50,6 @@ KNOWN_LONG_MODULES: tp.Set[str] = {
     'demucs_lora.lora.rank_adaptation',
     'demucs_lora.lora.ranks',
     'demucs_lora.lora.state',
-    'demucs_lora.training.solver',
 }
 KNOWN_LONG_FUNCTIONS: tp.Set[str] = {
     'demucs_lora.commands.export.export_one',
