@@ -54,7 +54,6 @@ KNOWN_LONG_MODULES: tp.Set[str] = {
 KNOWN_LONG_FUNCTIONS: tp.Set[str] = {
     'demucs_lora.commands.export.export_one',
     'demucs_lora.lora.state.load_lora_weights',
-    'demucs_lora.train.run',
 }
 
 
