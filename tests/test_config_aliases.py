@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from demucs_lora.config.aliases import ALIASES, canonical_config, normalize_argv
 from demucs_lora.config.keys import CONF_DIR, canonical_checked
-from demucs_lora.config.schema import schema
+from demucs_lora.config.schema import known_schema
 from demucs_lora.core.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,7 +63,7 @@ def _other_value(value):
 def _lora_keys():
     """Every htdemucs.lora_* key of conf/ (whoever added it), with a non-default value."""
     rows = []
-    for key, default in schema()["htdemucs"].items():
+    for key, default in known_schema(str(CONF_DIR))["htdemucs"].items():
         if key.startswith("lora_") and _other_value(default) is not None:
             typed, value = _other_value(default)
             rows.append((f"htdemucs.{key}", typed, f"htdemucs.{key}", value))

@@ -8,7 +8,6 @@ the key checks (`demucs_lora.config.keys`) read it.
 """
 from __future__ import annotations
 
-import copy
 import functools
 import typing as tp
 from pathlib import Path
@@ -47,7 +46,7 @@ def _merge(a: dict, b: dict) -> dict:
 @functools.lru_cache(maxsize=None)
 def known_schema(conf_dir: str) -> dict:
     """The known keys of the conf/ folder `conf_dir`, nested, with their defaults (cached:
-    do not modify it, `schema()` gives a copy)."""
+    read it, do not modify it)."""
     conf = Path(conf_dir)
     root = OmegaConf.to_container(OmegaConf.load(conf / "config.yaml"), resolve=False)
     root.pop("hydra", None)
@@ -63,11 +62,6 @@ def known_schema(conf_dir: str) -> dict:
     for key, default in htdemucs_kwargs().items():
         htdemucs.setdefault(key, default)
     return out
-
-
-def schema() -> dict:
-    """The known keys as a nested dict of their defaults (a copy of the cache)."""
-    return copy.deepcopy(known_schema(str(CONF_DIR)))
 
 
 def lookup(path: str) -> tp.Tuple[bool, bool]:
