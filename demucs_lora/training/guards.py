@@ -56,7 +56,7 @@ class SolverGuards:
         progress.rng = gather_rng(ckpt.rng_state())
         if self.is_master:
             atomic_torch_save(self._state(partial=progress.to_state()),
-                                   self.folder / "checkpoint.th")
+                              self.folder / "checkpoint.th")
             logger.warning("Stopped at epoch %d step %d/%d: checkpoint.th saved; the same "
                            "command resumes exactly there", progress.epoch + 1, progress.step,
                            self.steps_per_epoch)

@@ -12,13 +12,16 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from demucs_lora.core.errors import ConfigError
 from demucs_lora.models.trainable import swapped_trainables
 
 
 def build_optimizer(model: nn.Module, cfg: DictConfig) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
-        raise RuntimeError("no trainable parameter: check htdemucs.lora_* and train_heads")
+        raise ConfigError("no trainable parameter: htdemucs.lora_rank/lora_targets select no "
+                          "layer and train_heads trains no head; set htdemucs.lora_rank > 0 "
+                          "or train_heads=true")
     klass = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[cfg.optim]
     return klass(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
 
