@@ -33,12 +33,10 @@ from __future__ import annotations
 
 import inspect
 import typing as tp
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from demucs_lora.core.files import atomic_torch_save
 from demucs_lora.core.errors import ConfigError, ModelLoadError
 
 SCHEME = "per_channel_symmetric"
@@ -215,12 +213,3 @@ def dequantize_state(state: tp.Mapping[str, torch.Tensor]) -> tp.Dict[str, torch
         raise ModelLoadError(f"quantized state has scales without values: {orphans[:5]}")
     return out
 
-
-def save_quantized(model: nn.Module, path: tp.Union[str, Path], bits: int = 8,
-                   training_args: tp.Optional[tp.Dict[str, tp.Any]] = None,
-                   optimize_scales: bool = False) -> Path:
-    """Write ``quantize(model)`` to ``path`` atomically (temporary file, then os.replace)."""
-    path = Path(path)
-    package = quantize(model, bits, training_args, optimize_scales)
-    atomic_torch_save(package, path)
-    return path
