@@ -47,7 +47,7 @@ import time
 import typing as tp
 from pathlib import Path
 
-from demucs_lora.core.files import atomic_write_text
+from demucs_lora.core.files import atomic_write, atomic_write_text
 
 from . import common
 from .common import ROOT
@@ -392,7 +392,7 @@ def plot_ranks(results: tp.Dict[str, dict], path: Path, title: str) -> None:
     if lora:
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
 
 
@@ -429,7 +429,7 @@ def _finish(plt, fig, ax, path: Path, title: str, xlabel: str, ylabel: str,
     if legend:
         ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
 
 
