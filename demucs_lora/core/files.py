@@ -32,7 +32,7 @@ def _umask() -> int:
     return umask
 
 
-def disk_reason(folder: PathLike, exc: BaseException) -> tp.Optional[str]:
+def _disk_reason(folder: PathLike, exc: BaseException) -> tp.Optional[str]:
     """'No space left on device' / 'Read-only file system' / ... when `exc` (or the state
     of `folder` right after it) says the disk is at fault; None otherwise."""
     seen = set()
@@ -52,7 +52,7 @@ def disk_reason(folder: PathLike, exc: BaseException) -> tp.Optional[str]:
     return None
 
 
-def disk_error(path: PathLike, reason: str):
+def _disk_error(path: PathLike, reason: str):
     from demucs_lora.core.errors import DiskWriteError
     fix = ("free some space" if "space" in reason or "quota" in reason
            else "make the folder writable or write elsewhere")
@@ -65,10 +65,10 @@ def _temp_beside(path: Path) -> str:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as exc:
-        reason = disk_reason(path.parent, exc)
+        reason = _disk_reason(path.parent, exc)
         if reason is None:
             raise
-        raise disk_error(path, reason) from None
+        raise _disk_error(path, reason) from None
     os.close(fd)
     return tmp
 
@@ -81,10 +81,10 @@ def _write_temp(path: Path, write: Writer) -> str:
             write(tmp)
             os.chmod(tmp, 0o666 & ~_umask())  # mkstemp alone gives 0600
         except Exception as exc:
-            reason = disk_reason(path.parent, exc)  # checked before the temp is freed
+            reason = _disk_reason(path.parent, exc)  # checked before the temp is freed
             if reason is None:
                 raise
-            raise disk_error(path, reason) from None
+            raise _disk_error(path, reason) from None
     except BaseException:
         _unlink(tmp)
         raise
@@ -125,10 +125,10 @@ def atomic_write_group(items: tp.Sequence[tp.Tuple[PathLike, Writer]]) -> tp.Lis
         except OSError as exc:
             for _, rest in done[index:]:
                 _unlink(rest)
-            reason = disk_reason(path.parent, exc)
+            reason = _disk_reason(path.parent, exc)
             if reason is None:
                 raise
-            raise disk_error(path, reason) from None
+            raise _disk_error(path, reason) from None
     return [path for path, _ in done]
 
 
