@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from demucs_lora.core.files import atomic_write_text
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 CONF_DIR = ROOT / "conf"
@@ -386,10 +388,7 @@ def write_result(name: str, data: dict, args: argparse.Namespace) -> Path:
     folder = results_dir(args)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{result_name(name, getattr(args, 'suite', 'cpu'), args.smoke)}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(_jsonable(data), indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, json.dumps(_jsonable(data), indent=2) + "\n")
 
 
 def header(title: str, machine: dict, settings: dict) -> str:

@@ -47,6 +47,8 @@ import time
 import typing as tp
 from pathlib import Path
 
+from demucs_lora.core.files import atomic_write, atomic_write_text
+
 from . import common
 from .common import ROOT
 
@@ -216,7 +218,7 @@ def test_scores(model_path: Path, data_args: tp.Sequence[str], workdir: Path,
         return json.loads(cache.read_text())
     from demucs_lora.config.compose import compose
     from demucs_lora.inference.evaluation import build_dataset, evaluate_model
-    from demucs_lora.hub.safe_load import load_model_file
+    from demucs_lora.hub.packages import load_model_file
     cwd = Path.cwd()
     os.chdir(workdir)   # dset.metadata (./metadata) is relative to where dora ran
     try:
@@ -230,7 +232,7 @@ def test_scores(model_path: Path, data_args: tp.Sequence[str], workdir: Path,
     finally:
         os.chdir(cwd)
     if cache is not None:
-        cache.write_text(json.dumps(scores))
+        atomic_write_text(cache, json.dumps(scores))
     return scores
 
 
@@ -339,17 +341,9 @@ def plot_gain_vs_params(results: tp.Dict[str, dict], path: Path, title: str,
              if any(r["params"] and t / 3 <= r["params"] <= t * 3 for r in results.values())]
     ax.set_xticks(ticks)
     ax.set_xticklabels([f"{t / 1e6:g}M" if t >= 1e6 else f"{t / 1e3:g}k" for t in ticks])
-    ax.set_xlabel("trainable parameters (log)")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.axhline(0, color="grey", lw=0.8)
     ax.margins(x=0.25, y=0.2)
-    if seen:
-        ax.legend(loc="best", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish(plt, fig, ax, path, title, "trainable parameters (log)", ylabel, legend=bool(seen),
+            which="both")
 
 
 def _group(layer: str) -> str:
@@ -399,60 +393,68 @@ def plot_ranks(results: tp.Dict[str, dict], path: Path, title: str) -> None:
     if lora:
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    plt.close(fig)
+
+
+def _method_curves(best: tp.Mapping[str, dict],
+                   points: tp.Callable[[dict], tp.Iterable[tp.Tuple[float, float]]],
+                   label: tp.Callable[[dict], str], lw: float,
+                   circled: tp.Optional[tp.Callable[[dict], tp.Optional[tp.Tuple[float, float]]]]
+                   = None):
+    """(plt, fig, ax) with one line per method through its finite `points`, and the point
+    `circled` gives (the chosen one) circled."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for b in best.values():
+        finite = sorted((x, y) for x, y in points(b) if y is not None and math.isfinite(y))
+        if not finite:
+            continue
+        ax.plot(*zip(*finite), marker=MARKERS[b["mode"]], color=_color(b), lw=lw,
+                label=label(b))
+        mark = circled(b) if circled is not None else None
+        if mark is not None:
+            ax.scatter([mark[0]], [mark[1]], s=120, facecolors="none", edgecolors=_color(b),
+                       zorder=4)
+    return plt, fig, ax
+
+
+def _finish(plt, fig, ax, path: Path, title: str, xlabel: str, ylabel: str,
+            legend: bool, which: str = "major") -> None:
+    """Labels, grid, the zero-gain line and the legend; the figure written and closed."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which=which, alpha=0.3)
+    ax.axhline(0, color="grey", lw=0.8)
+    if legend:
+        ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
 
 
 def plot_gain_vs_tracks(best: tp.Mapping[str, dict], path: Path, title: str) -> None:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for b in best.values():
-        points = sorted((int(t), g) for t, g in b["curve"].items()
-                        if g is not None and math.isfinite(g))
-        if not points:
-            continue
-        ax.plot(*zip(*points), marker=MARKERS[b["mode"]], color=_color(b), lw=1.4,
-                label=f"{b['label']} (lr {b['lr']})")
+    plt, fig, ax = _method_curves(
+        best, lambda b: [(int(t), g) for t, g in b["curve"].items()],
+        lambda b: f"{b['label']} (lr {b['lr']})", lw=1.4)
     ax.set_xscale("log", base=2)
     ticks = sorted({int(t) for b in best.values() for t in b["curve"]})
     ax.set_xticks(ticks or [1])
     ax.set_xticklabels([str(t) for t in ticks] or ["1"])
-    ax.set_xlabel("training tracks (valid and test tracks fixed)")
-    ax.set_ylabel("mean nSDR gain on test B (dB)")
-    ax.set_title(title, fontsize=10)
-    ax.grid(True, alpha=0.3)
-    ax.axhline(0, color="grey", lw=0.8)
-    if best:
-        ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish(plt, fig, ax, path, title, "training tracks (valid and test tracks fixed)",
+            "mean nSDR gain on test B (dB)", legend=bool(best))
 
 
 def plot_lr_sweep(best: tp.Mapping[str, dict], path: Path, title: str) -> None:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for b in best.values():
-        points = sorted((float(lr), s["valid_gain"]) for lr, s in b["sweep"].items()
-                        if s["valid_gain"] is not None and math.isfinite(s["valid_gain"]))
-        if not points:
-            continue
-        ax.plot(*zip(*points), marker=MARKERS[b["mode"]], color=_color(b), lw=1.2,
-                label=b["label"])
-        if b["lr"] is not None:
-            ax.scatter([float(b["lr"])], [b["sweep"][b["lr"]]["valid_gain"]], s=120,
-                       facecolors="none", edgecolors=_color(b), zorder=4)
+    plt, fig, ax = _method_curves(
+        best, lambda b: [(float(lr), s["valid_gain"]) for lr, s in b["sweep"].items()],
+        lambda b: b["label"], lw=1.2,
+        circled=lambda b: None if b["lr"] is None
+        else (float(b["lr"]), b["sweep"][b["lr"]]["valid_gain"]))
     ax.set_xscale("log")
-    ax.set_xlabel("optim.lr (circle: the best, chosen on valid)")
-    ax.set_ylabel("best mean nSDR gain on valid B (dB)")
-    ax.set_title(title, fontsize=10)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.axhline(0, color="grey", lw=0.8)
-    if best:
-        ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish(plt, fig, ax, path, title, "optim.lr (circle: the best, chosen on valid)",
+            "best mean nSDR gain on valid B (dB)", legend=bool(best), which="both")
 
 
 # ----------------------------------------------------------------------------- main
@@ -597,7 +599,8 @@ def _gain(test: tp.Mapping[str, float], base: tp.Mapping[str, float]) -> tp.Dict
     return {k: test.get(k, float("nan")) - base[k] for k in base}
 
 
-def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
+def parse_plan(argv: tp.Optional[tp.Sequence[str]]) -> tp.Tuple[argparse.Namespace, dict]:
+    """(the arguments, the plan: methods, lrs, tracks, epochs, max_extend)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--smoke", action="store_true",
                         help="CI: full FT (1 lr) and uniform r=4 (3 lrs), 1 step each, "
@@ -617,7 +620,6 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
                         help="cwd of the dora runs: XPs go to WORKDIR/outputs/xps, synthetic "
                         "data to WORKDIR/metadata (default: the repository root)")
     args = parser.parse_args(argv)
-    common.passive_omp()
     plan = dict(SMOKE_PLAN) if args.smoke else {
         "methods": tuple(METHODS), "lrs": {}, "tracks": TRACKS, "epochs": DEFAULT_EPOCHS,
         "max_extend": 2}
@@ -632,19 +634,16 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
         plan["tracks"] = tuple(sorted(int(t) for t in args.tracks.split(",")))
     if args.max_extend is not None:
         plan["max_extend"] = args.max_extend
-    workdir = Path(args.workdir).resolve() if args.workdir else ROOT
-    workdir.mkdir(parents=True, exist_ok=True)
-    base = str(BASE.relative_to(ROOT)) if workdir == ROOT else str(BASE)
-    out_dir = common.results_dir(args).resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = NAME + ("_smoke" if args.smoke else "")
-    log = workdir / "outputs" / f"{stem}_dora.log"  # the runs' output (git-ignored there)
-    log.parent.mkdir(parents=True, exist_ok=True)
-    shared = SMOKE if args.smoke else COMMON
+    return args, plan
+
+
+def run_settings(plan: dict, smoke: bool, workdir: Path, base: str) -> dict:
+    """What the JSON records of how the benchmark ran (and the one-line scale)."""
+    shared = SMOKE if smoke else COMMON
     opt = dict(a.split("=", 1) for a in shared)
     main_tracks = max(plan["tracks"])
     batch, max_batches = int(opt["batch_size"]), int(opt["max_batches"])
-    settings = {"smoke": args.smoke, "workdir": str(workdir), "base": base, "common": shared,
+    settings = {"smoke": smoke, "workdir": str(workdir), "base": base, "common": shared,
                 "methods": list(plan["methods"]), "epochs": plan["epochs"],
                 "max_batches": max_batches, "batch_size": batch,
                 "steps": plan["epochs"] * max_batches, "tracks": list(plan["tracks"]),
@@ -658,38 +657,71 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
                          f"training tracks, curve at {', '.join(map(str, plan['tracks']))} "
                          f"tracks, up to {plan['max_extend']} lr value(s) added past an edge "
                          "per method, one seed")
+    return settings
+
+
+def method_entry(method: Method, runner: Runner, plan: dict,
+                 base_test: tp.Mapping[str, float]) -> dict:
+    """One method: its lr sweep at the largest size, then its data-size curve at the best lr."""
+    main_tracks = max(plan["tracks"])
+    runs, lr, at_edge = sweep(method, runner, main_tracks,
+                              start_lrs(method, plan["lrs"]), plan["max_extend"])
+    chosen = runs.get(lr) if lr else None
+    entry = {"method": method.key, "label": method.label, "mode": method.mode,
+             "rank": method.rank, "lr": lr, "best_at_edge": at_edge,
+             "params": chosen["params"] if chosen else None,
+             "valid_gain": chosen["valid_gain"] if chosen else float("nan"),
+             "test_gain": _gain(chosen["test"], base_test) if chosen and chosen["test"]
+             else {k: float("nan") for k in base_test},
+             "sweep": {k: {"valid_gain": v["valid_gain"],
+                           "test_gain": _gain(v["test"], base_test)["mean"]
+                           if v["test"] else float("nan"), "xp": v["xp"]}
+                       for k, v in runs.items()},
+             "ranks": chosen.get("ranks") if chosen else None, "curve": {}}
+    entry["gain"] = entry["test_gain"]  # what the gain-vs-params figure plots
+    for tracks in plan["tracks"]:
+        if lr is None:
+            break
+        run = chosen if tracks == main_tracks else runner(Run(method, lr, tracks))
+        entry["curve"][str(tracks)] = _gain(run["test"], base_test)["mean"] \
+            if run["test"] else float("nan")
+    return entry
+
+
+def write_figures(best: tp.Mapping[str, dict], settings: dict, out_dir: Path,
+                  stem: str) -> tp.List[Path]:
+    title = f"domain A -> B, tiny HTDemucs, {settings['steps']} steps per run, best lr each"
+    figures = [out_dir / f"{stem}_{n}.png" for n in ("gain_vs_params", "gain_vs_tracks",
+                                                      "lr_sweep", "ranks")]
+    plot_gain_vs_params(best, figures[0], "mean nSDR gain on test vs trainable params\n" + title)
+    plot_gain_vs_tracks(best, figures[1], "data-size curve (each method at its best lr)")
+    plot_lr_sweep(best, figures[2], f"lr sweep at {settings['sweep_tracks']} tracks (valid split)")
+    plot_ranks({k: b for k, b in best.items() if b.get("ranks")}, figures[3],
+               "per-layer LoRA ranks by mode")
+    return figures
+
+
+def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
+    args, plan = parse_plan(argv)
+    common.passive_omp()
+    workdir = Path(args.workdir).resolve() if args.workdir else ROOT
+    workdir.mkdir(parents=True, exist_ok=True)
+    base = str(BASE.relative_to(ROOT)) if workdir == ROOT else str(BASE)
+    out_dir = common.results_dir(args).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = NAME + ("_smoke" if args.smoke else "")
+    log = workdir / "outputs" / f"{stem}_dora.log"  # the runs' output (git-ignored there)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    settings = run_settings(plan, args.smoke, workdir, base)
     machine = common.describe_machine("cpu")
     print(common.header("Adaptation quality (domain A -> B): " + PROTOCOL, machine,
                         {"scale": settings["scale"], "workdir": workdir}), flush=True)
     runner = Runner(base, plan["epochs"], args.smoke, workdir, log)
-    any_run = overrides(Run(METHODS[plan["methods"][0]], "1e-3", main_tracks), base,
+    any_run = overrides(Run(METHODS[plan["methods"][0]], "1e-3", max(plan["tracks"])), base,
                         plan["epochs"], args.smoke)
     base_test = test_scores(BASE, any_run, workdir)   # the same test tracks at every size
-    best: tp.Dict[str, dict] = {}
-    for key in plan["methods"]:
-        method = METHODS[key]
-        runs, lr, at_edge = sweep(method, runner, main_tracks,
-                                  start_lrs(method, plan["lrs"]), plan["max_extend"])
-        chosen = runs.get(lr) if lr else None
-        entry = {"method": key, "label": method.label, "mode": method.mode,
-                 "rank": method.rank, "lr": lr, "best_at_edge": at_edge,
-                 "params": chosen["params"] if chosen else None,
-                 "valid_gain": chosen["valid_gain"] if chosen else float("nan"),
-                 "test_gain": _gain(chosen["test"], base_test) if chosen and chosen["test"]
-                 else {k: float("nan") for k in base_test},
-                 "sweep": {k: {"valid_gain": v["valid_gain"],
-                               "test_gain": _gain(v["test"], base_test)["mean"]
-                               if v["test"] else float("nan"), "xp": v["xp"]}
-                           for k, v in runs.items()},
-                 "ranks": chosen.get("ranks") if chosen else None, "curve": {}}
-        entry["gain"] = entry["test_gain"]  # what the gain-vs-params figure plots
-        for tracks in plan["tracks"]:
-            if lr is None:
-                break
-            run = chosen if tracks == main_tracks else runner(Run(method, lr, tracks))
-            entry["curve"][str(tracks)] = _gain(run["test"], base_test)["mean"] \
-                if run["test"] else float("nan")
-        best[key] = entry
+    best = {key: method_entry(METHODS[key], runner, plan, base_test)
+            for key in plan["methods"]}
     steps = sorted({r["steps"] for r in runner.results.values() if r["steps"]})
     target_rows = targets(best)
     data = {"benchmark": NAME, "protocol": PROTOCOL, "machine": machine, "settings": settings,
@@ -698,14 +730,7 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
             "targets": target_rows, "errors": runner.errors}
     path = common.write_result(NAME, data, argparse.Namespace(smoke=args.smoke,
                                                               out=str(out_dir)))
-    title = f"domain A -> B, tiny HTDemucs, {settings['steps']} steps per run, best lr each"
-    figures = [out_dir / f"{stem}_{n}.png" for n in ("gain_vs_params", "gain_vs_tracks",
-                                                      "lr_sweep", "ranks")]
-    plot_gain_vs_params(best, figures[0], "mean nSDR gain on test vs trainable params\n" + title)
-    plot_gain_vs_tracks(best, figures[1], "data-size curve (each method at its best lr)")
-    plot_lr_sweep(best, figures[2], f"lr sweep at {main_tracks} tracks (valid split)")
-    plot_ranks({k: b for k, b in best.items() if b.get("ranks")}, figures[3],
-               "per-layer LoRA ranks by mode")
+    figures = write_figures(best, settings, out_dir, stem)
     print()
     print(format_results(best, plan["tracks"]))
     print(f"equal steps: every run took {steps} optimizer steps")

@@ -18,6 +18,8 @@ import sys
 import typing as tp
 from pathlib import Path
 
+from demucs_lora.core.files import atomic_write_text
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 BENCHMARKS = ("train_step", "inference", "size", "data_loading", "quality")
@@ -277,7 +279,7 @@ def update_readme(path: tp.Union[str, Path], table: tp.Optional[str] = None) -> 
         return False
     new = text[:start + len(START)] + "\n" + table.rstrip() + "\n" + text[end:]
     if new != text:
-        path.write_text(new)
+        atomic_write_text(path, new)
     return True
 
 
@@ -318,7 +320,7 @@ def main(argv=None) -> int:
     table = make_table(load_results(folder, smoke=args.smoke))
     folder.mkdir(parents=True, exist_ok=True)
     table_path = folder / f"README_table{'_smoke' if args.smoke else ''}.md"
-    table_path.write_text(table)
+    atomic_write_text(table_path, table)
     print(f"\n{table}\nwrote {table_path}")
     if not args.smoke and folder == RESULTS_DIR:
         print(("updated " if update_readme(args.readme, table) else

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from demucs_lora.core.files import atomic_torch_save
+
 from . import common
 
 CONFIGS = {  # name -> (rank, mode, save dtype)
@@ -35,7 +37,7 @@ def base_bytes(model: torch.nn.Module, folder: Path, half: bool = False) -> int:
     from demucs.states import serialize_model
     from omegaconf import OmegaConf
     path = folder / f"base{'_half' if half else ''}.th"
-    torch.save(serialize_model(model, OmegaConf.create({}), half=half), path)
+    atomic_torch_save(serialize_model(model, OmegaConf.create({}), half=half), path)
     return path.stat().st_size
 
 

@@ -16,7 +16,7 @@ Public API (imported lazily, so ``import demucs_lora`` loads neither torch nor d
 """
 import importlib
 
-from demucs_lora.core.version import __version__
+from demucs_lora.core.version import __version__  # noqa: F401 (public)
 
 _EXPORTS = {
     "api": ["get_model"],

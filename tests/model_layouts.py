@@ -17,7 +17,8 @@ from demucs.htdemucs import HTDemucs
 from demucs.states import serialize_model
 from omegaconf import OmegaConf
 
-from demucs_lora.hub.packages import write_safetensors_package
+from demucs_lora.core.files import atomic_write
+from demucs_lora.hub.packages import safetensors_writer
 
 REV = "0123456789abcdef0123456789abcdef01234567"
 
@@ -59,7 +60,7 @@ def write_hf_cache(models: tp.Sequence, hf_home: Path, name: str, sigs: tp.Seque
         bag["segment"] = segment
     (snap / f"{name}.yaml").write_text(yaml.safe_dump(bag))
     for model, sig in zip(models, sigs):
-        write_safetensors_package(model, snap / f"{sig}.safetensors")
+        atomic_write(snap / f"{sig}.safetensors", safetensors_writer(model))
     return snap
 
 

@@ -86,7 +86,7 @@ def make_solver(monkeypatch, folder: Path, *overrides: str, model=None, base_see
     model = model if model is not None else lora(tiny_base(base_seed))
     torch.manual_seed(cfg.seed)
     augment = build_augment(cfg.dset.augment, SR, cfg.dset.segment)
-    return Solver(cfg, model, {"trainable": {}}, loaders(cfg, num_workers=num_workers),
+    return Solver(cfg, model, loaders(cfg, num_workers=num_workers),
                   augment, torch.device("cpu"))
 
 

@@ -114,7 +114,8 @@ def test_swap_in_place_matches_fresh_load_and_back(xp):
 def test_get_model_resolves_file_repo_sig_and_quantized(xp, tmp_path, monkeypatch):
     from demucs_lora import get_model
     from demucs_lora.lora.inject import has_lora, iter_lora_layers
-    from demucs_lora.hub.int8 import save_quantized
+    from demucs_lora.core.files import atomic_torch_save
+    from demucs_lora.hub.int8 import quantize
     monkeypatch.chdir(xp.root)
     by_sig = get_model(xp.sig)
     by_path = get_model(xp.folder / "best.th")
@@ -122,7 +123,7 @@ def test_get_model_resolves_file_repo_sig_and_quantized(xp, tmp_path, monkeypatc
     for (k, a), b in zip(by_sig.state_dict().items(), by_path.state_dict().values()):
         assert torch.equal(a, b), k
     repo = tmp_path / "repo"
-    save_quantized(by_sig, repo / "small.th")
+    atomic_torch_save(quantize(by_sig), repo / "small.th")
     small = get_model("small", repo=repo)
     assert next(small.parameters()).dtype == torch.float32
     with_adapter = get_model(xp.base_path, adapter=xp.sig)  # an XP sig means its lora_best

@@ -29,15 +29,6 @@ RANKS = {
 MAX_MODULE_LINES = 400
 MAX_FUNCTION_LINES = 60
 
-# Known violations, to be emptied by issue 13; a fixed one must leave this list.
-KNOWN_UPWARD: tp.Set[tp.Tuple[str, str]] = set()
-KNOWN_LONG_MODULES: tp.Set[str] = {
-    'demucs_lora.metrics.scores',
-    'demucs_lora.training.solver',
-}
-KNOWN_LONG_FUNCTIONS: tp.Set[str] = {
-    'demucs_lora.train.run',
-}
 
 
 def module_name(path: Path) -> str:
@@ -160,37 +151,25 @@ def test_every_module_is_in_a_room():
 
 
 def test_no_import_arrow_runs_upward():
-    bad = upward_arrows()
-    new = sorted(bad - KNOWN_UPWARD)
-    fixed = sorted(KNOWN_UPWARD - bad)
-    assert not new, "upward imports (room rank must fall): " + "; ".join(
-        f"{a} -> {b} ({room(a)} {RANKS[room(a)]} -> {room(b)} {RANKS[room(b)]})" for a, b in new)
-    assert not fixed, f"fixed, remove from KNOWN_UPWARD: {fixed}"
-
-
-KNOWN_CIRCLES = [
-    ["demucs_lora.config.aliases", "demucs_lora.config.keys"],
-]
+    bad = sorted(upward_arrows())
+    assert not bad, "upward imports (room rank must fall): " + "; ".join(
+        f"{a} -> {b} ({room(a)} {RANKS[room(a)]} -> {room(b)} {RANKS[room(b)]})" for a, b in bad)
 
 
 def test_no_import_circle():
     found = sorted(cycles())
-    assert found == KNOWN_CIRCLES, "import circles: " + "; ".join(" <-> ".join(c) for c in found)
+    assert not found, "import circles: " + "; ".join(" <-> ".join(c) for c in found)
 
 
 def test_modules_are_small():
     long = {m for m, p in modules().items()
             if len(p.read_text().splitlines()) > MAX_MODULE_LINES}
-    assert long == KNOWN_LONG_MODULES, (
-        f"over {MAX_MODULE_LINES} lines: {sorted(long - KNOWN_LONG_MODULES)}; "
-        f"fixed (remove from KNOWN_LONG_MODULES): {sorted(KNOWN_LONG_MODULES - long)}")
+    assert not long, f"over {MAX_MODULE_LINES} lines: {sorted(long)}"
 
 
 def test_functions_are_short():
     long = long_functions()
-    assert long == KNOWN_LONG_FUNCTIONS, (
-        f"over {MAX_FUNCTION_LINES} lines: {sorted(long - KNOWN_LONG_FUNCTIONS)}; "
-        f"fixed (remove from KNOWN_LONG_FUNCTIONS): {sorted(KNOWN_LONG_FUNCTIONS - long)}")
+    assert not long, f"over {MAX_FUNCTION_LINES} lines: {sorted(long)}"
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from demucs_lora.config.aliases import ALIASES, canonical_config, normalize_argv
-from demucs_lora.config.keys import CONF_DIR, canonical_checked, schema
+from demucs_lora.config.keys import CONF_DIR, canonical_checked
+from demucs_lora.config.schema import known_schema
 from demucs_lora.core.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,7 +63,7 @@ def _other_value(value):
 def _lora_keys():
     """Every htdemucs.lora_* key of conf/ (whoever added it), with a non-default value."""
     rows = []
-    for key, default in schema()["htdemucs"].items():
+    for key, default in known_schema(str(CONF_DIR))["htdemucs"].items():
         if key.startswith("lora_") and _other_value(default) is not None:
             typed, value = _other_value(default)
             rows.append((f"htdemucs.{key}", typed, f"htdemucs.{key}", value))
@@ -157,10 +158,11 @@ def test_dset_wav_group_signs(main):
 
 def test_every_group_option_only_uses_known_keys():
     """The known keys come from the default composition: other options add none."""
-    from demucs_lora.config.keys import _load_group_file, unknown_keys
+    from demucs_lora.config.keys import unknown_keys
+    from demucs_lora.config.schema import load_group_file
     for group in ("model", "dset", "optim", "variant"):
         for path in sorted((CONF_DIR / group).glob("*.yaml")):
-            data = _load_group_file(path)
+            data = load_group_file(path)
             assert unknown_keys(OmegaConf.create(data)) == [], path
 
 

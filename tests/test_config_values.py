@@ -55,13 +55,14 @@ def test_base_checks(tmp_path):
 
 
 def test_base_checks_run_before_any_data_is_made(tmp_path, monkeypatch):
-    """train.run loads the base and checks layer_ranks before verify_or_raise (which
-    generates the synthetic data)."""
+    """train.run loads the base and checks layer_ranks before verify_or_raise
+    (training/run.py; it generates the synthetic data)."""
     from types import SimpleNamespace
     import torch
     from demucs.states import serialize_model
     from omegaconf import OmegaConf
     from demucs_lora import train
+    from demucs_lora.training import run
     from solver_helpers import tiny_base
     base_path = tmp_path / "base.th"
     torch.save(serialize_model(tiny_base(), OmegaConf.create({}), half=False), base_path)
@@ -74,7 +75,7 @@ def test_base_checks_run_before_any_data_is_made(tmp_path, monkeypatch):
 
     def no_data(cfg):
         raise AssertionError("the data was touched before the base checks")
-    monkeypatch.setattr(train, "verify_or_raise", no_data)
+    monkeypatch.setattr(run, "verify_or_raise", no_data)
     with pytest.raises(ConfigError, match="matches no layer"):
         train.run(cfg)
     assert not (tmp_path / "metadata").exists()

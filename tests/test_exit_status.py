@@ -78,6 +78,6 @@ def test_writing_under_a_file_is_a_disk_write_error(tmp_path):
 def test_training_device_errors_are_config_errors(device, precision, key):
     """`dora run device=cuda` on a CPU machine: exit status 2, like any bad value."""
     from omegaconf import OmegaConf
-    from demucs_lora.train import pick_device
+    from demucs_lora.training.run import pick_device
     with pytest.raises(errors.ConfigError, match=key):
         pick_device(OmegaConf.create({"device": device, "mixed_precision": precision}))

@@ -106,7 +106,7 @@ def _package(path, **kwargs):
     ({"t_cape_glob_loc_scale": list(range(1000))}, "list of 1000 items"),
 ])
 def test_package_bombs_are_refused_before_building(tmp_path, kwargs, expected):
-    from demucs_lora.hub.safe_load import load_model_file
+    from demucs_lora.hub.packages import load_model_file
     path = _package(tmp_path / "bomb.th", **kwargs)
     before, start = peak_rss_kib(), time.time()
     with pytest.raises(ModelLoadError, match=expected) as info:
@@ -116,7 +116,7 @@ def test_package_bombs_are_refused_before_building(tmp_path, kwargs, expected):
 
 
 def test_a_plain_package_still_loads(tmp_path):
-    from demucs_lora.hub.safe_load import load_model_file
+    from demucs_lora.hub.packages import load_model_file
     model = load_model_file(_package(tmp_path / "ok.th"))
     assert sum(p.numel() for p in model.parameters()) > 0
 
@@ -155,7 +155,7 @@ def test_model_file_with_fraction_bomb_is_refused(tmp_path):
     package = serialize_model(tiny_base(), OmegaConf.create({}), half=False)
     package["kwargs"]["segment"] = _FractionBomb()
     torch.save(package, tmp_path / "bomb.th")
-    code = ("import sys; from demucs_lora.hub.safe_load import load_model_file\n"
+    code = ("import sys; from demucs_lora.hub.packages import load_model_file\n"
             "try:\n    load_model_file(sys.argv[1])\nexcept Exception as e:\n"
             "    print(type(e).__name__, e)\n")
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "bomb.th")],

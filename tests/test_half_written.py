@@ -12,7 +12,7 @@ import torch
 
 import solver_helpers
 from solver_helpers import make_solver
-from demucs_lora.core import files as utils
+from demucs_lora.core import files
 from demucs_lora.core.errors import AdapterMismatch, DiskWriteError
 
 _threads = pytest.fixture(autouse=True)(solver_helpers.one_thread)
@@ -53,7 +53,7 @@ def test_group_write_is_all_or_nothing(tmp_path):
     def boom(tmp):
         raise RuntimeError("writer failed")
     with pytest.raises(RuntimeError):
-        utils.atomic_write_group([(first, lambda t: open(t, "w").write("a")), (second, boom)])
+        files.atomic_write_group([(first, lambda t: open(t, "w").write("a")), (second, boom)])
     assert not first.exists() and not second.exists()
     assert not list(tmp_path.glob(".*.tmp"))
 
@@ -77,17 +77,17 @@ def test_a_kill_between_renames_is_a_torn_pair_and_temps_are_cleaned(tmp_path, m
             raise KeyboardInterrupt("killed")  # like a kill: nothing after runs
         calls["n"] += 1
         return real(src, dst)
-    monkeypatch.setattr(utils.os, "replace", dying_replace)
+    monkeypatch.setattr(files.os, "replace", dying_replace)
     with pytest.raises(KeyboardInterrupt):
         save_adapter(model, tmp_path / "ad", xp="v2")
-    monkeypatch.setattr(utils.os, "replace", real)
+    monkeypatch.setattr(files.os, "replace", real)
     if killed_at == 0:  # nothing renamed: the old pair is whole
         assert read_adapter(tmp_path / "ad")[0]["xp"] == "v1"
     else:  # new tensors beside the old header: detected, never mixed
         with pytest.raises(AdapterMismatch, match="torn"):
             read_adapter(tmp_path / "ad")
     assert list(tmp_path.glob(".*.tmp"))
-    removed = utils.remove_stale_temps(tmp_path)
+    removed = files.remove_stale_temps(tmp_path)
     assert removed and not list(tmp_path.glob(".*.tmp"))
 
 
@@ -105,8 +105,8 @@ def test_torn_initial_validation_is_recomputed(tmp_path, monkeypatch):
 def test_full_disk_is_one_line_naming_the_file(tmpfs):
     fill(tmpfs)
     target = tmpfs / "checkpoint.th"
-    for write in (lambda: utils.atomic_write_text(tmpfs / "epoch_000.json", "x" * 100000),
-                  lambda: utils.atomic_write(target, lambda tmp: torch.save(
+    for write in (lambda: files.atomic_write_text(tmpfs / "epoch_000.json", "x" * 100000),
+                  lambda: files.atomic_write(target, lambda tmp: torch.save(
                       torch.zeros(300000), tmp))):
         with pytest.raises(DiskWriteError) as info:
             write()
@@ -119,26 +119,26 @@ def test_full_disk_is_one_line_naming_the_file(tmpfs):
 def test_read_only_folder_is_one_line(tmpfs):
     subprocess.run(["mount", "-o", "remount,ro", str(tmpfs)], check=True)
     with pytest.raises(DiskWriteError, match="Read-only file system") as info:
-        utils.atomic_write_text(tmpfs / "config.yaml", "a: 1")
+        files.atomic_write_text(tmpfs / "config.yaml", "a: 1")
     assert str(tmpfs / "config.yaml") in str(info.value)
 
 
 def test_disk_full_mid_run_then_resume_is_exact(tmp_path, tmpfs, monkeypatch):
-    from demucs_lora.training import checkpoint as ckpt
+    from demucs_lora.training import solver as solver_module
     reference = make_solver(monkeypatch, tmp_path / "ref", "epochs=2").run()
     folder = tmpfs / "xp"
     solver = make_solver(monkeypatch, folder, "epochs=2")
-    real_save, filler = ckpt.atomic_torch_save, {}
+    real_save, filler = solver_module.atomic_torch_save, {}
 
     def save_then_fill(obj, path):  # the disk fills up right after epoch 1's checkpoint
         real_save(obj, path)
         if path.name == "checkpoint.th" and not filler:
             filler["path"] = fill(tmpfs)
-    monkeypatch.setattr(ckpt, "atomic_torch_save", save_then_fill)
+    monkeypatch.setattr(solver_module, "atomic_torch_save", save_then_fill)
     with pytest.raises(DiskWriteError, match="No space left on device") as info:
         solver.run()
     assert str(folder) in str(info.value)
-    monkeypatch.setattr(ckpt, "atomic_torch_save", real_save)
+    monkeypatch.setattr(solver_module, "atomic_torch_save", real_save)
     filler["path"].unlink()
     resumed = make_solver(monkeypatch, folder, "epochs=2").run()
     for ref, res in zip(reference, resumed):

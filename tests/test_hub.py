@@ -9,7 +9,8 @@ from model_layouts import (isolate_caches, run_offline, tiny, write_hf_cache, wr
 from safetensors.torch import save_file
 
 from demucs_lora.core.errors import ModelLoadError
-from demucs_lora.hub.packages import load_model_file, write_safetensors_package
+from demucs_lora.core.files import atomic_write
+from demucs_lora.hub.packages import load_model_file, safetensors_writer
 from demucs_lora.hub.resolve import find_model
 from demucs_lora.models.build import load_base
 
@@ -52,7 +53,7 @@ def test_safetensors_export_reads_in_demucs_and_keeps_fractions(tmp_path):
     from fractions import Fraction
     from demucs.hf import load_safetensors_model
     model = tiny(segment=Fraction(39, 5))
-    path = write_safetensors_package(model, tmp_path / "955717e8.safetensors")
+    path = atomic_write(tmp_path / "955717e8.safetensors", safetensors_writer(model))
     theirs, ours = load_safetensors_model(path), load_model_file(path)
     assert theirs.segment == ours.segment == Fraction(39, 5)
     assert torch.equal(_out(theirs), _out(model)) and torch.equal(_out(ours), _out(model))
@@ -95,7 +96,7 @@ def test_malformed_safetensors_metadata(tmp_path, metadata, match):
 
 def test_truncated_safetensors_and_wrong_checksum(tmp_path):
     model = tiny()
-    good = write_safetensors_package(model, tmp_path / "a.safetensors")
+    good = atomic_write(tmp_path / "a.safetensors", safetensors_writer(model))
     cut = tmp_path / "cut.safetensors"
     cut.write_bytes(good.read_bytes()[:1000])
     with pytest.raises(ModelLoadError, match="cut.safetensors.*not a readable safetensors"):

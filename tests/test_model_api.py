@@ -117,9 +117,10 @@ def test_optimize_scales_never_reconstructs_worse_than_max_abs():
 
 
 def test_stock_cli_reading_an_int8_file_says_how_to_load_it(tmp_path):
-    from demucs_lora.hub.int8 import save_quantized
+    from demucs_lora.core.files import atomic_torch_save
+    from demucs_lora.hub.int8 import quantize
     repo = tmp_path / "release"
-    save_quantized(tiny_base(), repo / "small.th")
+    atomic_torch_save(quantize(tiny_base()), repo / "small.th")
     with pytest.raises(RuntimeError, match="int8 file: load it with demucs_lora.get_model"):
         stock_load_model(torch.load(repo / "small.th", weights_only=False))
     write_mix(tmp_path / "song.wav", seconds=0.2)

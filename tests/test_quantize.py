@@ -6,9 +6,10 @@ from demucs.states import serialize_model
 from omegaconf import OmegaConf
 
 from demucs_lora.core.errors import ConfigError
-from demucs_lora.hub.int8 import (SCALE_SUFFIX, dequantize_state, quantize,
-                                  save_quantized)
-from demucs_lora.hub.safe_load import load_model_file, load_package
+from demucs_lora.core.files import atomic_torch_save
+from demucs_lora.hub.int8 import SCALE_SUFFIX, dequantize_state, quantize
+from demucs_lora.hub.packages import load_model_file
+from demucs_lora.hub.safe_load import load_package
 
 SOURCES = ["drums", "bass", "other", "vocals"]
 
@@ -24,7 +25,7 @@ def files(model, tmp_path_factory):
     folder = tmp_path_factory.mktemp("quant")
     float_path = folder / "float.th"
     torch.save(serialize_model(model, training_args=OmegaConf.create({}), half=False), float_path)
-    return float_path, save_quantized(model, folder / "q8.th")
+    return float_path, atomic_torch_save(quantize(model), folder / "q8.th")
 
 
 def outputs(model):

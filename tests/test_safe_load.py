@@ -13,7 +13,8 @@ from demucs.states import serialize_model
 from omegaconf import OmegaConf
 
 from demucs_lora.core.errors import ModelLoadError
-from demucs_lora.hub.safe_load import SAFE_GLOBALS, load_model_file, load_package
+from demucs_lora.hub.packages import load_model_file
+from demucs_lora.hub.safe_load import SAFE_GLOBALS, load_package
 
 SOURCES = ["drums", "bass", "other", "vocals"]
 

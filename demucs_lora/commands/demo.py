@@ -23,6 +23,7 @@ import typing as tp
 from pathlib import Path
 
 from demucs_lora.core.errors import DemucsLoRAError, exit_on_user_error
+from demucs_lora.core.files import atomic_torch_save, atomic_write_text
 from demucs_lora.core.paths import ASSETS_DIR, REPO_DIR
 
 REPO = REPO_DIR
@@ -68,7 +69,6 @@ def _xp_of(args: tp.Sequence[str]) -> Path:
 
 def make_base() -> Path:
     """Train the base on domain A and write the fp16 asset plus how it was made."""
-    import torch
     from demucs.states import serialize_model
     from omegaconf import OmegaConf
     from demucs_lora.hub.packages import load_model_file
@@ -76,9 +76,7 @@ def make_base() -> Path:
     _dora("run", *BASE_ARGS)
     xp = _xp_of(BASE_ARGS)
     model = load_model_file(xp / "best.th")
-    from demucs_lora.core.files import atomic_write, atomic_write_text
-    atomic_write(ASSET, lambda tmp: torch.save(
-        serialize_model(model, OmegaConf.create({}), half=True), tmp))
+    atomic_torch_save(serialize_model(model, OmegaConf.create({}), half=True), ASSET)
     history = json.loads((xp / "history.json").read_text())
     best = max(history, key=lambda h: h.get("valid_nsdr", float("-inf")))
     info = {"command": "dora run " + " ".join(BASE_ARGS), "seed": 0, "xp": xp.name,
@@ -152,7 +150,7 @@ exported        {release}/{xp.name}.th (+ .lora.safetensors/.json)
 stems           {stems[0].parent if stems else '(no mixture found)'}
 base            {base} ({ASSET_INFO.name} says how it was made)
 elapsed         {time.time() - start:.0f} s""")
-    (out / "summary.json").write_text(json.dumps(
+    atomic_write_text(out / "summary.json", json.dumps(
         {"xp": xp.name, "nsdr_before": before["summary"]["nsdr"],
          "nsdr_after": after["summary"]["nsdr"]}, indent=2))
 

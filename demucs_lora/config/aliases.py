@@ -19,6 +19,7 @@ import typing as tp
 from omegaconf import DictConfig, OmegaConf
 
 from demucs_lora.config.check import normalize_overrides
+from demucs_lora.config.schema import is_closed
 from demucs_lora.core.errors import ConfigError
 from demucs_lora.lora.config import LORA_KEYS
 
@@ -197,7 +198,6 @@ def canonical_config(cfg: DictConfig, cli_keys: tp.Iterable[str] = (),
     """A new config where dotted YAML keys are nested and alias keys are moved to their
     canonical key. A canonical key given on the command line (`cli_keys`) wins over an
     alias written in a YAML file; otherwise the alias (written by the user) wins."""
-    from demucs_lora.config.keys import is_closed
     closed = closed or is_closed
     data = OmegaConf.to_container(cfg, resolve=False)
     data = expand_dotted(data, closed)
@@ -213,7 +213,3 @@ def canonical_config(cfg: DictConfig, cli_keys: tp.Iterable[str] = (),
     OmegaConf.set_struct(out, OmegaConf.is_struct(cfg))
     return out
 
-
-def alias_rows() -> tp.List[tp.Tuple[str, str, str]]:
-    """(guide spelling, canonical key, note) for the README table."""
-    return [(alias, entry.canonical, entry.note) for alias, entry in ALIASES.items()]

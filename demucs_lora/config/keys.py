@@ -1,9 +1,7 @@
 """Every key that reaches a run is a known key: anything else is a ConfigError.
 
-The known keys are read from conf/ itself: `config.yaml` composed with the default
-option of each group (model, dset, optim; variants only overlay), plus the constructor
-arguments of demucs' HTDemucs under `htdemucs.` (the common ones are in
-conf/model/*.yaml, the others may be given too). A key added to conf/ is known at once.
+The known keys are read from conf/ itself (`demucs_lora.config.schema`): a key added to
+conf/ is known at once.
 
 Checked: command-line overrides before Hydra composes (`check_argv`), and the composed
 config (`check_known_keys`): a key written in a YAML file, a dotted key inside YAML that
@@ -14,110 +12,18 @@ own composition errors become the same one-screen ConfigError (`hydra_error`).
 from __future__ import annotations
 
 import difflib
-import functools
 import typing as tp
-from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from demucs_lora.config.aliases import ALIASES, canonical_key, split_override
+from demucs_lora.config.aliases import (ALIASES, canonical_config, canonical_key,
+                                        normalize_argv, split_override)
+from demucs_lora.config.schema import (PACKAGE_LINE, in_yaml_conf, is_known, known_schema,
+                                       lookup)
 from demucs_lora.core.errors import ConfigError
-
 from demucs_lora.core.paths import CONF_DIR
-from demucs_lora.models.build import htdemucs_kwargs
+
 GROUPS = ("model", "dset", "optim", "variant")
-_PACKAGE = "# @package _global_"
-
-
-def _load_group_file(path: Path) -> dict:
-    """A group option's keys, placed where Hydra puts them (_global_ or under the group)."""
-    data = OmegaConf.to_container(OmegaConf.load(path), resolve=False) or {}
-    defaults = data.pop("defaults", None) or []
-    out: dict = {}
-    for item in defaults:                     # e.g. dset/five_stem: defaults: [synth]
-        if isinstance(item, str) and item != "_self_":
-            out = _merge(out, _load_group_file(path.parent / f"{item}.yaml"))
-    if not path.read_text().lstrip().startswith(_PACKAGE):
-        data = {path.parent.name: data}
-    return _merge(out, data)
-
-
-def _merge(a: dict, b: dict) -> dict:
-    out = dict(a)
-    for key, value in b.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-@functools.lru_cache(maxsize=None)
-def _schema(conf_dir: str) -> dict:
-    conf = Path(conf_dir)
-    root = OmegaConf.to_container(OmegaConf.load(conf / "config.yaml"), resolve=False)
-    root.pop("hydra", None)
-    out: dict = {}
-    for item in root.pop("defaults", []):
-        if isinstance(item, dict):
-            ((group, option),) = item.items()
-            if group != "variant" and option is not None:
-                out = _merge(out, _load_group_file(conf / group / f"{option}.yaml"))
-        elif item == "_self_":
-            out = _merge(out, root)
-    htdemucs = out.setdefault("htdemucs", {})
-    for key, default in htdemucs_kwargs().items():
-        htdemucs.setdefault(key, default)
-    return out
-
-
-def schema() -> dict:
-    """The known keys as a nested dict of their defaults (a copy of the cache)."""
-    import copy
-    return copy.deepcopy(_schema(str(CONF_DIR)))
-
-
-def _lookup(path: str) -> tp.Tuple[bool, bool]:
-    """(known, closed): known = the path or one of its parents is a known key; closed =
-    the path is a known section whose keys are all known (a dict in the schema)."""
-    node: tp.Any = _schema(str(CONF_DIR))
-    for part in path.split("."):
-        if not isinstance(node, dict):
-            return True, False        # under a free-form leaf (layer_ranks, source_init...)
-        if part not in node:
-            return False, False
-        node = node[part]
-    return True, isinstance(node, dict)
-
-
-def is_known(path: str) -> bool:
-    return _lookup(path)[0]
-
-
-def is_closed(path: str) -> bool:
-    return _lookup(path)[1]
-
-
-def in_yaml_conf(path: str) -> bool:
-    """The key is written in conf/ (so Hydra can override it without `++`)."""
-    node: tp.Any = _yaml_only(str(CONF_DIR))
-    for part in path.split("."):
-        if not isinstance(node, dict):
-            return True
-        if part not in node:
-            return False
-        node = node[part]
-    return True
-
-
-@functools.lru_cache(maxsize=None)
-def _yaml_only(conf_dir: str) -> dict:
-    data = dict(_schema(conf_dir))
-    kwargs = htdemucs_kwargs()
-    model = OmegaConf.to_container(OmegaConf.load(Path(conf_dir) / "model" / "htdemucs.yaml"))
-    data["htdemucs"] = {k: v for k, v in data["htdemucs"].items()
-                        if k in model["htdemucs"] or k not in kwargs}
-    return data
 
 
 def _all_paths(node: tp.Any, prefix: str = "") -> tp.List[str]:
@@ -141,7 +47,7 @@ def suggest(path: str) -> str:
     """' (did you mean X?)', the alias entry, or ''."""
     if path in ALIASES:
         return f" (the guide's spelling of {ALIASES[path].canonical})"
-    schema_ = _schema(str(CONF_DIR))
+    schema_ = known_schema(str(CONF_DIR))
     parent, _, leaf = path.rpartition(".")
     section = schema_
     for part in parent.split(".") if parent else []:
@@ -164,9 +70,9 @@ def suggest(path: str) -> str:
 def _unknown_message(path: str, where: str) -> str:
     if path.startswith("variant."):
         inner = path[len("variant."):]
-        return (f"{path} ({where}): a variant file without `{_PACKAGE}` as its first line puts "
+        return (f"{path} ({where}): a variant file without `{PACKAGE_LINE}` as its first line puts "
                 f"its keys under `variant.`, so {inner} would be ignored. Fix: add "
-                f"`{_PACKAGE}` as the variant's first line")
+                f"`{PACKAGE_LINE}` as the variant's first line")
     return f"unknown key {path} ({where}){suggest(path)}"
 
 
@@ -205,7 +111,7 @@ def unknown_keys(cfg: tp.Any, path: str = "") -> tp.List[str]:
         full = f"{path}.{key}" if path else str(key)
         if full in ("hydra",):
             continue
-        known, closed = _lookup(full)
+        known, closed = lookup(full)
         if not known and full == "variant" and isinstance(value, dict):
             out += _leaf_paths(value, full)
         elif not known:
@@ -264,14 +170,12 @@ def is_hydra_error(exc: BaseException) -> bool:
 
 def prepare_argv(argv: tp.Sequence[str]) -> tp.List[str]:
     """Overrides in canonical spelling, unknown keys refused (before Hydra composes)."""
-    from demucs_lora.config.aliases import normalize_argv
     return check_argv(normalize_argv(list(argv)))
 
 
 def canonical_checked(cfg: DictConfig, argv: tp.Sequence[str] = (),
                       where: str = "in a config file") -> DictConfig:
     """The composed config with canonical keys only; ConfigError on any unknown key."""
-    from demucs_lora.config.aliases import canonical_config
     out = canonical_config(cfg, cli_keys(argv))
     check_known_keys(out, where)
     return out

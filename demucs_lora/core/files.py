@@ -1,8 +1,8 @@
 """Small shared helpers: atomic file writes (nothing a user has is ever half-written).
 
-Every file a run or a tool writes goes through `atomic_write` (one file) or
-`atomic_write_group` (files that only make sense together, e.g. an adapter's
-``.safetensors`` + ``.json``): the data goes to ``.NAME.XXXX.tmp`` beside the target and
+Every file a run or a tool writes goes through `atomic_write` (one file; `atomic_write_text`
+and `atomic_torch_save` for the two common payloads) or `atomic_write_group` (files that
+only make sense together, e.g. an adapter's ``.safetensors`` + ``.json``): the data goes to ``.NAME.XXXX.tmp`` beside the target and
 is renamed over it once complete, so a kill or a full disk leaves the old file or the new
 one, never a torn one. A write that fails for lack of space or on a read-only folder is a
 `DiskWriteError` naming the file; `remove_stale_temps` deletes the temps a killed write
@@ -32,7 +32,7 @@ def _umask() -> int:
     return umask
 
 
-def disk_reason(folder: PathLike, exc: BaseException) -> tp.Optional[str]:
+def _disk_reason(folder: PathLike, exc: BaseException) -> tp.Optional[str]:
     """'No space left on device' / 'Read-only file system' / ... when `exc` (or the state
     of `folder` right after it) says the disk is at fault; None otherwise."""
     seen = set()
@@ -52,7 +52,7 @@ def disk_reason(folder: PathLike, exc: BaseException) -> tp.Optional[str]:
     return None
 
 
-def disk_error(path: PathLike, reason: str):
+def _disk_error(path: PathLike, reason: str):
     from demucs_lora.core.errors import DiskWriteError
     fix = ("free some space" if "space" in reason or "quota" in reason
            else "make the folder writable or write elsewhere")
@@ -75,10 +75,10 @@ def _temp_beside(path: Path) -> str:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as exc:
-        reason = disk_reason(path.parent, exc) or not_a_folder(path.parent)
+        reason = _disk_reason(path.parent, exc) or not_a_folder(path.parent)
         if reason is None:
             raise
-        raise disk_error(path, reason) from None
+        raise _disk_error(path, reason) from None
     os.close(fd)
     return tmp
 
@@ -91,10 +91,10 @@ def _write_temp(path: Path, write: Writer) -> str:
             write(tmp)
             os.chmod(tmp, 0o666 & ~_umask())  # mkstemp alone gives 0600
         except Exception as exc:
-            reason = disk_reason(path.parent, exc)  # checked before the temp is freed
+            reason = _disk_reason(path.parent, exc)  # checked before the temp is freed
             if reason is None:
                 raise
-            raise disk_error(path, reason) from None
+            raise _disk_error(path, reason) from None
     except BaseException:
         _unlink(tmp)
         raise
@@ -135,15 +135,21 @@ def atomic_write_group(items: tp.Sequence[tp.Tuple[PathLike, Writer]]) -> tp.Lis
         except OSError as exc:
             for _, rest in done[index:]:
                 _unlink(rest)
-            reason = disk_reason(path.parent, exc)
+            reason = _disk_reason(path.parent, exc)
             if reason is None:
                 raise
-            raise disk_error(path, reason) from None
+            raise _disk_error(path, reason) from None
     return [path for path, _ in done]
 
 
 def atomic_write_text(path: PathLike, text: str) -> Path:
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def atomic_torch_save(obj, path: PathLike) -> Path:
+    """``torch.save(obj)`` to a temp beside `path`, renamed over it once complete."""
+    import torch
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def remove_stale_temps(folder: PathLike, min_age: float = 0.0,

@@ -27,6 +27,7 @@ import numpy as np
 import soundfile as sf
 
 from demucs_lora.core.errors import ConfigError
+from demucs_lora.core.files import atomic_write, atomic_write_text
 from demucs_lora.data.instruments import _grid, _drums, _chords, _bass, _other, _piano, _vocals, _peak, _pan
 
 VERSION = 1
@@ -141,15 +142,15 @@ def generate_dataset(root, tracks=8, seconds=6.0, seed=0, domain="A", stems=4,
             folder = root / split / f"track{i:03d}"
             folder.mkdir(parents=True, exist_ok=True)
             for name in ["mixture"] + names:
-                sf.write(str(folder / f"{name}.wav"), audio[name].T, int(samplerate),
-                         subtype="FLOAT")
+                atomic_write(folder / f"{name}.wav", lambda tmp, data=audio[name].T: sf.write(
+                    tmp, data, int(samplerate), format="WAV", subtype="FLOAT"))
             if bar is not None:
                 bar.update()
     if bar is not None:
         bar.close()
     info = dict(version=VERSION, seconds=seconds, seed=seed, domain=domain, stems=stems,
                 samplerate=samplerate, channels=channels, splits=splits, sources=names)
-    (root / "synth.json").write_text(json.dumps(info, indent=1))
+    atomic_write_text(root / "synth.json", json.dumps(info, indent=1))
     return root
 
 

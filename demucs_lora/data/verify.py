@@ -20,7 +20,7 @@ import numpy as np
 import soundfile as sf
 from tqdm import tqdm
 
-from demucs_lora.core.errors import ConfigError, DatasetError
+from demucs_lora.core.errors import ConfigError
 from demucs_lora.data.stems import (BLOCK, EXT, MIXTURE, SPLITS, cache_path, disk_sources, file_stamp,
                     list_tracks, load_cache, save_cache)
 
@@ -91,10 +91,6 @@ class Report:
             why = "errors" if n_err else "warnings and --strict"
             lines.append(f"NOT USABLE: {n_err} errors, {n_warn} warnings ({why})")
         return "\n".join(lines)
-
-    def raise_if_failed(self):
-        if not self.ok:
-            raise DatasetError(self.format())
 
 
 # ----------------------------------------------------------------------------- one track

@@ -18,7 +18,7 @@ each channel's best; max-abs included, so it is never worse) refined by two leas
 steps ``scale = <w, q> / <q, q>``. Biases, norms and layer scales stay float32. The
 package holds only tensors and builtins (plus the demucs ``klass``), so it opens with
 ``torch.load(weights_only=True)`` and the allowlist of ``demucs_lora.hub.safe_load``:
-``safe_load.load_model_file`` (which ``hub.packages.load_model_file`` calls) sees the
+``safe_load.model_from_package`` (which ``hub.packages.load_model_file`` calls) sees the
 ``quantized`` key, dequantizes and builds ``quantized["klass"]``. The stock loader (``python
 -m demucs --repo DIR -n NAME``) calls ``klass(*args, **kwargs)`` first: ``klass`` is
 `Int8Package`, which raises demucs' own ``ModelLoadingError`` "int8 file: load it with
@@ -33,12 +33,10 @@ from __future__ import annotations
 
 import inspect
 import typing as tp
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from demucs_lora.core.files import atomic_write
 from demucs_lora.core.errors import ConfigError, ModelLoadError
 
 SCHEME = "per_channel_symmetric"
@@ -215,12 +213,3 @@ def dequantize_state(state: tp.Mapping[str, torch.Tensor]) -> tp.Dict[str, torch
         raise ModelLoadError(f"quantized state has scales without values: {orphans[:5]}")
     return out
 
-
-def save_quantized(model: nn.Module, path: tp.Union[str, Path], bits: int = 8,
-                   training_args: tp.Optional[tp.Dict[str, tp.Any]] = None,
-                   optimize_scales: bool = False) -> Path:
-    """Write ``quantize(model)`` to ``path`` atomically (temporary file, then os.replace)."""
-    path = Path(path)
-    package = quantize(model, bits, training_args, optimize_scales)
-    atomic_write(path, lambda tmp: torch.save(package, tmp))
-    return path

@@ -11,7 +11,8 @@
   imported or constructed. Packed (DiffQ) states, whose metadata names classes to import,
   are refused.
 
-``write_safetensors_package`` writes the same layout, so ``demucs.hf`` reads our exports.
+``safetensors_writer`` writes the same layout (through ``core.files.atomic_write``), so
+``demucs.hf`` reads our exports.
 """
 from __future__ import annotations
 
@@ -173,10 +174,3 @@ def safetensors_writer(model: torch.nn.Module, half: bool = False
     metadata = {"klass": name, "args": json.dumps(_encode(list(args))),
                 "kwargs": json.dumps(_encode(dict(kwargs)))}
     return lambda tmp: save_file(state, tmp, metadata=metadata)
-
-
-def write_safetensors_package(model: torch.nn.Module, path: PathLike, half: bool = False
-                              ) -> Path:
-    """``model`` written atomically at ``path`` (see ``safetensors_writer``)."""
-    from demucs_lora.core.files import atomic_write
-    return atomic_write(path, safetensors_writer(model, half))

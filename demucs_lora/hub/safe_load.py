@@ -9,11 +9,12 @@ Fraction in the published models). Anything else is refused with a ``ModelLoadEr
 naming the file and the offending globals, unless the caller passes
 ``trust_remote_code=True``, which falls back to full unpickling with a warning.
 
-``load_model_file`` then builds the model strictly: unknown constructor kwargs and
+``model_from_package`` then builds the model strictly: unknown constructor kwargs and
 missing/unexpected/mis-shaped state entries are errors (``strict=False`` gives demucs'
 lenient behaviour). float16 states (``serialize_model(half=True)``) are cast to
 float32. Packages written by ``demucs_lora.hub.int8`` (a ``quantized`` key) are
-dequantized; demucs' own DiffQ states (``state['__quantized']``) need ``diffq``.
+dequantized; demucs' own DiffQ states (``state['__quantized']``) need ``diffq``. The one
+loader of a model file by path, either layout, is ``demucs_lora.hub.packages.load_model_file``.
 """
 from __future__ import annotations
 
@@ -187,18 +188,3 @@ def model_from_package(package: tp.Dict[str, tp.Any], strict: bool = True,
                              f"{exc}") from exc
     return model
 
-
-def load_model_file(path: tp.Union[str, Path], trust_remote_code: bool = False,
-                    strict: bool = True, extra_globals: tp.Sequence[tp.Any] = ()
-                    ) -> torch.nn.Module:
-    """Safe, strict counterpart of ``demucs.states.load_model(path)``.
-
-    Returns the model in train mode, like demucs (call ``.eval()`` for inference).
-    With ``trust_remote_code`` any nn.Module class in the file is accepted.
-    """
-    package = load_package(path, trust_remote_code=trust_remote_code, extra_globals=extra_globals)
-    classes = [*MODEL_CLASSES, *(g for g in extra_globals if isinstance(g, type))]
-    if trust_remote_code:
-        classes.append(package["klass"])
-    return model_from_package(package, strict=strict, source=str(path),
-                              allowed_classes=tuple(classes))

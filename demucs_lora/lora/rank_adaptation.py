@@ -359,7 +359,8 @@ def plot_history(history: tp.Sequence[dict], path: Path) -> tp.Optional[Path]:
     if len(ax.lines) <= 12:
         ax.legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    from demucs_lora.core.files import atomic_write
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
     return path
 

@@ -58,7 +58,7 @@ def member_names(name: str, count: int) -> tp.List[str]:
 def bag_writes(bag: BagOfModels, folder: Path, name: str, training_args: tp.Any = None,
                half: bool = False, fmt: str = "th") -> tp.List[tp.Tuple[Path, tp.Callable]]:
     """(path, writer) of ``folder/NAME.yaml`` and one ``NAME_mK.th`` (or ``.safetensors``)
-    per plain member, the yaml last: renamed together (``utils.atomic_write_group``), a
+    per plain member, the yaml last: renamed together (``core.files.atomic_write_group``), a
     reader never sees a bag whose members are missing."""
     from demucs.states import serialize_model
     from omegaconf import OmegaConf

@@ -24,38 +24,14 @@ from torch import nn
 
 from demucs_lora.training.epoch import partial_problem
 from demucs_lora.core.errors import CheckpointError
-from demucs_lora.core.files import atomic_write
+from demucs_lora.core.files import atomic_torch_save
 from demucs_lora.lora.inject import has_lora, remove_lora
 from demucs_lora.lora.state import base_fingerprint, fingerprints_match, save_adapter
+from demucs_lora.models.trainable import swapped_trainables
 
 CHECKPOINT_FORMAT = "demucs-lora-checkpoint/2"
 RESUME_KEYS = ("format", "model", "optimizer", "scheduler", "scaler", "ema", "rng", "epoch",
                "history", "best_state", "best_nsdr", "base", "partial", "rank_adaptation")
-
-
-def atomic_torch_save(obj, path: Path) -> None:
-    """torch.save to a temp file in the same folder, then rename over `path`."""
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
-
-
-def trainable_state(model: nn.Module) -> tp.Dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def load_trainable_state(model: nn.Module, state: tp.Mapping[str, torch.Tensor]) -> None:
-    params = dict(model.named_parameters())
-    expected = {n for n, p in params.items() if p.requires_grad}
-    if set(state) != expected:
-        missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
-        raise RuntimeError(f"checkpoint does not match the model: missing {missing[:5]}, "
-                           f"unexpected {extra[:5]} (was the config changed?)")
-    shapes = [f"{n}: {tuple(v.shape)} vs model {tuple(params[n].shape)}"
-              for n, v in state.items() if tuple(v.shape) != tuple(params[n].shape)]
-    if shapes:  # copy_ would broadcast a wrong shape silently
-        raise RuntimeError(f"checkpoint tensors do not match the model's shapes: {shapes[:3]}")
-    with torch.no_grad():
-        for name, value in state.items():
-            params[name].copy_(value)
 
 
 # ---------------------------------------------------------------------------- RNG
@@ -226,9 +202,8 @@ def resume_state_problem(state) -> tp.Optional[str]:
 def plain_model(model: nn.Module, state: tp.Optional[tp.Mapping] = None) -> nn.Module:
     """A deep copy of `model` with `state` (trainable tensors) loaded and LoRA merged away."""
     model = getattr(model, "module", model)
-    plain = copy.deepcopy(model).cpu().float()
-    if state is not None:
-        load_trainable_state(plain, state)
+    with swapped_trainables(model, state):
+        plain = copy.deepcopy(model).cpu().float()
     if has_lora(plain):
         remove_lora(plain)
     for p in plain.parameters():
@@ -254,12 +229,5 @@ def save_adapter_with_state(model: nn.Module, state, path: Path, **header) -> No
     model = getattr(model, "module", model)
     if not has_lora(model):
         return
-    if state is None:
+    with swapped_trainables(model, state):
         save_adapter(model, path, **header)
-        return
-    current = trainable_state(model)
-    load_trainable_state(model, state)
-    try:
-        save_adapter(model, path, **header)
-    finally:
-        load_trainable_state(model, current)

@@ -19,7 +19,9 @@ from dora import distrib
 from demucs_lora.training import checkpoint as ckpt
 from demucs_lora.training.epoch import EpochProgress, agree, gather_rng
 from demucs_lora.core.errors import TrainingDiverged
+from demucs_lora.core.files import atomic_torch_save
 from demucs_lora.core.finite import divergence_error, is_finite_number, nonfinite_names
+from demucs_lora.models.trainable import trainable_state
 
 logger = logging.getLogger("demucs_lora.training.solver")
 
@@ -53,8 +55,8 @@ class SolverGuards:
         """A stop signal: checkpoint here (exact resume at this step), then exit."""
         progress.rng = gather_rng(ckpt.rng_state())
         if self.is_master:
-            ckpt.atomic_torch_save(self._state(partial=progress.to_state()),
-                                   self.folder / "checkpoint.th")
+            atomic_torch_save(self._state(partial=progress.to_state()),
+                              self.folder / "checkpoint.th")
             logger.warning("Stopped at epoch %d step %d/%d: checkpoint.th saved; the same "
                            "command resumes exactly there", progress.epoch + 1, progress.step,
                            self.steps_per_epoch)
@@ -80,7 +82,7 @@ class SolverGuards:
 
     def _best_candidate(self, epoch: int, metrics: dict) -> tp.Optional[dict]:
         """The state to keep as best after this epoch, or None: never a non-finite one."""
-        state = self.ema.shadow if self.ema else ckpt.trainable_state(self.model)
+        state = self.ema.shadow if self.ema else trainable_state(self.model)
         score = metrics.get("valid_nsdr")
         if score is not None and not is_finite_number(score):
             logger.warning("epoch %d: validation nSDR is %s: not a candidate for best.th",

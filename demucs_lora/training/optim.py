@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from demucs_lora.core.errors import ConfigError
+from demucs_lora.models.trainable import swapped_trainables
 
 
 def build_optimizer(model: nn.Module, cfg: DictConfig) -> torch.optim.Optimizer:
@@ -58,6 +59,10 @@ class TrainableEMA:
         for name, param in model.named_parameters():
             if name in self.shadow:
                 self.shadow[name].mul_(self.decay).add_(param.detach(), alpha=1 - self.decay)
+
+    def applied(self, model: nn.Module) -> tp.ContextManager[nn.Module]:
+        """`model` with the averaged tensors for a `with` block (validation), restored after."""
+        return swapped_trainables(model, self.shadow)
 
     def state_dict(self) -> dict:
         return {"decay": self.decay, "shadow": self.shadow}

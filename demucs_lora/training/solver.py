@@ -21,19 +21,20 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import tqdm
-from demucs.apply import apply_model
 from dora import distrib, get_xp
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from demucs_lora.training import checkpoint as ckpt
-from demucs_lora.data.stems import augment_batch
-from demucs_lora.training.epoch import EpochProgress, agree, skip_batches
 from demucs_lora.core.errors import CheckpointError, TrainingDiverged
+from demucs_lora.core.files import atomic_torch_save, atomic_write_text
+from demucs_lora.data.stems import augment_batch
+from demucs_lora.models.trainable import load_trainable_state, trainable_state
+from demucs_lora.training import checkpoint as ckpt
+from demucs_lora.training.epoch import EpochProgress, agree, skip_batches
 from demucs_lora.training.guards import SolverGuards
-from demucs_lora.metrics import nsdr
 from demucs_lora.training.optim import TrainableEMA, build_optimizer, build_scheduler
-from demucs_lora.core.files import atomic_write_text
+from demucs_lora.training.profiling import start_profiler
+from demucs_lora.training.validation import valid_nsdr
 from demucs_lora.training.xp_guard import StopSignals, active_stop_signals
 
 logger = logging.getLogger(__name__)
@@ -41,12 +42,11 @@ FP16_MAX_SKIPS = 24  # consecutive overflowing fp16 steps (loss scale / 2**24) =
 
 
 class Solver(SolverGuards):
-    def __init__(self, cfg: DictConfig, model: nn.Module, report: dict, loaders: dict,
-                 augment: nn.Module, device: torch.device):
+    def __init__(self, cfg: DictConfig, model: nn.Module, loaders: dict, augment: nn.Module,
+                 device: torch.device):
         self.cfg = cfg
         self.device = device
         self.model = model.to(device)
-        self.report = report
         self.loaders = loaders
         self.augment = augment.to(device)
         self.xp = get_xp()
@@ -100,7 +100,7 @@ class Solver(SolverGuards):
     # ---------------------------------------------------------------- state
     def _state(self, partial: tp.Optional[dict] = None) -> dict:
         return {"format": ckpt.CHECKPOINT_FORMAT,
-                "model": ckpt.trainable_state(self.model),
+                "model": trainable_state(self.model),
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(),
@@ -123,7 +123,7 @@ class Solver(SolverGuards):
                 self.adaptation.load_state_dict(state["rank_adaptation"], self.optimizer,
                                                 self.ema)
                 self._wrap_ddp()
-            ckpt.load_trainable_state(self.model, state["model"])
+            load_trainable_state(self.model, state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             if state["scaler"]:
@@ -174,8 +174,9 @@ class Solver(SolverGuards):
                                else rngs[0])
         bar = tqdm.tqdm(total=self.steps_per_epoch, initial=progress.step, leave=False,
                         desc=f"train {epoch + 1}", disable=not self.is_master, mininterval=1.0)
-        profiling = self.cfg.enable_profiling or self.cfg.get("profile_memory")
-        profiler = (self._profiler() if profiling and epoch == 0 and not progress.step
+        memory = bool(self.cfg.get("profile_memory"))  # memory timeline in the trace
+        profiler = (start_profiler(self.folder / "profile", self.device, memory)
+                    if (self.cfg.enable_profiling or memory) and epoch == 0 and not progress.step
                     else None)
         start = time.time() - progress.seconds
         every = max(1, self.steps_per_epoch // max(1, self.cfg.misc.num_prints))
@@ -254,46 +255,11 @@ class Solver(SolverGuards):
         self.scheduler.step()
         return stop
 
-    def _profiler(self):
-        from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA]
-                                               if self.device.type == "cuda" else [])
-        memory = bool(self.cfg.get("profile_memory"))  # memory timeline in the trace
-        prof = profile(activities=activities, schedule=schedule(wait=1, warmup=1, active=3),
-                       on_trace_ready=tensorboard_trace_handler(str(self.folder / "profile")),
-                       profile_memory=memory, record_shapes=memory, with_stack=False)
-        prof.start()
-        return prof
-
-    @torch.no_grad()
     def validate(self, epoch: int) -> dict:
-        """Separate whole valid tracks with apply_model; nSDR per source and mean."""
-        model = self.model
-        swap = None
-        if self.ema:
-            swap = ckpt.trainable_state(model)
-            ckpt.load_trainable_state(model, self.ema.shadow)
-        model.eval()
-        dataset = self.loaders["valid"].dataset
-        indices = list(range(distrib.rank(), len(dataset), distrib.world_size()))
-        sums = torch.zeros(len(self.sources) + 1, dtype=torch.float64)
-        for index in tqdm.tqdm(indices, desc=f"valid {epoch + 1}", leave=False,
-                               disable=not self.is_master):
-            track = dataset[index].to(self.device)
-            mix, ref = track[0], track[1:]
-            est = apply_model(model, mix[None], shifts=self.cfg.test.shifts,
-                              split=self.cfg.test.split, overlap=self.cfg.test.overlap,
-                              progress=False, num_workers=0)[0]
-            sums[:-1] += nsdr(est.cpu()[None], ref.cpu()[None])[0].double()
-            sums[-1] += 1
-        if distrib.world_size() > 1:
-            torch.distributed.all_reduce(sums)
-        if swap is not None:
-            ckpt.load_trainable_state(model, swap)
-        per_source = (sums[:-1] / sums[-1].clamp(min=1)).tolist()
-        metrics = {f"nsdr_{name}": value for name, value in zip(self.sources, per_source)}
-        metrics["nsdr"] = sum(per_source) / len(per_source)
-        return metrics
+        """nSDR of the valid tracks, under the EMA weights when there is an EMA."""
+        with self.ema.applied(self.model) if self.ema else contextlib.nullcontext():
+            return valid_nsdr(self.model, self.loaders["valid"].dataset, self.sources,
+                              self.cfg.test, self.device, f"valid {epoch + 1}", self.is_master)
 
     # ---------------------------------------------------------------- run
     def _log_epoch(self, epoch: int, metrics: dict) -> None:
@@ -407,7 +373,7 @@ class Solver(SolverGuards):
             if self.adaptation and self.adaptation.due(epoch, self.cfg.epochs):
                 self._adapt_ranks(epoch)  # after the adapters of this epoch, before its checkpoint
             if self.is_master:
-                ckpt.atomic_torch_save(self._state(), self.folder / "checkpoint.th")
+                atomic_torch_save(self._state(), self.folder / "checkpoint.th")
                 self.xp.link.push_metrics(metrics)
             self.saved = self._describe_saved()
             if distrib.world_size() > 1:

@@ -16,8 +16,8 @@ CONF = Path(__file__).resolve().parents[2] / "conf" / "model"
 
 @pytest.mark.parametrize("model", ["htdemucs", "htdemucs_tiny", "htdemucs_6s"])
 def test_yaml_defaults_are_the_dataclass_defaults(model):
-    from demucs_lora.config.keys import _load_group_file  # follows the defaults lists
-    node = _load_group_file(CONF / f"{model}.yaml")["htdemucs"]
+    from demucs_lora.config.schema import load_group_file  # follows the defaults lists
+    node = load_group_file(CONF / f"{model}.yaml")["htdemucs"]
     lora_keys = [k for k in node if k.startswith("lora_") or k in LORA_KEYS]
     assert sorted(lora_keys) == sorted(LORA_KEYS)  # no key in one place only
     assert LoraConfig.from_cfg(node) == LoraConfig()

@@ -176,7 +176,7 @@ def test_adapter_reloads_with_the_new_ranks(adapted, tmp_path):
 def test_state_round_trip_rebuilds_the_layers_before_loading(adapted):
     """What Solver.restore does after kill -9: fresh model at the starting ranks, resize to
     the checkpoint's ranks, then load trainable tensors and optimizer state."""
-    from demucs_lora.training.checkpoint import load_trainable_state, trainable_state
+    from demucs_lora.models.trainable import load_trainable_state, trainable_state
     model, opt, ra = adapted["model"], adapted["opt"], adapted["ra"]
     from demucs.htdemucs import HTDemucs
     torch.manual_seed(0)
