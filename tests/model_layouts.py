@@ -13,19 +13,12 @@ from pathlib import Path
 
 import torch
 import yaml
-from demucs.htdemucs import HTDemucs
 from demucs.states import serialize_model
 from omegaconf import OmegaConf
 
 from demucs_lora.hub.packages import write_safetensors_package
 
 REV = "0123456789abcdef0123456789abcdef01234567"
-
-
-def tiny(sources=("drums", "bass", "other", "vocals"), seed: int = 0, **kwargs) -> HTDemucs:
-    torch.manual_seed(seed)
-    kwargs = dict(dict(channels=8, t_layers=1, depth=4, samplerate=44100, segment=1), **kwargs)
-    return HTDemucs(sources=list(sources), **kwargs)
 
 
 def write_repo_th(model, folder: Path, name: str) -> Path:

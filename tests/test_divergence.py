@@ -3,7 +3,6 @@ finite checkpoint, never saves a NaN "best"; NaN/inf/int adapters and NaN models
 refused by every loader that serves them; test_pretrained fails when every score is NaN."""
 import json
 import math
-from argparse import Namespace
 
 import pytest
 import torch

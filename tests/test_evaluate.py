@@ -8,7 +8,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from test_export import REPO, make_xp
+from helpers import REPO, make_xp
 
 
 @pytest.fixture(scope="module")

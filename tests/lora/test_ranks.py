@@ -8,6 +8,7 @@ import torch
 from demucs.htdemucs import HTDemucs
 from omegaconf import OmegaConf
 from torch import nn
+from helpers import tiny_htdemucs
 
 from demucs_lora.core.errors import ConfigError
 from demucs_lora.lora.layers import params_per_rank
@@ -19,8 +20,7 @@ YAML = Path(__file__).resolve().parents[2] / "conf" / "model" / "htdemucs.yaml"
 
 
 def tiny():
-    torch.manual_seed(0)
-    return HTDemucs(sources=SOURCES, channels=8, t_layers=2, depth=4, segment=1)
+    return tiny_htdemucs(SOURCES, t_layers=2)
 
 
 def cfg(**overrides):
@@ -241,13 +241,14 @@ def test_full_size_uniform_r8_under_5_percent():
     assert fraction < 0.05
 
 
-def test_heuristic_budget_match_spends_at_most_uniform_budget(tiny_htdemucs):
+def test_heuristic_budget_match_spends_at_most_uniform_budget():
+    model = tiny()
     cfg = {"lora_rank": 8, "lora_targets": ["encoder", "decoder", "transformer"],
            "lora_max_rank": 32}
-    uniform = allocate_ranks(tiny_htdemucs, dict(cfg, lora_rank_mode="uniform"))
-    plain = allocate_ranks(tiny_htdemucs, dict(cfg, lora_rank_mode="heuristic"))
-    matched = allocate_ranks(tiny_htdemucs, dict(cfg, lora_rank_mode="heuristic",
-                                                 lora_budget_match=True))
+    uniform = allocate_ranks(model, dict(cfg, lora_rank_mode="uniform"))
+    plain = allocate_ranks(model, dict(cfg, lora_rank_mode="heuristic"))
+    matched = allocate_ranks(model, dict(cfg, lora_rank_mode="heuristic",
+                                         lora_budget_match=True))
     budget = uniform.trainable_params()
     assert plain.trainable_params() > budget  # the plain table overspends here
     assert 0.85 * budget <= matched.trainable_params() <= budget
