@@ -3,6 +3,7 @@ import shutil
 
 import pytest
 import torch
+from slurm_fixture import slurm_cluster  # noqa: F401  (a fixture for every test module)
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +29,7 @@ def synth_folder(tmp_path_factory):
 
 # Tests that start subprocesses (dora runs, the stock demucs CLI, a local Slurm) or run
 # benchmarks: `pytest -m "not slow"` is the quick developer loop; CI runs everything.
+# A test using the slurm_cluster fixture is marked slurm (and slow): `-m "not slurm"`.
 SLOW = ("tests/integration/", "tests/test_slurm_local.py", "tests/test_benchmark")
 
 
@@ -39,5 +41,7 @@ def pytest_configure(config):
 def pytest_collection_modifyitems(config, items):
     for item in items:
         path = item.nodeid.replace("\\", "/")
-        if any(part in path for part in SLOW) or "slow" in item.keywords:
+        if "slurm_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slurm)
+        if any(part in path for part in SLOW) or {"slow", "slurm"} & set(item.keywords):
             item.add_marker(pytest.mark.slow)

@@ -128,3 +128,16 @@ def make_xp(root, seed: int = 1, sig: tp.Optional[str] = None) -> SimpleNamespac
     (folder / "ranks.json").write_text(json.dumps({"ranks": lora_config(model)["ranks"]}))
     return SimpleNamespace(sig=sig, folder=folder, base_path=base_path, data=data, cfg=cfg,
                            root=root)
+
+
+def finite(x) -> bool:
+    """A real number (not a bool, NaN or inf): what a benchmark ratio must be."""
+    import math
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def assert_targets_printed(result: dict, stdout: str):
+    """A benchmark printed one verdict line per target of its JSON, the verdict it recorded."""
+    assert result["targets"], "no targets recorded"
+    for row in result["targets"]:
+        assert f"[{'PASS' if row['pass'] else 'MISS'}] {row['name']}:" in stdout, row["name"]
