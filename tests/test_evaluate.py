@@ -89,6 +89,7 @@ def test_xp_config_overrides(xp):
         xp_config(file, ["test.shfts=2"])
 
 
+@pytest.mark.slow  # the CLI in a subprocess
 def test_unknown_model_exits_with_message(xp, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "tools.test_pretrained", "-n", "nothing",
                            "--no-progress"], cwd=xp.root, capture_output=True, text=True,

@@ -32,6 +32,7 @@ def in_root(xp, monkeypatch):
     return xp.root
 
 
+@pytest.mark.slow  # the stock demucs CLI in a subprocess
 def test_stock_cli_matches_unmerged_adapter_and_lora_files_reload(xp, in_root, tmp_path,
                                                                   capsys):
     from demucs_lora import get_model, load_lora_weights
@@ -97,6 +98,7 @@ def test_adapter_last_is_base_plus_lora_last_merged(xp, in_root, tmp_path):
     assert max((got[k] - best[k]).abs().max() for k in got) > 1e-3
 
 
+@pytest.mark.slow  # tools.export in a subprocess
 def test_overwrite_refused_without_force_and_nothing_written(xp, in_root, tmp_path):
     out = tmp_path / "rel"
     env = dict(os.environ, PYTHONPATH=str(REPO))
@@ -152,6 +154,7 @@ def test_bad_names_refused(xp, in_root, tmp_path, capsys, name):
     assert not (tmp_path / "rel").exists()
 
 
+@pytest.mark.slow  # demucs' hub loader in a subprocess
 def test_hf_format_export_loads_in_demucs_and_matches_th_export(xp, in_root, tmp_path,
                                                                monkeypatch, capsys):
     """--format hf writes NAME.yaml + SIG.safetensors as demucs 4.1's hub layout; demucs'

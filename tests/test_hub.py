@@ -48,6 +48,7 @@ def test_three_layouts_load_the_same_model(caches):
     assert torch.equal(_out(load_base("955717e8")), ref)  # a bare signature too
 
 
+@pytest.mark.slow  # three forwards padded to a 7.8 s segment
 def test_safetensors_export_reads_in_demucs_and_keeps_fractions(tmp_path):
     from fractions import Fraction
     from demucs.hf import load_safetensors_model
@@ -160,6 +161,7 @@ def test_folder_paths(caches):
         find_model("nothing/here.th")
 
 
+@pytest.mark.slow  # demucs' hub loader in a subprocess
 def test_hf_export_loads_through_stock_get_model_offline(tmp_path):
     """demucs.pretrained.get_model('hf://NS/NAME') with HF_HUB_OFFLINE=1 reads our layout."""
     model = tiny_htdemucs(SIX)

@@ -49,6 +49,7 @@ def test_six_source_base_to_four_five_six_stems(hf_home, sources, init, kept):
         assert (out[:, 2] - summed).abs().max() / summed.abs().max() < 0.05
 
 
+@pytest.mark.slow  # a full-size HTDemucs
 def test_released_htdemucs_architecture_from_hf_cache_takes_a_lora_step(hf_home):
     """One full-size HTDemucs as demucs ships htdemucs (dconv_mode=3, bottom_channels=512),
     random weights, in the HF layout: continue_from=htdemucs finds it and trains."""

@@ -33,6 +33,7 @@ def museval_metrics():
     return module
 
 
+@pytest.mark.slow  # imports museval (seconds)
 def test_sdr_is_museval_bsseval_v4():
     import numpy as np
     metrics = museval_metrics()

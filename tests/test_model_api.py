@@ -115,6 +115,7 @@ def test_optimize_scales_never_reconstructs_worse_than_max_abs():
         assert errors[True].sum() < gain * errors[False].sum()
 
 
+@pytest.mark.slow  # the stock demucs CLI in a subprocess
 def test_stock_cli_reading_an_int8_file_says_how_to_load_it(tmp_path):
     from demucs_lora.hub.int8 import save_quantized
     repo = tmp_path / "release"

@@ -255,6 +255,7 @@ def test_attribute_fallback_and_unwrap():
     assert clone.base is not base and clone.embed_dim == 16
 
 
+@pytest.mark.slow  # imports peft (seconds)
 @pytest.mark.parametrize("name", ["linear", "conv1d", "conv2d"])
 def test_matches_peft(name):
     peft = pytest.importorskip("peft", reason="peft is a test extra")
