@@ -141,3 +141,29 @@ def assert_targets_printed(result: dict, stdout: str):
     assert result["targets"], "no targets recorded"
     for row in result["targets"]:
         assert f"[{'PASS' if row['pass'] else 'MISS'}] {row['name']}:" in stdout, row["name"]
+
+
+def parse_table(text):
+    """{row: {column: float or None}} from the printed table (header line 'source ...')."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.split()[:1] == ["source"])
+    header = lines[start].split()[1:]
+    rows = {}
+    for line in lines[start + 1:]:
+        cells = line.split()
+        if len(cells) != len(header) + 1:
+            break
+        rows[cells[0]] = {h: (None if c == "-" else float(c)) for h, c in zip(header, cells[1:])}
+    return rows
+
+
+def check_table_matches_json(printed, results):
+    """The table tools.test_pretrained printed holds the numbers of its JSON results."""
+    table = parse_table(printed)
+    assert list(table) == [*results["sources"], "mean"]
+    summary = results["summary"]
+    for metric in results["metrics"]:
+        for source in results["sources"]:
+            assert table[source][metric] == summary[f"{metric}_{source}"], (metric, source)
+        assert table["mean"][metric] == summary[metric], metric
+    return table

@@ -167,7 +167,7 @@ def test_get_model_refuses_a_nan_model(tmp_path):
 
 
 def test_export_refuses_a_nan_best(tmp_path):
-    from test_export import make_xp
+    from helpers import make_xp
     from demucs_lora.commands import export
     folder = make_xp(tmp_path, sig="nanxp").folder
     _nan_package(folder / "best.th")
@@ -179,7 +179,7 @@ def test_export_refuses_a_nan_best(tmp_path):
 
 def test_test_pretrained_fails_when_every_score_is_nan(tmp_path, monkeypatch, capsys):
     from demucs_lora.inference import evaluate
-    from test_export import make_xp
+    from helpers import make_xp
     make_xp(tmp_path, sig="xpnan")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(evaluate, "evaluate_model", lambda model, data, **kw: {

@@ -122,8 +122,7 @@ def test_test_pretrained_selects_metrics(tmp_path, monkeypatch, capsys):
     """`--metrics` picks the columns (MSST's names, space or comma separated), and an
     override after it still counts as an override."""
     import json
-    from test_evaluate import check_table_matches_json
-    from test_export import make_xp
+    from helpers import check_table_matches_json, make_xp
     from demucs_lora.inference.evaluate import main
     from demucs_lora.core.errors import ConfigError
     xp = make_xp(tmp_path)
