@@ -19,16 +19,17 @@ def synth_folder(tmp_path_factory):
     from helpers import synth_stems
     made = {}
 
-    def copy(dest, **kwargs):
+    def fresh_copy(dest, **kwargs):
         key = repr(sorted(kwargs.items()))
         if key not in made:
             made[key] = synth_stems(tmp_path_factory.mktemp("synth") / "ds", **kwargs)
         return shutil.copytree(made[key], dest)
-    return copy
+    return fresh_copy
 
 
-# Tests that start subprocesses (dora runs, the stock demucs CLI, a local Slurm) or run
-# benchmarks: `pytest -m "not slow"` is the quick developer loop; CI runs everything.
+# Files that start subprocesses (dora runs, a local Slurm) or run benchmarks; single slow
+# tests elsewhere carry @pytest.mark.slow with their reason. `pytest -m "not slow"` is the
+# quick developer loop (README); CI runs everything.
 # A test using the slurm_cluster fixture is marked slurm (and slow): `-m "not slurm"`.
 SLOW = ("tests/integration/", "tests/test_slurm_local.py", "tests/test_benchmark")
 
