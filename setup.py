@@ -1,14 +1,21 @@
 """demucs-lora: LoRA adaptation of HTDemucs with Hydra + Dora."""
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, find_packages, setup
 
 setup(
     name="demucs-lora",
     version="0.1.0",
     description="LoRA fine-tuning of HTDemucs (Hybrid Transformer Demucs)",
-    packages=find_packages(include=["demucs_lora", "demucs_lora.*"]),
+    # conf/ is read next to the package (demucs_lora/core/paths.py CONF_DIR, train.py's
+    # config_path="../conf"), so a wheel installs it there too; the assets are the demo's
+    # base model and its metadata.
+    packages=(find_packages(include=["demucs_lora", "demucs_lora.*"])
+              + find_namespace_packages(include=["conf", "conf.*"])),
+    package_data={"conf": ["*.yaml", "*/*.yaml"], "demucs_lora.assets": ["*.th", "*.json"]},
     python_requires=">=3.10",
     install_requires=[
-        "torch==2.13.0",
+        # 2.6: torch.serialization.get_unsafe_globals_in_checkpoint / safe_globals (hub/
+        # safe_load.py). Tested with 2.13.0, the exact pin the Makefile installs for CI.
+        "torch>=2.6,<3",
         "demucs>=4.0",
         "dora-search>=0.1.12",
         "hydra-core>=1.3",

@@ -1,29 +1,48 @@
-"""Shared fixtures: tiny models that run on CPU in well under a second."""
+"""Shared fixtures and markers (the shared functions are in tests/helpers.py)."""
+import shutil
+
 import pytest
 import torch
+from slurm_fixture import slurm_cluster  # noqa: F401  (a fixture for every test module)
 
 
-@pytest.fixture
-def tiny_htdemucs():
-    """A seeded tiny HTDemucs (depth 4, like conf/model/htdemucs_tiny.yaml)."""
-    from demucs.htdemucs import HTDemucs
-
-    torch.manual_seed(0)
-    return HTDemucs(sources=["drums", "bass", "other", "vocals"], channels=8,
-                    t_layers=2, depth=4, samplerate=44100, segment=1)
+@pytest.fixture(scope="module")
+def mix():
+    """One second of seeded stereo noise at 44.1 kHz, batch 1."""
+    return torch.randn(1, 2, 44100, generator=torch.Generator().manual_seed(1))
 
 
-# Tests that start subprocesses (dora runs, the stock demucs CLI, a local Slurm) or run
-# benchmarks: `pytest -m "not slow"` is the quick developer loop; CI runs everything.
+@pytest.fixture(scope="session")
+def synth_folder(tmp_path_factory):
+    """synth_folder(dest, **generate_dataset kwargs): a fresh copy at `dest` of a synthetic
+    stem folder generated once per session and set of kwargs (tests may damage their copy)."""
+    from helpers import synth_stems
+    made = {}
+
+    def fresh_copy(dest, **kwargs):
+        key = repr(sorted(kwargs.items()))
+        if key not in made:
+            made[key] = synth_stems(tmp_path_factory.mktemp("synth") / "ds", **kwargs)
+        return shutil.copytree(made[key], dest)
+    return fresh_copy
+
+
+# Files that start subprocesses (dora runs, a local Slurm) or run benchmarks; single slow
+# tests elsewhere carry @pytest.mark.slow with their reason. `pytest -m "not slow"` is the
+# quick developer loop (README); CI runs everything.
+# A test using the slurm_cluster fixture is marked slurm (and slow): `-m "not slurm"`.
 SLOW = ("tests/integration/", "tests/test_slurm_local.py", "tests/test_benchmark")
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: subprocess / end-to-end test (CI runs it)")
+    config.addinivalue_line("markers", "slurm: needs a local Slurm (tools/slurm_local.sh)")
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
         path = item.nodeid.replace("\\", "/")
-        if any(part in path for part in SLOW) or "slow" in item.keywords:
+        if "slurm_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slurm)
+        if any(part in path for part in SLOW) or {"slow", "slurm"} & set(item.keywords):
             item.add_marker(pytest.mark.slow)

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 import yaml
-from demucs.htdemucs import HTDemucs
 from demucs.states import serialize_model
 from omegaconf import OmegaConf
 
@@ -21,12 +20,6 @@ from demucs_lora.core.files import atomic_write
 from demucs_lora.hub.packages import safetensors_writer
 
 REV = "0123456789abcdef0123456789abcdef01234567"
-
-
-def tiny(sources=("drums", "bass", "other", "vocals"), seed: int = 0, **kwargs) -> HTDemucs:
-    torch.manual_seed(seed)
-    kwargs = dict(dict(channels=8, t_layers=1, depth=4, samplerate=44100, segment=1), **kwargs)
-    return HTDemucs(sources=list(sources), **kwargs)
 
 
 def write_repo_th(model, folder: Path, name: str) -> Path:

@@ -1,11 +1,6 @@
 """Reusable pytest fixture: a real one-node Slurm cluster (tools/slurm_local.sh).
 
-Use it from any test module with::
-
-    try:
-        from slurm_fixture import slurm_cluster  # noqa: F401
-    except ImportError:  # tests/ is a package
-        from tests.slurm_fixture import slurm_cluster  # noqa: F401
+tests/conftest.py imports it, so any test takes it by name (and is marked `slurm`)::
 
     def test_something(slurm_cluster):
         slurm_cluster.partition  # "local"; SLURM_CONF is exported while it lives

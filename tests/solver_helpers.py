@@ -11,6 +11,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from helpers import TARGETS, inject_all, tiny_htdemucs
 
 BASE_OVERRIDES = ["model=htdemucs_tiny", "variant=debug", "htdemucs.t_layers=1",
                   "htdemucs.lora_rank=2", "max_batches=3", "batch_size=2",
@@ -36,19 +37,13 @@ def config(*overrides: str):
 
 
 def tiny_base(seed: int = 0):
-    from demucs.htdemucs import HTDemucs
-    torch.manual_seed(seed)
-    return HTDemucs(sources=["drums", "bass", "other", "vocals"], channels=8, t_layers=1,
-                    depth=4, samplerate=SR, segment=0.25, nfft=1024)
+    """The tiny HTDemucs at the solver tests' rate and segment."""
+    return tiny_htdemucs(seed=seed, samplerate=SR, segment=0.25, nfft=1024)
 
 
 def lora(base, rank: int = 2):
-    from demucs_lora.lora.config import LoraLayout
-    from demucs_lora.lora.inject import inject_lora
-    from demucs_lora.lora.targets import lora_target_names
-    names = lora_target_names(base, ["encoder", "decoder"])
-    inject_lora(base, LoraLayout({n: rank for n in names}))
-    return base
+    """LoRA on the encoder and decoder (B = 0), in place."""
+    return inject_all(base, rank, TARGETS[:2])
 
 
 def _examples(count: int, seconds: float, seed: int) -> tp.List[torch.Tensor]:

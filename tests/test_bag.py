@@ -2,7 +2,8 @@
 identity weights, adapters keyed by member, bag files as demucs lays them out."""
 import pytest
 import torch
-from model_layouts import tiny, write_hf_cache
+from helpers import randomize_b, tiny_htdemucs
+from model_layouts import isolate_caches, write_hf_cache
 
 from demucs_lora.models.bag import TrainableBag, bag_weights
 from demucs_lora.config.compose import compose
@@ -14,10 +15,8 @@ X = torch.randn(1, 2, 44100, generator=torch.Generator().manual_seed(4))
 
 @pytest.fixture
 def bag_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
-    monkeypatch.chdir(tmp_path)
-    members = [tiny(seed=s) for s in range(3)]
+    isolate_caches(tmp_path, monkeypatch)
+    members = [tiny_htdemucs(seed=s) for s in range(3)]
     write_hf_cache(members, tmp_path / "hf", "htdemucs_ft", ["f7e0c4bc", "d12395a8", "92cfc3b6"],
                    repo="adefossez/HTDemucs-ft", weights=WEIGHTS)
     return members
@@ -46,10 +45,7 @@ def test_bag_forward_is_apply_models_combination(bag_cache):
 @pytest.mark.parametrize("source,owner", [(0, 0), (1, 1), (3, 2)])
 def test_identity_weights_isolate_each_members_gradient(bag_cache, source, owner):
     model, _ = _bag_model()
-    with torch.no_grad():  # random B so every adapter has a path to the output
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
+    randomize_b(model)  # so every adapter has a path to the output
     model.train()
     model(X)[:, source].abs().mean().backward()
     for name, p in model.named_parameters():
@@ -79,11 +75,7 @@ def test_adapter_round_trip_on_a_bag(bag_cache, tmp_path):
     from demucs_lora.models.methods import load_lora_weights
     from demucs_lora.lora.state import save_adapter
     from demucs_lora.models.build import load_base
-    model, _ = _bag_model()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
+    model = randomize_b(_bag_model()[0])
     save_adapter(model, tmp_path / "bag_adapter")
     header = json.loads((tmp_path / "bag_adapter.json").read_text())
     assert header["bag"] == {"members": 3, "weights": WEIGHTS}

@@ -3,7 +3,6 @@ finite checkpoint, never saves a NaN "best"; NaN/inf/int adapters and NaN models
 refused by every loader that serves them; test_pretrained fails when every score is NaN."""
 import json
 import math
-from argparse import Namespace
 
 import pytest
 import torch
@@ -168,7 +167,7 @@ def test_get_model_refuses_a_nan_model(tmp_path):
 
 
 def test_export_refuses_a_nan_best(tmp_path):
-    from test_export import make_xp
+    from helpers import make_xp
     from demucs_lora.commands import export
     folder = make_xp(tmp_path, sig="nanxp").folder
     _nan_package(folder / "best.th")
@@ -180,7 +179,7 @@ def test_export_refuses_a_nan_best(tmp_path):
 
 def test_test_pretrained_fails_when_every_score_is_nan(tmp_path, monkeypatch, capsys):
     from demucs_lora.commands import test_pretrained
-    from test_export import make_xp
+    from helpers import make_xp
     make_xp(tmp_path, sig="xpnan")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(test_pretrained, "evaluate_model", lambda model, data, **kw: {

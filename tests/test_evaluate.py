@@ -8,37 +8,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from test_export import REPO, make_xp
+from helpers import REPO, check_table_matches_json, make_xp
 
 
 @pytest.fixture(scope="module")
 def xp(tmp_path_factory):
     return make_xp(tmp_path_factory.mktemp("eval"))
-
-
-def parse_table(text):
-    """{row: {column: float or None}} from the printed table (header line 'source ...')."""
-    lines = text.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.split()[:1] == ["source"])
-    header = lines[start].split()[1:]
-    rows = {}
-    for line in lines[start + 1:]:
-        cells = line.split()
-        if len(cells) != len(header) + 1:
-            break
-        rows[cells[0]] = {h: (None if c == "-" else float(c)) for h, c in zip(header, cells[1:])}
-    return rows
-
-
-def check_table_matches_json(printed, results):
-    table = parse_table(printed)
-    assert list(table) == [*results["sources"], "mean"]
-    summary = results["summary"]
-    for metric in results["metrics"]:
-        for source in results["sources"]:
-            assert table[source][metric] == summary[f"{metric}_{source}"], (metric, source)
-        assert table["mean"][metric] == summary[metric], metric
-    return table
 
 
 def test_xp_with_shifts_prints_table_equal_to_json(xp, monkeypatch, capsys):
@@ -89,6 +64,7 @@ def test_xp_config_overrides(xp):
         xp_config(file, ["test.shfts=2"])
 
 
+@pytest.mark.slow  # the CLI in a subprocess
 def test_unknown_model_exits_with_message(xp, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "tools.test_pretrained", "-n", "nothing",
                            "--no-progress"], cwd=xp.root, capture_output=True, text=True,

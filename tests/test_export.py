@@ -1,106 +1,19 @@
 """tools.export: the stock demucs CLI loads what we write, and it separates like the
 unmerged adapter; half / int8 sizes; refusals (overwrite, bad name, unknown XP).
 
-`make_xp` builds an XP folder by hand (nothing trained: LoRA with random B on a tiny
-base), the way the solver lays it out; the other test modules import it from here.
+The XP is built by hand (helpers.make_xp: nothing trained, LoRA with random B on a tiny
+base), the way the solver lays it out.
 """
-import copy
-import json
 import os
+import shutil
 import subprocess
 import sys
-import uuid
-from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import soundfile as sf
 import torch
-from demucs.htdemucs import HTDemucs
-from demucs.states import serialize_model
-from omegaconf import OmegaConf
-
-REPO = Path(__file__).resolve().parents[1]
-SOURCES = ["drums", "bass", "other", "vocals"]
-TARGETS = ["encoder", "decoder", "transformer"]
-
-
-def tiny_base(seed=0):
-    torch.manual_seed(seed)
-    return HTDemucs(sources=list(SOURCES), channels=8, t_layers=1, depth=4, segment=1).eval()
-
-
-def lora_model(base, seed, rank=2, alpha=16.0):
-    """A copy of `base` with LoRA on every target and random B (so it changes the output)."""
-    from demucs_lora.lora.config import LoraLayout
-    from demucs_lora.lora.inject import inject_lora
-    from demucs_lora.lora.targets import lora_target_names
-    model = copy.deepcopy(base)
-    names = lora_target_names(model, TARGETS)
-    inject_lora(model, LoraLayout({n: rank for n in names}, alpha=alpha))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-    return model.eval()
-
-
-def tiny_config(root, base_path, data):
-    from demucs_lora.config.compose import compose
-    return compose(["model=htdemucs_tiny", "variant=debug", "htdemucs.t_layers=1",
-                    "htdemucs.lora_rank=2", f"dset.wav={data}",
-                    f"dset.metadata={root / 'metadata'}", f"continue_from={base_path}"])
-
-
-def make_data(root):
-    from demucs_lora.data.synth import generate_dataset
-    data = root / "data"
-    if not (data / "synth.json").exists():
-        generate_dataset(data, seconds=0.6, splits={"train": 1, "valid": 1, "test": 1})
-    return data
-
-
-def make_xp(root, seed=1, sig=None):
-    """outputs/xps/SIG/{config.yaml, best.th, lora_best.*, lora_last.*, history.json,
-    ranks.json} under `root`, with its base at root/base.th and data at root/data."""
-    from demucs_lora.training.checkpoint import save_best_model
-    from demucs_lora.lora.inject import lora_config
-    from demucs_lora.lora.state import save_adapter
-    root = Path(root)
-    sig = sig or uuid.uuid4().hex[:8]
-    base_path = root / "base.th"
-    base = tiny_base()
-    data = make_data(root)
-    cfg = tiny_config(root, base_path, data)
-    if not base_path.exists():
-        torch.save(serialize_model(base, cfg, half=False), base_path)
-    folder = root / "outputs" / "xps" / sig
-    folder.mkdir(parents=True)
-    model = lora_model(base, seed)
-    save_best_model(model, None, cfg, folder / "best.th")
-    save_adapter(model, folder / "lora_best", xp=sig, source_init=None)
-    save_adapter(lora_model(base, seed + 100), folder / "lora_last", xp=sig, source_init=None)
-    (folder / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    (folder / "history.json").write_text(json.dumps([{"epoch": 1, "valid_nsdr": 0.0}]))
-    (folder / "ranks.json").write_text(json.dumps({"ranks": lora_config(model)["ranks"]}))
-    return SimpleNamespace(sig=sig, folder=folder, base_path=base_path, data=data, cfg=cfg,
-                           root=root)
-
-
-def write_mix(path, seconds=0.6, seed=0, samplerate=44100, channels=2):
-    """A float wav of small band-limited noise (stays well inside [-1, 1])."""
-    gen = torch.Generator().manual_seed(seed)
-    wav = torch.randn(channels, int(seconds * samplerate), generator=gen)
-    wav = torch.nn.functional.avg_pool1d(wav[None], 5, 1, 2)[0] * 0.1
-    sf.write(str(path), wav.T.numpy(), samplerate, subtype="FLOAT")
-    return wav
-
-
-def our_stems(model, path):
-    from demucs_lora.inference.separation import read_audio, separate_tensor
-    wav = read_audio(path, model.samplerate, model.audio_channels)
-    return separate_tensor(model, wav, shifts=0)
+from helpers import REPO, make_xp, our_stems, write_mix
+from model_layouts import run_offline
 
 
 def export(*argv):
@@ -119,6 +32,7 @@ def in_root(xp, monkeypatch):
     return xp.root
 
 
+@pytest.mark.slow  # the stock demucs CLI in a subprocess
 def test_stock_cli_matches_unmerged_adapter_and_lora_files_reload(xp, in_root, tmp_path,
                                                                   capsys):
     from demucs_lora import get_model, load_lora_weights
@@ -184,6 +98,7 @@ def test_adapter_last_is_base_plus_lora_last_merged(xp, in_root, tmp_path):
     assert max((got[k] - best[k]).abs().max() for k in got) > 1e-3
 
 
+@pytest.mark.slow  # tools.export in a subprocess
 def test_overwrite_refused_without_force_and_nothing_written(xp, in_root, tmp_path):
     out = tmp_path / "rel"
     env = dict(os.environ, PYTHONPATH=str(REPO))
@@ -242,6 +157,7 @@ def test_bad_names_refused(xp, in_root, tmp_path, capsys, name):
     assert not (tmp_path / "rel").exists()
 
 
+@pytest.mark.slow  # demucs' hub loader in a subprocess
 def test_hf_format_export_loads_in_demucs_and_matches_th_export(xp, in_root, tmp_path,
                                                                monkeypatch, capsys):
     """--format hf writes NAME.yaml + SIG.safetensors as demucs 4.1's hub layout; demucs'
@@ -266,7 +182,6 @@ def test_hf_format_export_loads_in_demucs_and_matches_th_export(xp, in_root, tmp
     (snap / "refs").mkdir(parents=True)
     (snap / "refs" / "main").write_text("r1")
     (snap / "snapshots").mkdir()
-    import shutil
     shutil.copytree(out, snap / "snapshots" / "r1")
     torch.save(x, tmp_path / "x.pt")
     torch.save(ours, tmp_path / "ours.pt")
@@ -274,7 +189,6 @@ def test_hf_format_export_loads_in_demucs_and_matches_th_export(xp, in_root, tmp
             "m = get_model('hf://me/tinyhf').models[0]; "
             f"x, ref = torch.load('{tmp_path / 'x.pt'}'), torch.load('{tmp_path / 'ours.pt'}'); "
             "assert (m(x).detach() - ref).abs().max() < 1e-5")
-    from model_layouts import run_offline
     run_offline(code, tmp_path / "cache")
     with pytest.raises(SystemExit):
         export(xp.sig, "-o", tmp_path / "q", "--format", "hf", "--quantize", "8")

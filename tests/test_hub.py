@@ -1,10 +1,10 @@
 """The model resolver and both file layouts: every place a user's demucs model can be."""
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from model_layouts import (isolate_caches, run_offline, tiny, write_hf_cache, write_repo_th,
+from helpers import SIX, tiny_htdemucs
+from model_layouts import (isolate_caches, run_offline, write_hf_cache, write_repo_th,
                            write_torch_hub)
 from safetensors.torch import save_file
 
@@ -29,7 +29,7 @@ def _out(model):
 
 
 def test_three_layouts_load_the_same_model(caches):
-    model = tiny()
+    model = tiny_htdemucs()
     write_repo_th(model, caches / "repo", "htdemucs")
     write_torch_hub(model, caches / "torch", "955717e8")
     write_hf_cache([model], caches / "hf", "htdemucs", ["955717e8"])
@@ -49,10 +49,11 @@ def test_three_layouts_load_the_same_model(caches):
     assert torch.equal(_out(load_base("955717e8")), ref)  # a bare signature too
 
 
+@pytest.mark.slow  # three forwards padded to a 7.8 s segment
 def test_safetensors_export_reads_in_demucs_and_keeps_fractions(tmp_path):
     from fractions import Fraction
     from demucs.hf import load_safetensors_model
-    model = tiny(segment=Fraction(39, 5))
+    model = tiny_htdemucs(segment=Fraction(39, 5))
     path = atomic_write(tmp_path / "955717e8.safetensors", safetensors_writer(model))
     theirs, ours = load_safetensors_model(path), load_model_file(path)
     assert theirs.segment == ours.segment == Fraction(39, 5)
@@ -95,7 +96,7 @@ def test_malformed_safetensors_metadata(tmp_path, metadata, match):
 
 
 def test_truncated_safetensors_and_wrong_checksum(tmp_path):
-    model = tiny()
+    model = tiny_htdemucs()
     good = atomic_write(tmp_path / "a.safetensors", safetensors_writer(model))
     cut = tmp_path / "cut.safetensors"
     cut.write_bytes(good.read_bytes()[:1000])
@@ -108,7 +109,7 @@ def test_truncated_safetensors_and_wrong_checksum(tmp_path):
 
 def test_bag_missing_member_and_hdemucs_are_errors(caches):
     from demucs.hdemucs import HDemucs
-    write_hf_cache([tiny()], caches / "hf", "htdemucs_ft", ["aaaa0001", "aaaa0002"],
+    write_hf_cache([tiny_htdemucs()], caches / "hf", "htdemucs_ft", ["aaaa0001", "aaaa0002"],
                    repo="adefossez/HTDemucs-ft")
     (caches / "hf/hub/models--adefossez--HTDemucs-ft/snapshots").glob("*")
     with pytest.raises(ModelLoadError, match=r"htdemucs_ft.*\['aaaa0002.safetensors'\].*not"):
@@ -122,7 +123,7 @@ def test_bag_missing_member_and_hdemucs_are_errors(caches):
 
 def test_bag_of_models_and_bag_member(caches):
     from demucs.apply import BagOfModels
-    members = [tiny(seed=s) for s in range(3)]
+    members = [tiny_htdemucs(seed=s) for s in range(3)]
     weights = [[1.0 if i == s else 0.0 for i in range(4)] for s in range(3)]
     write_hf_cache(members, caches / "hf", "htdemucs_ft", ["f1", "f2", "f3"],
                    repo="adefossez/HTDemucs-ft", weights=weights)
@@ -139,10 +140,10 @@ def test_not_found_lists_every_place_and_ambiguity(caches):
     for place in ("no XP", "no pretrained_repo", "HF hub cache", "models--", "torch hub",
                   "demucs -n htdemucs", "pretrained_repo=FOLDER"):
         assert place.replace("models--", "adefossez/HTDemucs") in text, place
-    write_hf_cache([tiny()], caches / "hf", "htdemucs", ["955717e8"])
+    write_hf_cache([tiny_htdemucs()], caches / "hf", "htdemucs", ["955717e8"])
     xp = caches / "outputs" / "xps" / "htdemucs"
     xp.mkdir(parents=True)
-    write_repo_th(tiny(), xp, "best")
+    write_repo_th(tiny_htdemucs(), xp, "best")
     with pytest.raises(ModelLoadError, match=r"ambiguous.*best.th.*955717e8.safetensors"):
         load_base("htdemucs")
     assert find_model(str(xp)).files == [xp / "best.th"]  # a path picks the XP
@@ -152,18 +153,19 @@ def test_not_found_lists_every_place_and_ambiguity(caches):
 
 def test_folder_paths(caches):
     one = caches / "one"
-    write_repo_th(tiny(), one, "m")
+    write_repo_th(tiny_htdemucs(), one, "m")
     assert find_model("one").files == [one / "m.th"]
-    write_repo_th(tiny(), one, "n")
+    write_repo_th(tiny_htdemucs(), one, "n")
     with pytest.raises(ModelLoadError, match="2 model file"):
         find_model("one")
     with pytest.raises(ModelLoadError, match="does not exist"):
         find_model("nothing/here.th")
 
 
+@pytest.mark.slow  # demucs' hub loader in a subprocess
 def test_hf_export_loads_through_stock_get_model_offline(tmp_path):
     """demucs.pretrained.get_model('hf://NS/NAME') with HF_HUB_OFFLINE=1 reads our layout."""
-    model = tiny(sources=["drums", "bass", "other", "vocals", "guitar", "piano"])
+    model = tiny_htdemucs(SIX)
     write_hf_cache([model], tmp_path / "hf", "htdemucs_6s", ["5c90dfd2"],
                    repo="someone/HTDemucs-6s")
     torch.save(X, tmp_path / "x.pt")

@@ -2,12 +2,12 @@
 and the released htdemucs architecture (41.98M parameters) taking one LoRA step."""
 import pytest
 import torch
-from model_layouts import isolate_caches, tiny, write_hf_cache
+from helpers import SIX, tiny_htdemucs
+from model_layouts import isolate_caches, write_hf_cache
 
 from demucs_lora.config.compose import compose
 from demucs_lora.models.build import build_model
 
-SIX = ["drums", "bass", "other", "vocals", "guitar", "piano"]
 X = torch.randn(1, 2, 44100, generator=torch.Generator().manual_seed(2))
 
 
@@ -28,7 +28,7 @@ def _cfg(*overrides):
     (SIX, None, SIX),
 ])
 def test_six_source_base_to_four_five_six_stems(hf_home, sources, init, kept):
-    base = tiny(sources=SIX)
+    base = tiny_htdemucs(sources=SIX)
     write_hf_cache([base], hf_home, "htdemucs_6s", ["5c90dfd2"], repo="adefossez/HTDemucs-6s")
     overrides = [f"sources=[{','.join(sources)}]", "continue_from=htdemucs_6s"]
     if init:
@@ -49,6 +49,7 @@ def test_six_source_base_to_four_five_six_stems(hf_home, sources, init, kept):
         assert (out[:, 2] - summed).abs().max() / summed.abs().max() < 0.05
 
 
+@pytest.mark.slow  # a full-size HTDemucs
 def test_released_htdemucs_architecture_from_hf_cache_takes_a_lora_step(hf_home):
     """One full-size HTDemucs as demucs ships htdemucs (dconv_mode=3, bottom_channels=512),
     random weights, in the HF layout: continue_from=htdemucs finds it and trains."""

@@ -5,16 +5,16 @@ import torch
 from demucs.states import serialize_model
 from safetensors.torch import load_file
 
-from test_export import lora_model, make_data, tiny_base, tiny_config
+from helpers import synth_stems, tiny_htdemucs, xp_config
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("lora_ckpt")
-    data = make_data(root)
-    cfg = tiny_config(root, root / "base.th", data)
-    torch.save(serialize_model(tiny_base(), cfg, half=False), root / "base.th")
-    torch.save(serialize_model(tiny_base(seed=9), cfg, half=False), root / "base9.th")
+    data = synth_stems(root / "data")
+    cfg = xp_config(root, root / "base.th", data)
+    torch.save(serialize_model(tiny_htdemucs().eval(), cfg, half=False), root / "base.th")
+    torch.save(serialize_model(tiny_htdemucs(seed=9).eval(), cfg, half=False), root / "base9.th")
     trained(cfg, root / "adapter")
     trained(cfg, root / "other_base", continue_from=str(root / "base9.th"))
     return root, cfg

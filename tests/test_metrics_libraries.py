@@ -33,6 +33,7 @@ def museval_metrics():
     return module
 
 
+@pytest.mark.slow  # imports museval (seconds)
 def test_sdr_is_museval_bsseval_v4():
     import numpy as np
     metrics = museval_metrics()
@@ -121,10 +122,8 @@ def test_test_pretrained_selects_metrics(tmp_path, monkeypatch, capsys):
     """`--metrics` picks the columns (MSST's names, space or comma separated), and an
     override after it still counts as an override."""
     import json
-    from test_evaluate import check_table_matches_json
-    from test_export import make_xp
+    from helpers import check_table_matches_json, make_xp
     from demucs_lora.commands.test_pretrained import main
-    from demucs_lora.core.errors import ConfigError
     xp = make_xp(tmp_path)
     monkeypatch.chdir(xp.root)
     chosen = ["sdr", "aura_stft", "nsdr"]

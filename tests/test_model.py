@@ -3,9 +3,9 @@ import logging
 
 import pytest
 import torch
-from demucs.htdemucs import HTDemucs
 from demucs.states import serialize_model
 from omegaconf import OmegaConf
+from helpers import tiny_htdemucs
 
 from demucs_lora.core.errors import ConfigError, ModelLoadError
 from demucs_lora.models.build import load_base
@@ -15,15 +15,7 @@ SOURCES = ["drums", "bass", "other", "vocals"]
 
 
 def tiny(sources=SOURCES, seed=0):
-    torch.manual_seed(seed)
-    model = HTDemucs(sources=list(sources), channels=8, t_layers=1, depth=4, segment=1)
-    return model.eval()
-
-
-@pytest.fixture(scope="module")
-def mix():
-    torch.manual_seed(1)
-    return torch.randn(1, 2, 44100)
+    return tiny_htdemucs(sources, seed).eval()
 
 
 def test_permuted_sources_give_permuted_outputs(mix):

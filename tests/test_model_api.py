@@ -16,17 +16,17 @@ from demucs.states import serialize_model
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from test_export import lora_model, tiny_base, write_mix
+from helpers import adapted_copy, tiny_htdemucs, write_mix
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("model_api")
     from demucs_lora import save_adapter
-    base = tiny_base()
+    base = tiny_htdemucs().eval()
     torch.save(serialize_model(base, OmegaConf.create({}), half=False), root / "base.th")
-    save_adapter(lora_model(base, 3), root / "adapter")
-    save_adapter(lora_model(base, 4, rank=3), root / "rank3")
+    save_adapter(adapted_copy(base, 3), root / "adapter")
+    save_adapter(adapted_copy(base, 4, rank=3), root / "rank3")
     return root
 
 
@@ -116,11 +116,12 @@ def test_optimize_scales_never_reconstructs_worse_than_max_abs():
         assert errors[True].sum() < gain * errors[False].sum()
 
 
+@pytest.mark.slow  # the stock demucs CLI in a subprocess
 def test_stock_cli_reading_an_int8_file_says_how_to_load_it(tmp_path):
     from demucs_lora.core.files import atomic_torch_save
     from demucs_lora.hub.int8 import quantize
     repo = tmp_path / "release"
-    atomic_torch_save(quantize(tiny_base()), repo / "small.th")
+    atomic_torch_save(quantize(tiny_htdemucs().eval()), repo / "small.th")
     with pytest.raises(RuntimeError, match="int8 file: load it with demucs_lora.get_model"):
         stock_load_model(torch.load(repo / "small.th", weights_only=False))
     write_mix(tmp_path / "song.wav", seconds=0.2)

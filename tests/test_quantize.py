@@ -1,9 +1,9 @@
 import pytest
 import torch
-from demucs.htdemucs import HTDemucs
 from demucs.states import load_model as stock_load_model
 from demucs.states import serialize_model
 from omegaconf import OmegaConf
+from helpers import tiny_htdemucs
 
 from demucs_lora.core.errors import ConfigError
 from demucs_lora.core.files import atomic_torch_save
@@ -16,8 +16,7 @@ SOURCES = ["drums", "bass", "other", "vocals"]
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    return HTDemucs(sources=SOURCES, channels=8, t_layers=1, depth=4, segment=1).eval()
+    return tiny_htdemucs(SOURCES).eval()
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +92,7 @@ def test_stock_demucs_loader_rejects_quantized_package(model):
 def test_bad_bits_and_unmerged_models_are_refused(model):
     with pytest.raises(ConfigError, match="bits"):
         quantize(model, bits=16)
-    wrapped = HTDemucs(sources=SOURCES, channels=8, t_layers=1, depth=4, segment=1)
+    wrapped = tiny_htdemucs(SOURCES)
     wrapped.encoder[0].conv.register_parameter("lora_A", torch.nn.Parameter(torch.zeros(2, 2)))
     with pytest.raises(ConfigError, match="lora_A"):
         quantize(wrapped)

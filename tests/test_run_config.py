@@ -3,19 +3,16 @@
 their heads, dataset file spellings, mixed precision, `-d` without GPU, `-f NAME`."""
 import pytest
 import torch
-from demucs.htdemucs import HTDemucs
 from omegaconf import OmegaConf
+from helpers import FOUR, tiny_htdemucs
 
 from demucs_lora.training import run_config as rc
 from demucs_lora.core.errors import ConfigError
 
-FOUR = ["drums", "bass", "other", "vocals"]
-
 
 @pytest.fixture(scope="module")
 def base():
-    torch.manual_seed(0)
-    return HTDemucs(sources=FOUR, channels=8, depth=4, t_layers=1, t_heads=4, segment=1)
+    return tiny_htdemucs(FOUR, t_heads=4)
 
 
 def cfg(*overrides):
@@ -44,8 +41,7 @@ def test_architecture_key_that_differs_names_key_base_value_and_why(base):
 
 
 def test_weight_free_argument_is_applied_to_the_base():
-    torch.manual_seed(0)
-    model = HTDemucs(sources=FOUR, channels=8, depth=4, t_layers=1, segment=1)
+    model = tiny_htdemucs(FOUR)
     config = cfg("htdemucs.use_train_segment=false")
     record, lines = rc.check_architecture(config, model, explicit={"use_train_segment"})
     assert record["htdemucs.use_train_segment"] is False and "applied to the base" in lines[0]
@@ -160,8 +156,7 @@ def test_f_name_resolves_a_model_or_says_what_f_takes(tmp_path, monkeypatch):
     from demucs_lora.training.dora_cli import argv_from_model
     repo = tmp_path / "models"
     repo.mkdir()
-    torch.manual_seed(0)
-    model = HTDemucs(sources=FOUR, channels=8, depth=4, t_layers=1, segment=1)
+    model = tiny_htdemucs(FOUR)
     torch.save(serialize_model(model, OmegaConf.create({}), half=False),
                repo / "955717e8-8726e21a.th")
     (repo / "htdemucs.yaml").write_text("models: ['955717e8']\n")

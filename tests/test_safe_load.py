@@ -11,6 +11,7 @@ from demucs.htdemucs import HTDemucs
 from demucs.pretrained import get_model
 from demucs.states import serialize_model
 from omegaconf import OmegaConf
+from helpers import tiny_htdemucs
 
 from demucs_lora.core.errors import ModelLoadError
 from demucs_lora.hub.packages import load_model_file
@@ -20,8 +21,7 @@ SOURCES = ["drums", "bass", "other", "vocals"]
 
 
 def tiny_model(segment=1, seed=0):
-    torch.manual_seed(seed)
-    return HTDemucs(sources=SOURCES, channels=8, t_layers=1, depth=4, segment=segment).eval()
+    return tiny_htdemucs(SOURCES, seed, segment=segment).eval()
 
 
 def save_package(model, path, half=False, **overrides):

@@ -7,7 +7,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from test_export import REPO, lora_model, make_xp, our_stems, tiny_base, write_mix
+from helpers import REPO, adapted_copy, make_xp, our_stems, tiny_htdemucs, write_mix
 
 
 @pytest.fixture(scope="module")
@@ -15,7 +15,7 @@ def setup(tmp_path_factory):
     """An XP (its lora_best) plus a second adapter on the same base, and a stereo mix."""
     from demucs_lora import save_adapter
     xp = make_xp(tmp_path_factory.mktemp("sep"))
-    save_adapter(lora_model(tiny_base(), 33), xp.root / "adapters" / "second")
+    save_adapter(adapted_copy(tiny_htdemucs().eval(), 33), xp.root / "adapters" / "second")
     mix = xp.root / "song.wav"
     write_mix(mix)
     return xp

@@ -9,11 +9,6 @@ from pathlib import Path
 
 import pytest
 
-try:
-    from slurm_fixture import slurm_cluster  # noqa: F401  (pytest fixture)
-except ImportError:  # tests/ imported as a package
-    from tests.slurm_fixture import slurm_cluster  # noqa: F401
-
 pytestmark = pytest.mark.timeout(600)
 
 

@@ -91,7 +91,8 @@ def _run_with_sigterm_at(solver, step):
     return info.value.code
 
 
-@pytest.mark.parametrize("step, workers", [(2, 0), (3, 0), (2, 1)])  # mid-epoch, last step
+@pytest.mark.parametrize("step, workers", [  # mid-epoch, last step, a loader worker
+    (2, 0), (3, 0), pytest.param(2, 1, marks=pytest.mark.slow)])  # (a process: seconds)
 def test_sigterm_mid_epoch_resumes_exactly(tmp_path, monkeypatch, step, workers):
     reference = make_solver(monkeypatch, tmp_path / "ref", "epochs=2").run()
     ref_weights = torch.load(tmp_path / "ref" / "checkpoint.th", weights_only=True)["model"]

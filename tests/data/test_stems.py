@@ -1,6 +1,5 @@
 """Stem-folder dataset: metadata cache, segments, residual source, resampling, augment."""
 import os
-import shutil
 
 import pytest
 import soundfile as sf
@@ -14,16 +13,10 @@ SR = 8000
 SOURCES = ["drums", "bass", "other", "vocals"]
 
 
-@pytest.fixture(scope="module")
-def template(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tpl") / "ds"
-    return synth.generate_dataset(root, seconds=3, seed=0, samplerate=SR,
-                                  splits={"train": 2, "valid": 1, "test": 1})
-
-
 @pytest.fixture
-def dataset(template, tmp_path):
-    return shutil.copytree(template, tmp_path / "ds")
+def dataset(synth_folder, tmp_path):
+    return synth_folder(tmp_path / "ds", seconds=3, seed=0, samplerate=SR,
+                        splits={"train": 2, "valid": 1, "test": 1})
 
 
 def test_metadata_and_shapes(dataset, tmp_path):

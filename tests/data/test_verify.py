@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from demucs_lora.data import synth
 from demucs_lora.commands.verify_dataset import main
 from demucs_lora.data.verify import verify_dataset
 
@@ -14,16 +13,10 @@ SR = 8000
 SOURCES = ["drums", "bass", "other", "vocals"]
 
 
-@pytest.fixture(scope="module")
-def template(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tpl") / "ds"
-    return synth.generate_dataset(root, seconds=2, seed=1, samplerate=SR,
-                                  splits={"train": 2, "valid": 1, "test": 1})
-
-
 @pytest.fixture
-def ds(template, tmp_path):
-    return shutil.copytree(template, tmp_path / "ds")
+def ds(synth_folder, tmp_path):
+    return synth_folder(tmp_path / "ds", seconds=2, seed=1, samplerate=SR,
+                        splits={"train": 2, "valid": 1, "test": 1})
 
 
 @pytest.fixture

@@ -3,9 +3,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
+import typing as tp
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 BASE_ASSET = REPO / "demucs_lora" / "assets" / "base_tiny_A.th"
@@ -50,3 +55,32 @@ def xps(cwd: Path) -> list:
 
 def history(xp: Path) -> list:
     return json.loads((xp / "history.json").read_text())
+
+
+def kill_9_when(cwd: Path, args: tp.Sequence[str], ready: tp.Callable[[Path], bool]) -> Path:
+    """Start `dora *args` in cwd, SIGKILL its process group one second after `ready(xp)`
+    first holds (polled), and return the XP folder the killed run left."""
+    proc = dora(cwd, *args, popen=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        folders = xps(cwd)
+        if folders and (folders[0] / "history.json").exists() and ready(folders[0]):
+            time.sleep(1.0)  # well inside the next epoch
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run ended before it could be killed:\n" + proc.stdout.read()
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    (xp,) = xps(cwd)
+    return xp
+
+
+def assert_same_histories(want: list, got: list):
+    """Epoch by epoch the same metrics, timings aside (a resumed run equals an uninterrupted
+    one)."""
+    assert len(want) == len(got)
+    for a, b in zip(want, got):
+        a, b = ({k: v for k, v in h.items() if "seconds" not in k} for h in (a, b))
+        assert a.keys() == b.keys()
+        for key in a:
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key

@@ -11,19 +11,10 @@ import hashlib
 from pathlib import Path
 
 import torch
+from helpers import FOUR, SIX, synth_stems, tiny_htdemucs
 
-FOUR = ["drums", "bass", "other", "vocals"]
-SIX = ["drums", "bass", "other", "vocals", "guitar", "piano"]
-TINY = dict(channels=8, depth=4, t_layers=1, t_heads=4, nfft=4096, samplerate=44100,
-            segment=1)
 MODELS = {"htdemucs": ("955717e8", "8726e21a", FOUR),
           "htdemucs_6s": ("5c90dfd2", "34c22ccb", SIX)}
-
-
-def tiny_model(sources, seed=0):
-    from demucs.htdemucs import HTDemucs
-    torch.manual_seed(seed)
-    return HTDemucs(sources=list(sources), **TINY)
 
 
 def make_repo(root: Path) -> Path:
@@ -32,7 +23,8 @@ def make_repo(root: Path) -> Path:
     repo = Path(root) / "models"
     repo.mkdir(parents=True, exist_ok=True)
     for i, (name, (sig, checksum, sources)) in enumerate(MODELS.items()):
-        package = serialize_model(tiny_model(sources, seed=i), OmegaConf.create({}), half=False)
+        model = tiny_htdemucs(sources, seed=i, t_heads=4)
+        package = serialize_model(model, OmegaConf.create({}), half=False)
         tmp = repo / f"{sig}.tmp"
         torch.save(package, tmp)  # named SIG-CHECKSUM.th with its real checksum, as demucs
         real = hashlib.sha256(tmp.read_bytes()).hexdigest()[:len(checksum)]  # checks it
@@ -42,9 +34,5 @@ def make_repo(root: Path) -> Path:
 
 
 def make_data(root: Path, stems: int = 5, tracks: int = 2, seconds: float = 3.0) -> Path:
-    from demucs_lora.data.synth import generate_dataset
-    data = Path(root) / f"data{stems}"
-    if not (data / "synth.json").exists():
-        generate_dataset(data, seconds=seconds, stems=stems,
-                         splits={"train": tracks, "valid": 1, "test": 1})
-    return data
+    return synth_stems(Path(root) / f"data{stems}", seconds=seconds, stems=stems,
+                       splits={"train": tracks, "valid": 1, "test": 1})

@@ -16,9 +16,9 @@ ARGS = ["model=htdemucs_tiny", "variant=debug", f"continue_from={BASE_ASSET}",
         "dset.synth.seconds=3", "dset.segment=1", "dset.shift=1",
         "dset.augment.time_shift=false", "dset.augment.flip=false", "dset.augment.scale=null",
         "dset.augment.remix=false", "optim.lr=1e-3", "test.initial=false"]
-# Stated tolerance: float reduction order only: train loss and valid nSDR within 1e-3
-# relative (measured: < 1e-5).
-LOSS_RTOL, NSDR_RTOL = 1e-3, 1e-3
+# Stated tolerance: float reduction order only: train loss and valid nSDR within 1e-5
+# relative (measured on CPU, 3 epochs: < 1e-7, README "Scale out").
+LOSS_RTOL, NSDR_RTOL = 1e-5, 1e-5
 
 
 def _run_killed_after_first_epoch(cwd, args):
@@ -45,7 +45,9 @@ def test_ddp_two_cpu_processes(tmp_path):
     assert (xp / "worker_1.log").exists()  # rank 1 ran, and only rank 0 wrote the XP files
     assert not list(xp.glob("tensorboard/*rank*"))
     log = (xp / "train.log").read_text()
-    assert "Distributed init: 0/2" in log or "world_size" not in log, proc.stdout[-2000:]
+    assert "Distributed init: 0/2" in log, proc.stdout[-2000:]
+    assert "running 2 DDP processes on the CPU (gloo backend)" in log
+    assert "Distributed init: 1/2" in (xp / "worker_1.log").read_text()
     one, two = history(xps(single)[0]), history(xp)
     print("1 process :", [(h["train_loss"], h["valid_nsdr"]) for h in one])
     print("2 processes:", [(h["train_loss"], h["valid_nsdr"]) for h in two])

@@ -2,13 +2,7 @@
 import json
 import subprocess
 
-
 from .dora_helpers import BASE_ASSET, DORA, env, xps
-
-try:
-    from slurm_fixture import slurm_cluster  # noqa: F401
-except ImportError:  # pragma: no cover
-    from tests.slurm_fixture import slurm_cluster  # noqa: F401
 
 # Seconds per XP: one short epoch of the tiny base on synthetic domain B.
 GRID_ARGS = (f"model=htdemucs_tiny variant=debug continue_from={BASE_ASSET} "

@@ -8,10 +8,11 @@ import json
 import shlex
 
 import pytest
+from helpers import FOUR, SIX
 from omegaconf import OmegaConf
 
 from .dora_helpers import dora, history, xps
-from .guide_fixtures import FOUR, SIX, make_data, make_repo
+from .guide_fixtures import make_data, make_repo
 
 GUIDE = {
     "five_stems": 'dora run -d -f htdemucs continue_from=htdemucs htdemucs.lora_rank=8 '

@@ -7,7 +7,6 @@ import signal
 import time
 
 import psutil
-import pytest
 
 from .dora_helpers import QUICK, dora, history, xps
 

@@ -7,7 +7,8 @@ cache): `dora run continue_from=htdemucs ...` trains from each (the caches with 
 import json
 
 import pytest
-from model_layouts import tiny, write_hf_cache, write_repo_th, write_torch_hub
+from helpers import tiny_htdemucs
+from model_layouts import write_hf_cache, write_repo_th, write_torch_hub
 
 from .dora_helpers import QUICK, dora, history, tool, xps
 
@@ -25,7 +26,7 @@ def caches(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("layout", ["repo", "torch_hub", "hf_cache"])
 def test_train_and_test_from_each_layout(caches, layout):
-    model = tiny()
+    model = tiny_htdemucs()
     extra = []
     if layout == "repo":
         write_repo_th(model, caches / "models", "htdemucs")
@@ -43,7 +44,7 @@ def test_train_and_test_from_each_layout(caches, layout):
          "--max-tracks", "1", "--no-progress", "variant=debug")
     scores = json.loads(out.read_text())
     # The same random-init tiny model scored on the same synthetic track: same numbers.
-    ref = tiny()
+    ref = tiny_htdemucs()
     from demucs_lora.config.compose import compose
     from demucs_lora.inference.evaluation import build_dataset, evaluate_model
     cfg = compose(["variant=debug", f"dset.metadata={caches / 'metadata'}"])
@@ -57,7 +58,7 @@ def test_train_and_test_from_each_layout(caches, layout):
 def test_bag_adapted_evaluated_exported_and_separated_by_stock_cli(caches):
     """A 3-member bag with identity-like weights from the HF cache: one XP adapts every
     member, test_pretrained scores the bag, the export is a bag the stock CLI runs."""
-    members = [tiny(seed=s) for s in range(3)]
+    members = [tiny_htdemucs(seed=s) for s in range(3)]
     weights = [[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0]]
     write_hf_cache(members, caches / "hf", "htdemucs_ft", ["f7e0c4bc", "d12395a8", "92cfc3b6"],
                    repo="adefossez/HTDemucs-ft", weights=weights)

@@ -2,22 +2,15 @@
 and a run killed with SIGKILL in epoch 2 resumes exactly (layers rebuilt at the
 checkpoint's ranks before any state is loaded)."""
 import json
-import os
-import signal
-import time
 
-import pytest
 from safetensors.torch import load_file
 
-from .dora_helpers import BASE_ASSET, QUICK, dora, history, xps
+from .dora_helpers import (BASE_ASSET, QUICK, assert_same_histories, dora, history,
+                           kill_9_when, xps)
 
 ARGS = ["run", *QUICK, f"continue_from={BASE_ASSET}", "htdemucs.lora_rank=4",
         "htdemucs.lora_rank_adaptation=true", "htdemucs.lora_gradient_batches=1",
         "epochs=2", "test.initial=false", "dset.synth.seconds=4"]
-
-
-def _comparable(hist):
-    return [{k: v for k, v in h.items() if "seconds" not in k} for h in hist]
 
 
 def test_rank_adaptation_moves_ranks_and_resumes_exactly_after_kill_9(tmp_path):
@@ -36,26 +29,14 @@ def test_rank_adaptation_moves_ranks_and_resumes_exactly_after_kill_9(tmp_path):
     assert "Rank adaptation after epoch 1" in (ref / "train.log").read_text()
     assert list((ref / "tensorboard").iterdir()) and (ref / "rank_history.png").exists()
 
-    proc = dora(killed_dir, *ARGS, popen=True)
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None:
-        folders = xps(killed_dir)
-        if folders and (folders[0] / "rank_history.json").exists() and \
-                (folders[0] / "checkpoint.th").exists() and len(history(folders[0])) >= 1:
-            time.sleep(1.0)  # inside epoch 2, after the reallocation's checkpoint
-            break
-        time.sleep(0.2)
-    assert proc.poll() is None, "the run ended before it could be killed:\n" + proc.stdout.read()
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    (xp,) = xps(killed_dir)
+    def reallocated(folder):  # kill inside epoch 2, after the reallocation's checkpoint
+        return ((folder / "rank_history.json").exists() and (folder / "checkpoint.th").exists()
+                and len(history(folder)) >= 1)
+    xp = kill_9_when(killed_dir, ARGS, reallocated)
     assert len(history(xp)) < 2
     dora(killed_dir, *ARGS)  # resumes from checkpoint.th, at the adapted ranks
     assert "Resumed from" in (xp / "train.log").read_text()
-    for a, b in zip(_comparable(history(ref)), _comparable(history(xp))):
-        assert a.keys() == b.keys()
-        for key in a:
-            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
+    assert_same_histories(history(ref), history(xp))
     assert json.loads((xp / "rank_history.json").read_text()) == ranks
     want, got = load_file(ref / "lora_last.safetensors"), load_file(xp / "lora_last.safetensors")
     assert want.keys() == got.keys()

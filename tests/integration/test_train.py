@@ -1,12 +1,11 @@
 """`dora run` end to end: full training, LoRA adaptation, the XP folder, -f, dora info."""
 import json
-import os
 
-import pytest
 import torch
 from safetensors import safe_open
 
-from .dora_helpers import BASE_ASSET, QUICK, dora, history, tool, xps
+from .dora_helpers import (BASE_ASSET, QUICK, assert_same_histories, dora, history,
+                           kill_9_when, tool, xps)
 
 XP_FILES = ["config.yaml", "train.log", "history.json", "checkpoint.th", "best.th",
             "lora_best.safetensors", "lora_best.json", "lora_last.safetensors",
@@ -99,40 +98,20 @@ def test_bad_config_fails_before_compute(tmp_path):
     assert not (tmp_path / "metadata").exists()  # nothing generated, nothing trained
 
 
-def _comparable(hist):
-    return [{k: v for k, v in h.items() if "seconds" not in k} for h in hist]
-
-
 def test_kill_9_then_resume_equals_uninterrupted(tmp_path):
-    import signal
-    import time
     args = ["run", *QUICK, "epochs=3", "test.initial=false", "dset.synth.seconds=4"]
     ref_dir, killed_dir = tmp_path / "ref", tmp_path / "killed"
     ref_dir.mkdir()
     killed_dir.mkdir()
     dora(ref_dir, *args)
     reference = history(xps(ref_dir)[0])
-    proc = dora(killed_dir, *args, popen=True)
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None:
-        folders = xps(killed_dir)
-        if folders and (folders[0] / "history.json").exists() and \
-                len(history(folders[0])) >= 1 and (folders[0] / "checkpoint.th").exists():
-            time.sleep(1.0)  # well inside epoch 2
-            break
-        time.sleep(0.2)
-    assert proc.poll() is None, "the run ended before it could be killed:\n" + proc.stdout.read()
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    (xp,) = xps(killed_dir)
+    xp = kill_9_when(killed_dir, args, lambda folder: len(history(folder)) >= 1 and
+                     (folder / "checkpoint.th").exists())  # inside epoch 2
     assert len(history(xp)) < 3
     dora(killed_dir, *args)  # the same command resumes from checkpoint.th
     resumed = history(xp)
     assert len(resumed) == 3
-    for ref, res in zip(_comparable(reference), _comparable(resumed)):
-        assert ref.keys() == res.keys()
-        for key in ref:
-            assert res[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-7), key
+    assert_same_histories(reference, resumed)
     assert "Resumed from" in (xp / "train.log").read_text()
 
 

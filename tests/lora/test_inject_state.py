@@ -4,6 +4,8 @@ import json
 import pytest
 import torch
 from demucs.htdemucs import HTDemucs
+from helpers import forward as run
+from helpers import randomize_b, tiny_htdemucs
 from demucs.pretrained import get_model
 from demucs.states import serialize_model
 from omegaconf import OmegaConf
@@ -21,27 +23,7 @@ ALL = ["encoder", "decoder", "transformer", "freq_emb"]
 
 
 def tiny(seed=0):
-    torch.manual_seed(seed)
-    return HTDemucs(sources=["drums", "bass", "other", "vocals"], channels=8, t_layers=2,
-                    depth=4, segment=1).train()
-
-
-def randomize_b(model, seed=3):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-
-
-@pytest.fixture(scope="module")
-def mix():
-    return torch.randn(1, 2, 44100, generator=torch.Generator().manual_seed(1))
-
-
-def run(model, x):
-    with torch.no_grad():
-        return model(x)
+    return tiny_htdemucs(seed=seed, t_layers=2).train()
 
 
 def test_whole_model_identity_merge_and_remove(mix, tmp_path):
@@ -106,8 +88,7 @@ def test_adapter_on_other_base_or_shape_is_mismatch(tmp_path):
     inject_lora(other, LoraLayout({n: 3 for n in lora_target_names(other, ["transformer"])}))
     with pytest.raises(AdapterMismatch, match="ranks"):
         load_lora_weights(other, tmp_path / "ad")
-    wider = HTDemucs(sources=["drums", "bass", "other", "vocals"], channels=16, t_layers=2,
-                     depth=4, segment=1)
+    wider = tiny_htdemucs(channels=16, t_layers=2)
     with pytest.raises(AdapterMismatch, match="shape mismatches"):
         load_lora_weights(wider, tmp_path / "ad")
     scaled = tiny()

@@ -1,9 +1,11 @@
 """LoRA wrappers: identity at init, merge algebra, gradients, dropout, references."""
 import copy
+import functools
 import math
 
 import pytest
 import torch
+from helpers import randomize_b, tiny_htdemucs
 from torch import nn
 
 from demucs_lora.core.errors import ConfigError
@@ -52,12 +54,7 @@ def _build(name, **kw):
     return ref, layer, x, call or (lambda m, inp: m(inp))
 
 
-def _randomize(layer, std=0.3, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in layer.lora_named_parameters():
-            if name.startswith("lora_B"):
-                p.copy_(torch.randn(p.shape, generator=gen) * std)
+_randomize = functools.partial(randomize_b, seed=1, std=0.3)
 
 
 def _base_weights(layer):
@@ -259,6 +256,7 @@ def test_attribute_fallback_and_unwrap():
     assert clone.base is not base and clone.embed_dim == 16
 
 
+@pytest.mark.slow  # imports peft (seconds)
 @pytest.mark.parametrize("name", ["linear", "conv1d", "conv2d"])
 def test_matches_peft(name):
     peft = pytest.importorskip("peft", reason="peft is a test extra")
@@ -452,8 +450,8 @@ def _wrap_everything(model, r=4):
     return layers
 
 
-def test_tiny_htdemucs_wrapped_everywhere(tiny_htdemucs):
-    model = tiny_htdemucs
+def test_tiny_htdemucs_wrapped_everywhere():
+    model = tiny_htdemucs(t_layers=2)
     torch.manual_seed(0)
     x = torch.randn(1, 2, 44100)
     model.train()  # HTDemucs has no dropout by default; train avoids the MHA fast path

@@ -5,18 +5,16 @@ import copy
 
 import pytest
 import torch
+from helpers import inject_all, randomize_b, tiny_htdemucs
 from omegaconf import OmegaConf
 from torch import nn
 
 from demucs_lora.core.errors import ConfigError
-from demucs_lora.lora.inject import inject_lora, iter_lora_layers, lora_config
+from demucs_lora.lora.inject import iter_lora_layers, lora_config
 from demucs_lora.lora.layers import LoRALinear
-from demucs_lora.lora.config import LoraConfig, LoraLayout
+from demucs_lora.lora.config import LoraConfig
 from demucs_lora.lora.rank_adaptation import (RankAdaptation, plan_ranks, resize_layer,
                                               LayerScore)
-from demucs_lora.lora.targets import lora_target_names
-
-TARGETS = ["encoder", "decoder", "transformer"]
 
 
 def lcfg(**kw):
@@ -25,15 +23,9 @@ def lcfg(**kw):
     return LoraConfig.from_cfg(OmegaConf.create({**base, **kw}))
 
 
-def lora_htdemucs(tiny, rank=4, seed=1):
-    names = lora_target_names(tiny, TARGETS)
-    inject_lora(tiny, LoraLayout({n: rank for n in names}))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():  # a trained-looking adapter: B != 0
-        for name, p in tiny.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-    return tiny
+def lora_htdemucs(rank=4):
+    """A tiny HTDemucs with a trained-looking adapter (B != 0) on every target."""
+    return randomize_b(inject_all(tiny_htdemucs(t_layers=2), rank), seed=1)
 
 
 def batches(n=1, seed=0):
@@ -54,10 +46,7 @@ def dense_deltas(model):
 @pytest.fixture(scope="module")
 def adapted():
     """One reallocation of a tiny LoRA HTDemucs after an Adam step."""
-    from demucs.htdemucs import HTDemucs
-    torch.manual_seed(0)
-    model = lora_htdemucs(HTDemucs(sources=["drums", "bass", "other", "vocals"], channels=8,
-                                   t_layers=2, depth=4, samplerate=44100, segment=1))
+    model = lora_htdemucs()
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     model(batches()[0][0]).abs().mean().backward()
     opt.step()
@@ -178,10 +167,7 @@ def test_state_round_trip_rebuilds_the_layers_before_loading(adapted):
     the checkpoint's ranks, then load trainable tensors and optimizer state."""
     from demucs_lora.models.trainable import load_trainable_state, trainable_state
     model, opt, ra = adapted["model"], adapted["opt"], adapted["ra"]
-    from demucs.htdemucs import HTDemucs
-    torch.manual_seed(0)
-    fresh = lora_htdemucs(HTDemucs(sources=["drums", "bass", "other", "vocals"], channels=8,
-                                   t_layers=2, depth=4, samplerate=44100, segment=1))
+    fresh = lora_htdemucs()
     fresh_opt = torch.optim.Adam([p for p in fresh.parameters() if p.requires_grad], lr=1e-3)
     fresh_ra = RankAdaptation(fresh, lcfg())
     fresh_ra.load_state_dict(ra.state_dict(), fresh_opt)

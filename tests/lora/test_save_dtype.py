@@ -7,8 +7,8 @@ import json
 
 import pytest
 import torch
-from demucs.htdemucs import HTDemucs
-from omegaconf import OmegaConf
+from helpers import forward as run
+from helpers import inject_all, randomize_b, tiny_htdemucs
 from safetensors import safe_open
 
 from demucs_lora.config.check import check_config
@@ -24,30 +24,11 @@ TARGETS = ["encoder", "decoder", "transformer"]
 
 
 def base(seed=0):
-    torch.manual_seed(seed)
-    return HTDemucs(sources=["drums", "bass", "other", "vocals"], channels=8, t_layers=2,
-                    depth=4, segment=1).eval()
+    return tiny_htdemucs(seed=seed, t_layers=2).eval()
 
 
 def adapted(seed=0):
-    model = base(seed)
-    inject_lora(model, LoraLayout({n: 8 for n in lora_target_names(model, TARGETS)}))
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():  # a trained-looking adapter: non-zero B
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-    return model.eval()
-
-
-@pytest.fixture(scope="module")
-def mix():
-    return torch.randn(1, 2, 44100, generator=torch.Generator().manual_seed(1))
-
-
-def run(model, x):
-    with torch.no_grad():
-        return model(x)
+    return randomize_b(inject_all(base(seed), 8)).eval()
 
 
 def test_default_float32_reloads_bit_exact(mix, tmp_path):

@@ -1,7 +1,6 @@
 import pytest
-import torch
-from demucs.htdemucs import HTDemucs
 from torch import nn
+from helpers import tiny_htdemucs
 
 from demucs_lora.core.errors import ConfigError
 from demucs_lora.lora.layers import SUPPORTED_TYPES, wrap_module
@@ -13,9 +12,7 @@ SOURCES = ["drums", "bass", "other", "vocals"]
 
 
 def tiny(sources=SOURCES, **kwargs):
-    torch.manual_seed(0)
-    return HTDemucs(sources=list(sources), channels=8, t_layers=2, depth=4, segment=1,
-                    **kwargs)
+    return tiny_htdemucs(sources, t_layers=2, **kwargs)
 
 
 @pytest.fixture(scope="module")
