@@ -11,7 +11,7 @@ Every file is opened with ``weights_only=True`` and an allowlist of the demucs c
 (``demucs_lora.hub.safe_load``): model files are code, so nothing else is unpickled unless
 ``trust_remote_code=True``.
 
-Hot-swapping adapters on one base (what this 10-line script does, and what
+Hot-swapping adapters on one base (what this short script does, and what
 tests/test_api.py runs): ``load_lora_weights`` injects the LoRA layers the first time and
 only replaces their tensors afterwards, so the base is loaded once::
 

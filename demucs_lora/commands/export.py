@@ -334,7 +334,7 @@ def run(args: argparse.Namespace, root: tp.Optional[Path] = None) -> tp.List[Job
 
 
 def main(argv: tp.Optional[tp.Sequence[str]] = None) -> None:
-    """Console script ``demucs-lora-export``; exits 1 with a message on user errors."""
+    """Console script ``demucs-lora-export``; a user error exits with one line (exit_code)."""
     args = get_parser().parse_args(argv)
     with exit_on_user_error():
         run(args)
