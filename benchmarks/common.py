@@ -302,8 +302,9 @@ def model_config(size: str = "released", segment: float = 4.0,
     model node (lora_rank, lora_rank_mode, ...).
     """
     from omegaconf import OmegaConf
+    from demucs_lora.config.schema import load_group_file  # follows the defaults lists
     name, arch_overrides, _ = ARCHS[size]
-    node = OmegaConf.load(CONF_DIR / "model" / name).htdemucs
+    node = OmegaConf.create(load_group_file(CONF_DIR / "model" / name)["htdemucs"])
     for key, value in arch_overrides.items():
         node[key] = value
     if channels is not None:

@@ -101,7 +101,7 @@ def in_yaml_conf(path: str) -> bool:
 def _yaml_only(conf_dir: str) -> dict:
     data = dict(known_schema(conf_dir))
     kwargs = htdemucs_kwargs()
-    model = OmegaConf.to_container(OmegaConf.load(Path(conf_dir) / "model" / "htdemucs.yaml"))
+    model = load_group_file(Path(conf_dir) / "model" / "htdemucs.yaml")
     data["htdemucs"] = {k: v for k, v in data["htdemucs"].items()
                         if k in model["htdemucs"] or k not in kwargs}
     return data

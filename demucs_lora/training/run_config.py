@@ -149,7 +149,8 @@ def explicit_htdemucs_keys(cfg: DictConfig) -> tp.Set[str]:
     file = CONF_DIR / "model" / f"{choice}.yaml"
     if choice is None or not file.is_file():
         return out
-    defaults = OmegaConf.to_container(OmegaConf.load(file)).get("htdemucs", {})
+    from demucs_lora.config.schema import load_group_file  # with the file's defaults list
+    defaults = load_group_file(file).get("htdemucs", {})
     kwargs = htdemucs_kwargs()
     for key, value in OmegaConf.to_container(cfg.htdemucs, resolve=True).items():
         if key in kwargs and (key not in defaults or not _same(defaults[key], value)):

@@ -154,7 +154,8 @@ def test_clamp_to_max_rank_and_smallest_dim_logged_once(model, caplog):
 
 
 def test_accepts_omegaconf_and_namespace(model):
-    node = OmegaConf.load(YAML).htdemucs
+    from demucs_lora.config.schema import load_group_file  # with lora_keys.yaml
+    node = OmegaConf.create(load_group_file(YAML)["htdemucs"])
     node = OmegaConf.merge(node, {"lora_rank": 8, "lora_rank_mode": "heuristic",
                                   "layer_ranks": {"transformer.*": 4}})
     table = allocate_ranks(model, LoraConfig.from_cfg(node))
