@@ -26,6 +26,9 @@ def base_cfg():
     ("dset.sum_tolerance=-0.1", "dset.sum_tolerance"), ("optim.lr=0", "optim.lr"),
     ("optim.lr=inf", "optim.lr"), ("optim.lr=nan", "optim.lr"),
     ("optim.skip_nonfinite=-1", "optim.skip_nonfinite"), ("test.every=1.5", "test.every"),
+    ("batch_size=0", "batch_size"), ("batch_size=2.5", "batch_size"),
+    ("optim.warmup_steps=-1", "optim.warmup_steps"), ("dset.segment=0.005", "dset.segment"),
+    ("optim.clip_grad=-1", "optim.clip_grad"), ("optim.weight_decay=-0.1", "optim.weight_decay"),
 ])
 def test_config_holes_are_refused_naming_the_key(base_cfg, override, key):
     from omegaconf import OmegaConf

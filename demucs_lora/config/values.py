@@ -1,6 +1,6 @@
 """Config values that would be accepted and then do nothing, or fail after an epoch.
 
-`check_value_ranges(cfg)` runs inside `config_check.check_config`, before any data or
+`check_value_ranges(cfg)` runs inside `config.check.check_config`, before any data or
 model is touched; every error names the key, the value and what is allowed.
 `check_base_values(cfg, base)` runs once the base is loaded and before the (synthetic)
 data is generated and verified: the checks that need the base's sources and layers.
@@ -45,6 +45,7 @@ def _require(cfg: DictConfig, key: str, ok: tp.Callable[[tp.Any], bool], allowed
 RANGES: tp.Sequence[tp.Tuple[str, tp.Callable[[tp.Any], bool], str, str, bool]] = (
     ("epochs", lambda v: _number(v, True) and v >= 1, "an integer >= 1",
      "epochs=0 trains nothing", False),
+    ("batch_size", lambda v: _number(v, True) and v >= 1, "an integer >= 1", "", False),
     ("max_batches", lambda v: _number(v, True) and v >= 1, "null or an integer >= 1",
      "batches per epoch", True),
     ("train_budget_seconds", lambda v: _number(v) and v >= 0, "null or a number >= 0",
@@ -58,6 +59,8 @@ RANGES: tp.Sequence[tp.Tuple[str, tp.Callable[[tp.Any], bool], str, str, bool]] 
      "", False),
     ("optim.weight_decay", lambda v: _number(v) and v >= 0, "a finite number >= 0", "",
      False),
+    ("optim.warmup_steps", lambda v: _number(v, True) and v >= 0, "an integer >= 0",
+     "", False),
     ("optim.skip_nonfinite", lambda v: _number(v, True) and v >= 0, "an integer >= 0",
      "NaN/inf steps skipped per epoch", True),
     ("test.every", lambda v: _number(v, True) and v >= 1, "an integer >= 1",
@@ -66,8 +69,8 @@ RANGES: tp.Sequence[tp.Tuple[str, tp.Callable[[tp.Any], bool], str, str, bool]] 
      "random shifts averaged at validation", False),
     ("test.overlap", lambda v: _number(v) and 0 <= v < 1, "in [0, 1)",
      "overlap between chunks", False),
-    ("dset.segment", lambda v: _number(v) and v > 0, "a finite number of seconds > 0", "",
-     False),
+    ("dset.segment", lambda v: _number(v) and v >= 0.01,
+     "a finite number of seconds >= 0.01", "", False),
     ("dset.shift", lambda v: _number(v) and v >= 0, "a number of seconds >= 0",
      "hop between training segments", True),
     ("dset.sum_tolerance", lambda v: _number(v) and v >= 0, "a number >= 0",

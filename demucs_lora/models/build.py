@@ -16,7 +16,7 @@ from demucs.htdemucs import HTDemucs
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from demucs_lora.core.errors import ConfigError, ModelLoadError
+from demucs_lora.core.errors import AdapterMismatch, ConfigError, ModelLoadError
 from demucs_lora.lora.config import LoraConfig
 from demucs_lora.lora.targets import head_names
 from demucs_lora.models.adapters import remap_model
@@ -180,7 +180,6 @@ def start_from_adapter(model: nn.Module, adapter: str, root: tp.Optional[Path] =
     existing adapter, loaded strictly: same layout (ranks, alpha, ...), same keys and
     shapes, and trained on this very base (fingerprint), else AdapterMismatch."""
     from demucs_lora.hub.resolve import resolve_adapter
-    from demucs_lora.core.errors import AdapterMismatch
     from demucs_lora.models.methods import load_lora_weights
     path = resolve_adapter(adapter, root)
     try:
