@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from helpers import assert_targets_printed, finite
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_smoke(name, out, *extra):
