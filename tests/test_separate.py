@@ -41,8 +41,9 @@ def test_one_folder_per_adapter_different_stems_and_merge(setup, tmp_path, monke
     xp = setup
     monkeypatch.chdir(xp.root)
     out = tmp_path / "sep"
-    separate("song.wav", "--base", xp.base_path, "--adapter", xp.sig,
-             "--adapter", "adapters/second", "-o", out, "--shifts", "0", "--merge")
+    separate("song.wav", "-n", xp.base_path, "--adapter", xp.sig, "--float32",
+             "--clip-mode", "none", "--adapter", "adapters/second", "-o", out, "--shifts",
+             "0", "--merge")
     assert "wrote 8 files" in capsys.readouterr().out
     folders = sorted(p.name for p in out.iterdir())
     assert folders == [f"base_{xp.sig}", "base_second"]
@@ -59,7 +60,7 @@ def test_one_folder_per_adapter_different_stems_and_merge(setup, tmp_path, monke
     assert (stems[f"base_{xp.sig}"] - want).abs().max() < 1e-4
     # unmerged (the default) gives the same stems up to float error
     separate("song.wav", "--base", xp.base_path, "--adapter", "adapters/second",
-             "-o", tmp_path / "unmerged", "--shifts", "0")
+             "-o", tmp_path / "unmerged", "--shifts", "0", "--float32", "--clip-mode", "none")
     unmerged = stems_of(tmp_path / "unmerged" / "base_second" / "song")
     assert 0 < (unmerged - stems["base_second"]).abs().max() < 1e-4
 
@@ -134,7 +135,9 @@ def test_module_entry_point_help():
     proc = subprocess.run([sys.executable, "-m", "demucs_lora.commands.separate", "--help"],
                           capture_output=True, text=True, cwd=REPO, timeout=120)
     assert proc.returncode == 0
-    for flag in ("--base", "--repo", "--adapter", "--merge", "--mp3", "--shifts", "--overlap"):
+    for flag in ("--base", "--repo", "--adapter", "--merge", "--mp3", "--shifts", "--overlap",
+                 "-n NAME", "--two-stems", "--flac", "--int24", "--float32", "--filename",
+                 "--segment", "--jobs", "--clip-mode", "--other-method", "--mp3-preset"):
         assert flag in proc.stdout
 
 
