@@ -45,7 +45,17 @@ def xps(tmp_path_factory):
         "six": with_model(make_xp(root, sig="six00001"), tiny_htdemucs(SIX, seed=9)),
         "frac": with_model(make_xp(root, sig="frac0001"), tiny_htdemucs(FOUR, seed=4,
                                                                          segment=1.5)),
+        "bag": bag_xp(make_xp(root, sig="bag00001")),
     }
+
+
+def bag_xp(xp):
+    """The XP as an adapted bag: best.yaml + best_m0/1.th (as the solver writes a bag)."""
+    from demucs.apply import BagOfModels
+    bag = BagOfModels([tiny_htdemucs(FOUR, seed=s).eval() for s in (11, 12)])
+    with_model(xp, bag)
+    (xp.folder / "best.th").unlink()
+    return xp
 
 
 @pytest.fixture
@@ -193,3 +203,5 @@ def test_msst_fractional_segment_written_whole_and_bag_refused(root, xps, tmp_pa
     ours.segment = 1  # what MSST builds: the same weights, 1 s windows
     chunk = torch.randn(1, 2, 44100, generator=torch.Generator().manual_seed(1)) * 0.1
     assert torch.equal(forward(model, chunk), forward(ours, chunk))
+    err = refused(capsys, "bag00001", "--format", "msst", "-o", tmp_path / "bag")
+    assert "bag of 2 models and MSST runs one model" in err

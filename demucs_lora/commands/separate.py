@@ -150,14 +150,14 @@ def expand_tracks(paths: tp.Sequence[Path]) -> tp.List[Path]:
 def output_name(name: str) -> str:
     """The model's folder under -o, as demucs names it (``hf://NS/X`` -> ``NS_X``); a file
     path gives its stem."""
-    if name.endswith((".th", ".safetensors", ".onnx", ".yaml")):
-        return Path(name).stem
+    if name.endswith((".th", ".safetensors", ".onnx", ".yaml", ".onnx.json")):
+        return Path(name).name.split(".")[0]
     return name.replace("hf://", "").replace("/", "_")
 
 
 def load_model(args: argparse.Namespace) -> "nn.Module":
     """The model -n names: an ONNX file (onnxruntime), else ``demucs_lora.get_model``."""
-    if args.name.endswith(".onnx"):
+    if args.name.endswith((".onnx", ".onnx.json")):
         from demucs_lora.inference.onnx_model import load_onnx_model
         if args.adapter:
             raise ConfigError(f"-n {args.name}: an ONNX model has its adapter merged in; "
