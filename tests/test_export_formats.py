@@ -205,3 +205,24 @@ def test_msst_fractional_segment_written_whole_and_bag_refused(root, xps, tmp_pa
     assert torch.equal(forward(model, chunk), forward(ours, chunk))
     err = refused(capsys, "bag00001", "--format", "msst", "-o", tmp_path / "bag")
     assert "bag of 2 models and MSST runs one model" in err
+
+
+def test_all_writes_every_format_and_a_readme(root, tmp_path, capsys):
+    export("four0001", "--format", "all", "-o", tmp_path, "--name", "tiny")
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["README.txt", "download_checks.json", "tiny.download_checks.json",
+                     "tiny.msst.ckpt", "tiny.msst.yaml", "tiny.onnx", "tiny.th", "tiny.yaml"]
+    readme = (tmp_path / "README.txt").read_text()
+    for line in (f"python -m demucs --repo {tmp_path} -n tiny SONG",
+                 f"audio-separator SONG -m tiny.yaml --model_file_dir {tmp_path}",
+                 "python inference.py --model_type htdemucs",
+                 f"python -m demucs_lora.commands.separate -n {tmp_path / 'tiny.onnx'} SONG"):
+        assert line in readme, line
+    with pytest.raises(SystemExit) as exc:  # nothing overwritten without --force
+        export("four0001", "--format", "all", "-o", tmp_path, "--name", "tiny")
+    assert exc.value.code == 1 and "refusing to overwrite" in capsys.readouterr().err
+    export("five0001", "--format", "all", "-o", tmp_path / "five")  # uvr skipped, said why
+    printed = capsys.readouterr().out
+    assert "skipped uvr: --format uvr: a model with stems" in printed
+    assert "five0001.th" in printed and (tmp_path / "five" / "five0001.msst.yaml").is_file()
+    assert "skipped uvr" in (tmp_path / "five" / "README.txt").read_text()
