@@ -86,6 +86,8 @@ def test_uvr_refuses_layouts_the_tools_mislabel(root, tmp_path, capsys):
     err = refused(capsys, "four0001", "--format", "uvr", "--name", "my6s", "-o", tmp_path)
     assert "must not contain '6s'" in err
     assert not tmp_path.exists() or not any(tmp_path.iterdir())
+    export("five0001", "-o", tmp_path)  # --format th: written, with a word for UVR users
+    assert "audio-separator/UVR would not" in capsys.readouterr().out
 
 
 def test_uvr_six_stems_named_6s_and_entry_files(root, tmp_path, capsys):

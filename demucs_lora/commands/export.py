@@ -44,6 +44,7 @@ from pathlib import Path
 
 from demucs_lora.commands.arguments import positive_int
 from demucs_lora.core.files import atomic_write_group, not_a_folder
+from demucs_lora.commands.export_uvr import FOUR, SIX
 from demucs_lora.commands.export_xp import OutputExists, load_xp_model  # noqa: F401 (API)
 from demucs_lora.core.errors import ConfigError, ModelLoadError, exit_on_user_error
 
@@ -194,6 +195,10 @@ def export_one(job: Job, args: argparse.Namespace, root: Path) -> tp.List[str]:
     if job.members:
         size = sum(p.stat().st_size for p in paths if p in job.members)
     lines = [_model_line(job, args, size, float_size)]
+    if list(model.sources) not in (FOUR, SIX):  # a word for whoever loads it elsewhere
+        lines.append(f"  note: stems {list(model.sources)}: demucs and demucs-lora label "
+                     "them right; audio-separator/UVR would not (they label by position in "
+                     "demucs' 4/6-stem order): do not load this file there")
     if args.quantize and not job.members and not args.no_eval:
         lines.append("  " + _nsdr_cost(model, job.model_path, cfg, args.eval_tracks))
     if job.lora_src is not None:
