@@ -186,6 +186,7 @@ def test_msst_config_builds_the_model_and_one_segment_matches(root, xps, tmp_pat
     assert config.training.segment == 1 and isinstance(config.training.segment, int)
     assert config.training.samplerate * config.training.segment == 44100  # MSST's chunk
     assert config.inference.num_overlap >= 1 and config.inference.batch_size >= 1
+    assert config.audio.sample_rate == 44100  # the rate inference.py loads songs at
     htdemucs_keys = set(config.htdemucs)
     assert {"use_train_segment", "dconv_mode", "bottom_channels", "t_layers",
             "channels", "depth"} <= htdemucs_keys

@@ -61,10 +61,12 @@ def msst_segment(model: "nn.Module") -> tp.Tuple[int, str]:
 
 
 def msst_config(model: "nn.Module", segment: int) -> dict:
-    """The MSST config: ``audio``, ``training``, ``inference``, ``model``, ``htdemucs``."""
+    """The MSST config: ``audio`` (inference.py loads songs at ``audio.sample_rate``, 44100
+    when absent), ``training``, ``inference``, ``model``, ``htdemucs``."""
     return {
         "audio": {"chunk_size": int(model.samplerate) * segment, "min_mean_abs": 0.0,
-                  "hop_length": 1024},
+                  "hop_length": 1024, "sample_rate": int(model.samplerate),
+                  "num_channels": int(model.audio_channels)},  # inference.py reads the song
         "training": {"segment": segment, "samplerate": int(model.samplerate),
                      "channels": int(model.audio_channels),
                      "instruments": list(model.sources), "target_instrument": None,
