@@ -10,6 +10,7 @@ every format that applies into one folder with a README.txt listing them.
 from __future__ import annotations
 
 import argparse
+import shutil
 import typing as tp
 from pathlib import Path
 
@@ -127,7 +128,7 @@ def export_formats(jobs: tp.Sequence[tp.Any], args: argparse.Namespace, out: Pat
         if job.lora_src is not None:
             for ext, dst in zip((".safetensors", ".json"), job.lora_dst):
                 writes.insert(0, (dst, lambda tmp, s=job.lora_src.with_suffix(ext):
-                                  __import__("shutil").copyfile(s, tmp)))
+                                  shutil.copyfile(s, tmp)))
             lines.append(f"wrote {job.lora_dst[0]} + .json (the XP's adapter)")
         planned.append((job, writes, lines))
     if args.format == "all":
