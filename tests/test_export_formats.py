@@ -211,10 +211,11 @@ def test_msst_fractional_segment_written_whole_and_bag_refused(root, xps, tmp_pa
 
 
 def test_all_writes_every_format_and_a_readme(root, tmp_path, capsys):
-    export("four0001", "--format", "all", "-o", tmp_path, "--name", "tiny")
+    export("four0001", "--format", "all", "-o", tmp_path, "--name", "tiny", "--include-lora")
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["README.txt", "download_checks.json", "tiny.download_checks.json",
-                     "tiny.msst.ckpt", "tiny.msst.yaml", "tiny.onnx", "tiny.th", "tiny.yaml"]
+                     "tiny.lora.json", "tiny.lora.safetensors", "tiny.msst.ckpt",
+                     "tiny.msst.yaml", "tiny.onnx", "tiny.th", "tiny.yaml"]
     readme = (tmp_path / "README.txt").read_text()
     for line in (f"python -m demucs --repo {tmp_path} -n tiny SONG",
                  f"audio-separator SONG -m tiny.yaml --model_file_dir {tmp_path}",

@@ -126,6 +126,8 @@ def export_formats(jobs: tp.Sequence[tp.Any], args: argparse.Namespace, out: Pat
             lambda *a: format_files(args.format, *a))
         writes, lines = build(model, cfg, out, job.name, job.sig, args)
         if job.lora_src is not None:
+            from demucs_lora.lora.adapter_file import read_adapter
+            read_adapter(job.lora_src)  # a torn, corrupt or NaN adapter is not exported
             for ext, dst in zip((".safetensors", ".json"), job.lora_dst):
                 writes.insert(0, (dst, lambda tmp, s=job.lora_src.with_suffix(ext):
                                   shutil.copyfile(s, tmp)))
