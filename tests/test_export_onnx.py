@@ -77,7 +77,7 @@ def test_onnx_bag_one_graph_per_member(tmp_path, monkeypatch, capsys):
                       weights=[[1.0, 0.0, 0.5, 1.0], [0.0, 1.0, 0.5, 1.0]])
     save_best_model(bag, None, xp.cfg, xp.folder / "best.th")
     (xp.folder / "best.th").unlink()
-    write_mix(tmp_path / "song.wav", seconds=2.2)
+    write_mix(tmp_path / "song.wav", seconds=1.4)
     monkeypatch.chdir(tmp_path)
     export("onnxbag1", "--format", "onnx", "-o", tmp_path / "rel")
     names = sorted(p.name for p in (tmp_path / "rel").iterdir())
