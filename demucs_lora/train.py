@@ -16,7 +16,7 @@ from dora.hydra import HydraMain
 from omegaconf import DictConfig, OmegaConf
 
 from demucs_lora.config.compose import hydra_errors_as_config_errors
-from demucs_lora.config.keys import canonical_checked, prepare_argv
+from demucs_lora.config.keys import canonical_checked, check_one_spelling, prepare_argv
 from demucs_lora.config.stored_argv import check_trust_from_command_line, trusted_argv_from_xp
 from demucs_lora.core.errors import exit_on_user_error
 from demucs_lora.core.files import remove_stale_temps
@@ -57,7 +57,12 @@ class _LoRAHydraMain(HydraMain):
     the XP's .argv.json (demucs_lora.config.stored_argv), trust_remote_code only counts
     from the command line, and an XP's job.pkl is scanned before Dora unpickles it."""
 
+    _stored: tp.List[str] = []   # the argv `-f SIG` injected before the user's own
+
     def get_xp(self, argv: tp.Sequence[str]):
+        argv = list(argv)
+        stored = self._stored if argv[:len(self._stored)] == self._stored else []
+        check_one_spelling(argv[len(stored):])   # the user's may override the stored
         argv = prepare_argv(argv)
         with hydra_errors_as_config_errors():  # composition errors: one screen
             xp = super().get_xp(argv)
@@ -84,7 +89,8 @@ class _LoRAHydraMain(HydraMain):
         if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
             raise SystemExit(f"error: the .argv.json of XP {sig} is not a list of overrides "
                              "(edited or corrupt): start from your own command line instead")
-        return trusted_argv_from_xp(argv, f"XP {sig}'s .argv.json")
+        self._stored = trusted_argv_from_xp(argv, f"XP {sig}'s .argv.json")
+        return self._stored
 
 
 def _filled(cfg: DictConfig) -> DictConfig:

@@ -113,8 +113,13 @@ def test_alias_and_canonical_give_one_signature_in_any_order(main):
     a = main.get_xp(["htdemucs.batch_size=8", "optim.scheduler=linear", "sources=[a,b]"])
     b = main.get_xp(["dset.sources=[a,b]", "batch_size=8", "optim.schedule=linear"])
     assert a.sig == b.sig
-    # Later wins across spellings, as for one spelling.
-    assert main.get_xp(["htdemucs.segment=12", "dset.segment=1"]).sig == \
+    # Two spellings of one key: refused, naming both (one spelling twice: last wins).
+    for argv in (["htdemucs.segment=12", "dset.segment=1"], ["lora_rank=4",
+                                                             "htdemucs.lora_rank=8"]):
+        with pytest.raises(ConfigError, match=rf"{argv[0].split('=')[0]} and "
+                                              rf"{argv[1].split('=')[0]} are two spellings"):
+            main.get_xp(argv)
+    assert main.get_xp(["dset.segment=12", "dset.segment=1"]).sig == \
         main.get_xp(["dset.segment=1"]).sig
 
 

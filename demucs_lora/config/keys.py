@@ -173,6 +173,22 @@ def prepare_argv(argv: tp.Sequence[str]) -> tp.List[str]:
     return check_argv(normalize_argv(list(argv)))
 
 
+def check_one_spelling(argv: tp.Sequence[str]) -> None:
+    """ConfigError when two spellings of one key are both given (`htdemucs.segment=12
+    dset.segment=1`): which one the user meant is not ours to guess. The same spelling
+    twice is Hydra's usual "last wins"."""
+    seen: tp.Dict[str, str] = {}
+    for arg in argv:
+        _, key, value = split_override(arg)
+        if value is None or key in GROUPS or key.startswith("hydra"):
+            continue
+        canonical = canonical_key(key)
+        first = seen.setdefault(canonical, key)
+        if first != key:
+            raise ConfigError(f"{first} and {key} are two spellings of {canonical}, and both "
+                              "are given: keep one")
+
+
 def canonical_checked(cfg: DictConfig, argv: tp.Sequence[str] = (),
                       where: str = "in a config file") -> DictConfig:
     """The composed config with canonical keys only; ConfigError on any unknown key."""

@@ -46,3 +46,18 @@ def test_dora_run_from_a_sig_with_a_path_variant_runs_nothing(tmp_path):
     assert "'variant=../../outputs/xps/deadbeef/evil' (not the name of an option in " \
            "conf/variant/)" in proc.stderr
     assert "Traceback" not in proc.stderr and not marker.exists()
+
+
+def test_own_spelling_overrides_the_stored_one(tmp_path, monkeypatch):
+    """Two spellings of one key on the command line are refused; after `-f SIG` the
+    user's spelling overrides the stored one (Dora puts the stored argv first)."""
+    from demucs_lora.train import main
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(main.dora, "dir", tmp_path / "outputs")
+    folder = tmp_path / "outputs" / "xps" / "abcd1234"
+    folder.mkdir(parents=True)
+    (folder / ".argv.json").write_text(json.dumps(["dset.segment=1"]))
+    stored = main.get_argv_from_sig("abcd1234")
+    assert main.get_xp(stored + ["htdemucs.segment=12"]).cfg.dset.segment == 12
+    with pytest.raises(ConfigError, match="htdemucs.segment and segment are two spellings"):
+        main.get_xp(stored + ["htdemucs.segment=12", "segment=3"])
