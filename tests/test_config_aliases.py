@@ -236,10 +236,11 @@ htdemucs:
                 {"htdemucs.lora_rank_mode": "uniform", "htdemucs.lora_rank": 4}),
     "heuristic": ("htdemucs.lora_rank_mode: heuristic\nhtdemucs.lora_rank: 4\n",
                   {"htdemucs.lora_rank_mode": "heuristic", "htdemucs.lora_rank": 4}),
+    # ... without lora_rank: LoRA-only keys on a full fine-tune are refused
     "gradient": ("htdemucs.lora_rank_mode: gradient\nhtdemucs.min_rank: 2\n"
                  "htdemucs.max_rank: 16\n",
-                 {"htdemucs.lora_rank_mode": "gradient", "htdemucs.min_rank": 2,
-                  "htdemucs.max_rank": 16}),
+                 ConfigError("htdemucs.lora_rank_mode, htdemucs.min_rank, htdemucs.max_rank "
+                             "set, but htdemucs.lora_rank=0")),
     # "Genre-Optimized Configuration"
     "genre": ("""
 htdemucs:

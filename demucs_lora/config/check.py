@@ -34,7 +34,13 @@ def _get(cfg: DictConfig, key: str):
 def check_config(cfg: DictConfig) -> None:
     """Raise ConfigError on the first bad key (before data or model are touched); the
     htdemucs LoRA keys are checked by building their `LoraConfig`."""
-    LoraConfig.from_cfg(cfg.htdemucs)
+    lora = LoraConfig.from_cfg(cfg.htdemucs)
+    if lora.lora_rank == 0 and lora.lora_only_changes():
+        keys = lora.lora_only_changes()
+        raise ConfigError(f"{', '.join(keys)} set, but htdemucs.lora_rank=0 is a full "
+                          f"fine-tune, where {'it does' if len(keys) == 1 else 'they do'} "
+                          "nothing: set htdemucs.lora_rank (e.g. htdemucs.lora_rank=8) for "
+                          "LoRA, or remove " + ("it" if len(keys) == 1 else "them"))
     for key, allowed in CHOICES.items():
         value = _get(cfg, key)
         if value not in allowed:
