@@ -59,6 +59,10 @@ class _LoRAHydraMain(HydraMain):
 
     _stored: tp.List[str] = []   # the argv `-f SIG` injected before the user's own
 
+    def __init__(self, *args, **kwargs):
+        with hydra_errors_as_config_errors():  # Dora composes conf/ here: a pasted block
+            super().__init__(*args, **kwargs)  # that is not valid YAML is one line
+
     def get_xp(self, argv: tp.Sequence[str]):
         argv = list(argv)
         stored = self._stored if argv[:len(self._stored)] == self._stored else []

@@ -364,3 +364,48 @@ def test_yaml_alias_loses_to_the_canonical_key_on_the_command_line():
     cfg = OmegaConf.create({"batch_size": 4, "htdemucs": {"batch_size": 32}})
     assert canonical_config(cfg).batch_size == 32
     assert canonical_config(cfg, cli_keys=["batch_size"]).batch_size == 4
+
+
+# ------------------------------------------------------------ pasted into config.yaml
+def _main_on(conf):
+    from demucs_lora.train import _LoRAHydraMain, run
+    return _LoRAHydraMain(run, config_name="config", config_path=str(conf),
+                          version_base="1.3")
+
+
+@pytest.mark.parametrize("name", sorted(GUIDE_BLOCKS))
+def test_guide_yaml_block_pasted_into_config_yaml(tmp_path, name):
+    """Where the guide says to put its blocks: at the end of conf/config.yaml (`_self_` is
+    last in its defaults list, so they win over the groups and the variant)."""
+    text, expected = GUIDE_BLOCKS[name]
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF_DIR, conf)
+    with open(conf / "config.yaml", "a") as file:
+        file.write(text)
+    if isinstance(expected, ConfigError):
+        with pytest.raises(ConfigError, match=str(expected).replace(".", r"\.")):
+            _run_config(_main_on(conf), "default")
+        return
+    main = _main_on(conf)
+    for variant in ("default", "debug", "finetune"):
+        cfg = _run_config(main, variant)
+        for key, value in expected.items():
+            got = OmegaConf.select(cfg, key)
+            got = OmegaConf.to_container(got) if OmegaConf.is_config(got) else got
+            assert got == value, (variant, key)
+
+
+def test_config_yaml_keys_win_over_groups_and_variants_and_lose_to_the_command_line(
+        tmp_path):
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF_DIR, conf)
+    with open(conf / "config.yaml", "a") as file:
+        file.write("epochs: 7\nhtdemucs:\n  lora_rank: 4\n")
+    main = _main_on(conf)
+    assert main.get_xp(["variant=debug"]).cfg.epochs == 7          # debug sets epochs: 2
+    assert main.get_xp(["variant=debug"]).cfg.batch_size == 2      # the variant's own
+    assert main.get_xp(["model=htdemucs_tiny"]).cfg.htdemucs.lora_rank == 4
+    assert main.get_xp(["epochs=3"]).cfg.epochs == 3
+    (conf / "config.yaml").write_text((conf / "config.yaml").read_text() + "epochz: 1\n")
+    with pytest.raises(ConfigError, match="unknown key epochz .*did you mean epochs"):
+        _main_on(conf).get_xp([])
