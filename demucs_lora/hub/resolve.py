@@ -221,7 +221,13 @@ def load_found(found: Found, trust_remote_code: bool = False) -> Loaded:
     from demucs_lora.hub.packages import load_model_file
     members = [load_model_file(f, trust_remote_code=trust_remote_code) for f in found.files]
     bag = found.bag or {}
-    return Loaded(members, bag.get("weights"), bag.get("segment"), found)
+    weights = bag.get("weights")
+    for model, row, file in zip(members, weights or (), found.files):
+        if len(row) != len(getattr(model, "sources", row)):
+            raise ModelLoadError(f"{found.where}: the bag's weights give {len(row)} per "
+                                 f"model, but {file.name} separates {len(model.sources)} "
+                                 f"sources {list(model.sources)}: give one weight per source")
+    return Loaded(members, weights, bag.get("segment"), found)
 
 
 def resolve_adapter(adapter: PathLike, root: tp.Optional[PathLike] = None) -> Path:
