@@ -81,6 +81,7 @@ def run(args: argparse.Namespace) -> tp.List[Path]:
     """Separate every track with every adapter; returns the files written."""
     import tqdm
     from demucs_lora.api import get_model, model_display_name, with_adapter
+    from demucs_lora.core.finite import check_finite_output
     from demucs_lora.hub.resolve import resolve_adapter
     device = inference_device(args.device)
     missing = [str(t) for t in args.tracks if not t.is_file()]
@@ -110,6 +111,8 @@ def run(args: argparse.Namespace) -> tp.List[Path]:
             wav = read_audio(track, model.samplerate, model.audio_channels)
             stems = separate_tensor(model, wav, shifts=args.shifts, overlap=args.overlap,
                                     split=args.split, device=device, progress=True)
+            check_finite_output(stems, model.sources, f"model {args.base}" + (
+                f" with adapter {adapter}" if adapter else "") + f" on {track}")
             written += write_stems(stems, model.sources, out / track.name.rsplit(".", 1)[0],
                                    model.samplerate, mp3=args.mp3, bitrate=args.mp3_bitrate)
         model.cpu()
