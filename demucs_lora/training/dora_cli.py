@@ -18,6 +18,7 @@ import typing as tp
 from pathlib import Path
 
 from demucs_lora.core.errors import ConfigError, DemucsLoRAError, ModelLoadError, exit_with
+from demucs_lora.core.files import disk_error_of
 
 logger = logging.getLogger(__name__)
 DDP_NOTE = "DEMUCS_LORA_DDP_NOTE"
@@ -80,7 +81,8 @@ def no_slurm_error(exc: BaseException) -> tp.Optional[ConfigError]:
 def install_excepthook() -> None:
     """A DemucsLoRAError that reaches the top of a `dora` command (raised while Dora
     prepares the XP, outside our main) goes through the CLI boundary: one line, its exit
-    status (core.errors.exit_code)."""
+    status (core.errors.exit_code). So do submitit's "no Slurm" and Dora's own OSError on
+    a full or read-only outputs/ (a DiskWriteError naming the file)."""
     previous = sys.excepthook
     if getattr(previous, "_demucs_lora", False):
         return
@@ -90,6 +92,8 @@ def install_excepthook() -> None:
             exit_with(exc)
         if no_slurm_error(exc) is not None:
             exit_with(no_slurm_error(exc))
+        if disk_error_of(exc) is not None:   # Dora's own mkdir/writes in outputs/
+            exit_with(disk_error_of(exc))
         previous(kind, exc, tb)
 
     hook._demucs_lora = True  # type: ignore[attr-defined]
