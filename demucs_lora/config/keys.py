@@ -47,6 +47,10 @@ def suggest(path: str) -> str:
     """' (did you mean X?)', the alias entry, or ''."""
     if path in ALIASES:
         return f" (the guide's spelling of {ALIASES[path].canonical})"
+    if path.split(".")[0] == "lora":
+        return (" (MSST's `lora:` block: r, lora_alpha, lora_dropout and enable_lora are "
+                "htdemucs.lora_rank, htdemucs.lora_alpha, htdemucs.lora_dropout and "
+                "htdemucs.lora_enable_qkv here; merge_weights and fan_in_fan_out: false only)")
     schema_ = known_schema(str(CONF_DIR))
     parent, _, leaf = path.rpartition(".")
     section = schema_
