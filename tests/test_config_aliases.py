@@ -275,7 +275,22 @@ htdemucs:
   enable_checkpointing: true
   enable_profiling: false
 """, {"htdemucs.channels": 48, "htdemucs.t_dropout": 0.0, "htdemucs.lora_alpha": 1.0,
-      "enable_checkpointing": True, "enable_profiling": False}),
+      "htdemucs.lora_rank": 4, "enable_checkpointing": True, "enable_profiling": False}),
+    # "Layer-Specific Ranks": the block alone leaves lora_rank at 0, a full fine-tune
+    "layer_ranks": ("""
+htdemucs:
+  layer_ranks:
+    # Encoder layers
+    "encoder.0.*": 16    # First encoder (critical)
+    "encoder.1.*": 12    # Second encoder
+    # Transformer layers
+    "transformer.self_attn.*": 8
+    "transformer.cross_attn.*": 12
+    # Decoder layers
+    "decoder.0.*": 8     # First decoder
+    "decoder.1.*": 6     # Second decoder
+    "decoder.2.*": 4     # Final decoder
+""", ConfigError("htdemucs.layer_ranks set, but htdemucs.lora_rank=0 is a full fine-tune")),
     "checkpointing": ("htdemucs.enable_checkpointing: true\n", {"enable_checkpointing": True}),
     "mixed_precision": ("htdemucs.mixed_precision: true\n", {"mixed_precision": True}),
     "batch": ("batch_size: 32  # Reduce if OOM errors occur\n", {"batch_size": 32}),
