@@ -16,7 +16,8 @@ from dora.hydra import HydraMain
 from omegaconf import DictConfig, OmegaConf
 
 from demucs_lora.config.compose import hydra_errors_as_config_errors
-from demucs_lora.config.keys import canonical_checked, prepare_argv
+from demucs_lora.config.keys import canonical_checked, check_one_spelling, prepare_argv
+from demucs_lora.config.stored_argv import check_trust_from_command_line, trusted_argv_from_xp
 from demucs_lora.core.errors import exit_on_user_error
 from demucs_lora.core.files import remove_stale_temps
 from demucs_lora.training.dora_cli import (argv_from_model, install_cpu_ddp_fallback,
@@ -48,38 +49,29 @@ def run(cfg: DictConfig) -> tp.List[dict]:
     return solver.run()
 
 
-def _untrusted_override(arg: str) -> bool:
-    """Overrides an XP folder may not set for the user: trust_remote_code (full unpickling)
-    and Hydra's own settings (hydra.callbacks & co. instantiate arbitrary classes)."""
-    key = str(arg).split("=", 1)[0].strip().lstrip("+~")
-    return (key == "trust_remote_code" or key.startswith(("hydra.", "hydra/"))
-            or key == "hydra" or "_target_" in key)
-
-
-def trusted_argv_from_xp(argv: tp.Sequence[str], source: str) -> tp.List[str]:
-    """A stored argv (an XP's .argv.json, read by `dora run -f SIG`) without what only the
-    user's own command line may set; says what it dropped."""
-    kept = [a for a in argv if not _untrusted_override(a)]
-    dropped = [a for a in argv if _untrusted_override(a)]
-    if dropped:
-        print(f"demucs-lora: ignoring {dropped} from {source}: an XP folder cannot set these;"
-              " pass them on your own command line if you mean them", file=sys.stderr)
-    return kept
-
-
 class _LoRAHydraMain(HydraMain):
     """Dora's Hydra main that speaks the guide's dialect: alias keys and JSON-style dicts
     normalized before Dora signs the XP, unknown keys refused, Hydra's errors in one
     screen, `dset=wav` (a `???` default) signed, and `-f NAME` for a model name.
-    An XP folder is untrusted input: `dora run -f SIG` never inherits trust_remote_code
-    (or hydra.*) from the XP's .argv.json, and an XP's job.pkl naming anything but the
-    submitit job classes is refused before Dora unpickles it."""
+    An XP folder is untrusted input: `dora run -f SIG` replays only plain overrides from
+    the XP's .argv.json (demucs_lora.config.stored_argv), trust_remote_code only counts
+    from the command line, and an XP's job.pkl is scanned before Dora unpickles it."""
+
+    _stored: tp.List[str] = []   # the argv `-f SIG` injected before the user's own
+
+    def __init__(self, *args, **kwargs):
+        with hydra_errors_as_config_errors():  # Dora composes conf/ here: a pasted block
+            super().__init__(*args, **kwargs)  # that is not valid YAML is one line
 
     def get_xp(self, argv: tp.Sequence[str]):
+        argv = list(argv)
+        stored = self._stored if argv[:len(self._stored)] == self._stored else []
+        check_one_spelling(argv[len(stored):])   # the user's may override the stored
         argv = prepare_argv(argv)
         with hydra_errors_as_config_errors():  # composition errors: one screen
             xp = super().get_xp(argv)
         canonical_checked(xp.cfg, argv)
+        check_trust_from_command_line(xp.cfg, argv)
         check_job_pickle(xp.folder, self.dora.shep.job_file)  # before Dora unpickles it
         return xp
 
@@ -101,7 +93,8 @@ class _LoRAHydraMain(HydraMain):
         if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
             raise SystemExit(f"error: the .argv.json of XP {sig} is not a list of overrides "
                              "(edited or corrupt): start from your own command line instead")
-        return trusted_argv_from_xp(argv, f"XP {sig}'s .argv.json")
+        self._stored = trusted_argv_from_xp(argv, f"XP {sig}'s .argv.json")
+        return self._stored
 
 
 def _filled(cfg: DictConfig) -> DictConfig:

@@ -195,7 +195,8 @@ def run(args: argparse.Namespace) -> tp.List[Path]:
     for folder, model, line in _models(base, args):
         model.to(device)
         print(f"Separated tracks will be stored in {folder.resolve()}{line}")
-        written += _separate_tracks(model, tracks, folder, args, device)
+        written += _separate_tracks(model, tracks, folder, args, device,
+                                    f"model {args.name}{line}")
         model.cpu()
     return written
 
@@ -218,8 +219,11 @@ def _models(base: "nn.Module", args: argparse.Namespace
 
 
 def _separate_tracks(model: "nn.Module", tracks: tp.Sequence[Path], folder: Path,
-                     args: argparse.Namespace, device: str) -> tp.List[Path]:
+                     args: argparse.Namespace, device: str, label: str) -> tp.List[Path]:
+    """Every track: separate, refuse non-finite stems (naming `label`, the model and
+    adapter), then write them; nothing is written for a track whose stems hold NaN/inf."""
     import tqdm
+    from demucs_lora.core.finite import check_finite_output
     from demucs_lora.inference.separation import read_audio, separate_tensor
     from demucs_lora.inference.stem_files import stem_outputs, write_stem_files
     fmt, written = stem_format(args), []
@@ -228,6 +232,7 @@ def _separate_tracks(model: "nn.Module", tracks: tp.Sequence[Path], folder: Path
         stems = separate_tensor(model, wav, shifts=args.shifts, overlap=args.overlap,
                                 split=args.split, segment=args.segment, device=device,
                                 progress=True, jobs=args.jobs)
+        check_finite_output(stems, model.sources, f"{label} on {track}")
         outputs = stem_outputs(stems, model.sources, wav, args.stem, args.other_method)
         written += write_stem_files(outputs, folder, track, model.samplerate, fmt,
                                     args.filename)

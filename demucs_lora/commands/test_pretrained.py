@@ -174,7 +174,9 @@ def run(args: argparse.Namespace) -> dict:
     scores = evaluate_model(model, dataset, shifts=int(test.shifts),
                             overlap=float(test.overlap), split=bool(test.split),
                             metrics=metrics, max_tracks=args.max_tracks, device=device,
-                            progress=not args.no_progress, seed=int(cfg.get("seed", 0)))
+                            progress=not args.no_progress, seed=int(cfg.get("seed", 0)),
+                            label=f"model {args.name}" + (f" with adapter {args.adapter}"
+                                                          if args.adapter else ""))
     results.update(metrics=list(metrics), **scores)
     print(f"{args.name}{' + ' + str(args.adapter) if args.adapter else ''} on "
           f"{args.split} ({len(scores['tracks'])} track(s), shifts={test.shifts}, "

@@ -33,9 +33,14 @@ class Alias:
     canonical: str
     values: tp.Optional[tp.Mapping] = None   # alias value -> canonical value (None: same)
     note: str = ""
+    converter: tp.Optional[tp.Callable[[str, tp.Any], tp.Any]] = None  # (alias, value) -> value
 
     def convert(self, alias: str, value):
-        if self.values is None or isinstance(value, str) and value.startswith("${"):
+        if isinstance(value, str) and value.startswith("${"):
+            return value
+        if self.converter is not None:
+            return self.converter(alias, value)
+        if self.values is None:
             return value
         key = value.lower() if isinstance(value, str) else value
         if key not in self.values:
@@ -44,6 +49,18 @@ class Alias:
                               f"(it sets {self.canonical})")
         return self.values[key]
 
+
+
+def _enable_lora(alias: str, value: tp.Any) -> tp.List[bool]:
+    """MSST's (loralib's) `enable_lora`: one flag per equal slice of a fused projection's
+    output. On the fused q/k/v projection of attention, [q, k, v] is ours as is, and a
+    single flag covers all three."""
+    flags = list(value) if isinstance(value, (list, tuple)) else None
+    if flags and all(isinstance(f, bool) for f in flags) and len(flags) in (1, 3):
+        return flags * 3 if len(flags) == 1 else flags
+    raise ConfigError(f"{alias}={value!r}: give [q, k, v] booleans for the attention "
+                      "projections, as htdemucs.lora_enable_qkv=[true,false,true] ([true] "
+                      "alone: all three)")
 
 
 ALIASES: tp.Dict[str, Alias] = {
@@ -79,7 +96,33 @@ ALIASES: tp.Dict[str, Alias] = {
     "htdemucs.lora_min_rank": Alias("htdemucs.min_rank"),
     # the bare spelling of every LoRA key (lora_rank=8 sets htdemucs.lora_rank)
     **{key: Alias(f"htdemucs.{key}") for key in LORA_KEYS},
+    # MSST's `lora:` block (Music-Source-Separation-Training, docs/LoRA.md)
+    "lora.r": Alias("htdemucs.lora_rank", note="MSST's `lora:` block"),
+    "lora.lora_alpha": Alias("htdemucs.lora_alpha", note="MSST's `lora:` block"),
+    "lora.lora_dropout": Alias("htdemucs.lora_dropout", note="MSST's `lora:` block"),
+    **{key: Alias("htdemucs.lora_enable_qkv", converter=_enable_lora,
+                  note="[q, k, v]; [true] alone: all three")
+       for key in ("lora.enable_lora", "htdemucs.enable_lora", "enable_lora")},
 }
+
+ONLY_DEFAULT: tp.Dict[str, tp.Tuple[tp.Optional[bool], str]] = {
+    "lora.merge_weights": (False, "adapters stay separate while training; merged output: "
+                           "`demucs-lora --merge`, or best.th / tools.export"),
+    "lora.fan_in_fan_out": (False, "our LoRA layers keep torch's (out, in) weight layout"),
+    "train_lora": (None, "LoRA is on when htdemucs.lora_rank > 0: set htdemucs.lora_rank "
+                   "(e.g. 8; 0 is a full fine-tune)"),
+}
+"""MSST keys with no key of their own here: the value that describes what this project
+always does is accepted and dropped (None: none is); any other is a ConfigError."""
+
+
+def check_only_default(key: str, value: tp.Any) -> None:
+    """ConfigError unless `value` of ONLY_DEFAULT's `key` is the one it accepts."""
+    accepted, why = ONLY_DEFAULT[key]
+    if accepted is None or str(value).strip("'\"").lower() != str(accepted).lower():
+        raise ConfigError(f"{key}={value!r} is MSST's spelling and has no key here: {why}"
+                          + (f" ({key}: {str(accepted).lower()} is accepted)"
+                             if accepted is not None else ""))
 
 # Keys whose values name a model, an XP or a path: always strings (a signature such as
 # 955717e8 or 12345678 is not a number).
@@ -120,11 +163,13 @@ def _string_value(value: str) -> str:
 
 
 def _alias_value(alias: str, entry: Alias, value: str) -> str:
-    if entry.values is None:
+    if entry.values is None and entry.converter is None:
         return value
     from hydra.core.override_parser.overrides_parser import OverridesParser
     parsed = OverridesParser.create().parse_override(f"x={value}").value()
     converted = entry.convert(alias, parsed)
+    if isinstance(converted, list):
+        return "[" + ",".join(str(v).lower() for v in converted) + "]"
     return "null" if converted is None else str(converted).lower() \
         if isinstance(converted, bool) else str(converted)
 
@@ -138,6 +183,9 @@ def normalize_argv(argv: tp.Sequence[str]) -> tp.List[str]:
         prefix, key, value = split_override(arg)
         if value is None or key.startswith("hydra.") or "/" in key:
             out.append(arg)
+            continue
+        if key in ONLY_DEFAULT:
+            check_only_default(key, value)
             continue
         entry = ALIASES.get(key)
         if entry is not None:
@@ -202,6 +250,10 @@ def canonical_config(cfg: DictConfig, cli_keys: tp.Iterable[str] = (),
     data = OmegaConf.to_container(cfg, resolve=False)
     data = expand_dotted(data, closed)
     cli = set(cli_keys)
+    for key in ONLY_DEFAULT:
+        value = _pop(data, key)
+        if value is not _MISSING:
+            check_only_default(key, value)
     for alias, entry in ALIASES.items():
         value = _pop(data, alias)
         if value is _MISSING:
@@ -209,6 +261,8 @@ def canonical_config(cfg: DictConfig, cli_keys: tp.Iterable[str] = (),
         if entry.canonical in cli:
             continue
         set_dotted(data, entry.canonical, entry.convert(alias, value))
+    if data.get("lora") == {}:      # MSST's block, every key moved to its canonical key
+        del data["lora"]
     out = OmegaConf.create(data)
     OmegaConf.set_struct(out, OmegaConf.is_struct(cfg))
     return out

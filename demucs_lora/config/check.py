@@ -7,6 +7,7 @@ are made absolute once, against the directory the user ran the command from.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import typing as tp
@@ -34,7 +35,13 @@ def _get(cfg: DictConfig, key: str):
 def check_config(cfg: DictConfig) -> None:
     """Raise ConfigError on the first bad key (before data or model are touched); the
     htdemucs LoRA keys are checked by building their `LoraConfig`."""
-    LoraConfig.from_cfg(cfg.htdemucs)
+    lora = LoraConfig.from_cfg(cfg.htdemucs)
+    if lora.lora_rank == 0 and lora.lora_only_changes():
+        keys = lora.lora_only_changes()
+        raise ConfigError(f"{', '.join(keys)} set, but htdemucs.lora_rank=0 is a full "
+                          f"fine-tune, where {'it does' if len(keys) == 1 else 'they do'} "
+                          "nothing: set htdemucs.lora_rank (e.g. htdemucs.lora_rank=8) for "
+                          "LoRA, or remove " + ("it" if len(keys) == 1 else "them"))
     for key, allowed in CHOICES.items():
         value = _get(cfg, key)
         if value not in allowed:
@@ -47,14 +54,30 @@ def check_config(cfg: DictConfig) -> None:
             cfg.residual_source not in sources:
         raise ConfigError(f"residual_source={cfg.residual_source!r} must be one of "
                           f"dset.sources={sources}")
-    if cfg.weights is not None and sources is not None and len(cfg.weights) != len(sources):
-        raise ConfigError(f"weights={list(cfg.weights)}: give one weight per source "
-                          f"({len(sources)}: {sources}) or null")
+    check_weights(cfg.weights, sources)
     if cfg.source_init is not None and not isinstance(cfg.source_init, DictConfig):
         raise ConfigError(f"source_init={cfg.source_init!r}: give a mapping new_source -> "
                           "base source(s), e.g. source_init='{kick: drums, hihat: drums}'")
     from demucs_lora.config.values import check_value_ranges  # every number's range
     check_value_ranges(cfg)
+
+
+def check_weights(weights: tp.Any, sources: tp.Optional[tp.Sequence[str]]) -> None:
+    """`weights` (per-source loss weights): null, or finite numbers >= 0 with a positive
+    sum, one per source once the sources are known (`sources` None: not yet, the base's:
+    checked again against them, training.run_config.resolve_with_base)."""
+    if weights is None:
+        return
+    values = list(weights) if OmegaConf.is_list(weights) or isinstance(weights, (list, tuple)) \
+        else None
+    if values is None or not all(isinstance(w, (int, float)) and not isinstance(w, bool)
+                                 and math.isfinite(w) and w >= 0 for w in values) \
+            or not sum(values) > 0:
+        raise ConfigError(f"weights={weights!r}: give a list of finite numbers >= 0 (not all "
+                          "0), one per source, or null")
+    if sources is not None and len(values) != len(sources):
+        raise ConfigError(f"weights={values}: give one weight per source "
+                          f"({len(sources)}: {list(sources)}) or null")
 
 
 def resolve_paths(cfg: DictConfig, cwd: tp.Optional[Path] = None) -> DictConfig:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import contextlib
 import typing as tp
 
-from demucs_lora.config.keys import canonical_checked, hydra_error, is_hydra_error, prepare_argv
+from demucs_lora.config.keys import (canonical_checked, check_one_spelling, hydra_error,
+                                     is_hydra_error, prepare_argv)
 from demucs_lora.core.errors import ConfigError, ModelLoadError
 from demucs_lora.core.paths import CONF_DIR
 
@@ -23,6 +24,7 @@ def compose(overrides: tp.Sequence[str] = ()) -> "DictConfig":
     """The config of ``overrides`` (no Hydra run, no chdir); ConfigError on a bad one."""
     from hydra import compose as hydra_compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
+    check_one_spelling(overrides)
     overrides = prepare_argv(overrides)
     if not CONF_DIR.is_dir():
         raise ConfigError(f"no Hydra config folder at {CONF_DIR}: run from a source checkout")

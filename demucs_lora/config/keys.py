@@ -47,6 +47,10 @@ def suggest(path: str) -> str:
     """' (did you mean X?)', the alias entry, or ''."""
     if path in ALIASES:
         return f" (the guide's spelling of {ALIASES[path].canonical})"
+    if path.split(".")[0] == "lora":
+        return (" (MSST's `lora:` block: r, lora_alpha, lora_dropout and enable_lora are "
+                "htdemucs.lora_rank, htdemucs.lora_alpha, htdemucs.lora_dropout and "
+                "htdemucs.lora_enable_qkv here; merge_weights and fan_in_fan_out: false only)")
     schema_ = known_schema(str(CONF_DIR))
     parent, _, leaf = path.rpartition(".")
     section = schema_
@@ -171,6 +175,22 @@ def is_hydra_error(exc: BaseException) -> bool:
 def prepare_argv(argv: tp.Sequence[str]) -> tp.List[str]:
     """Overrides in canonical spelling, unknown keys refused (before Hydra composes)."""
     return check_argv(normalize_argv(list(argv)))
+
+
+def check_one_spelling(argv: tp.Sequence[str]) -> None:
+    """ConfigError when two spellings of one key are both given (`htdemucs.segment=12
+    dset.segment=1`): which one the user meant is not ours to guess. The same spelling
+    twice is Hydra's usual "last wins"."""
+    seen: tp.Dict[str, str] = {}
+    for arg in argv:
+        _, key, value = split_override(arg)
+        if value is None or key in GROUPS or key.startswith("hydra"):
+            continue
+        canonical = canonical_key(key)
+        first = seen.setdefault(canonical, key)
+        if first != key:
+            raise ConfigError(f"{first} and {key} are two spellings of {canonical}, and both "
+                              "are given: keep one")
 
 
 def canonical_checked(cfg: DictConfig, argv: tp.Sequence[str] = (),

@@ -1,7 +1,7 @@
 """The known config keys, read from conf/ itself (no Hydra run).
 
-`config.yaml` composed with the default option of each group (model, dset, optim;
-variants only overlay), plus the constructor arguments of demucs' HTDemucs under
+`config.yaml`'s defaults list (settings.yaml, then the default option of each group:
+model, dset, optim; variants only overlay) and its `dora` key, plus the constructor arguments of demucs' HTDemucs under
 `htdemucs.`: a key added to conf/ is known at once. Both the alias table
 (`demucs_lora.config.aliases`, which nests dotted YAML keys in closed sections only) and
 the key checks (`demucs_lora.config.keys`) read it.
@@ -18,6 +18,8 @@ from demucs_lora.core.paths import CONF_DIR
 from demucs_lora.models.build import htdemucs_kwargs
 
 PACKAGE_LINE = "# @package _global_"
+OWN_KEYS = ("dora",)
+"""The keys conf/config.yaml itself defines (besides hydra); the rest of it is the user's."""
 
 
 def load_group_file(path: Path) -> dict:
@@ -56,8 +58,11 @@ def known_schema(conf_dir: str) -> dict:
             ((group, option),) = item.items()
             if group != "variant" and option is not None:
                 out = _merge(out, load_group_file(conf / group / f"{option}.yaml"))
-        elif item == "_self_":
-            out = _merge(out, root)
+        elif item == "_self_":   # config.yaml's own keys are the user's: only dora.* is ours
+            out = _merge(out, {k: v for k, v in root.items() if k in OWN_KEYS})
+        else:                    # a plain config file (settings.yaml): global keys
+            data = OmegaConf.to_container(OmegaConf.load(conf / f"{item}.yaml"))
+            out = _merge(out, {k: v for k, v in (data or {}).items() if k != "defaults"})
     htdemucs = out.setdefault("htdemucs", {})
     for key, default in htdemucs_kwargs().items():
         htdemucs.setdefault(key, default)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import tempfile
 import time
 import typing as tp
@@ -23,6 +24,7 @@ Writer = tp.Callable[[str], None]
 _DISK_ERRNOS = {errno.ENOSPC: "No space left on device", errno.EDQUOT: "Disk quota exceeded",
                 errno.EROFS: "Read-only file system", errno.EACCES: "Permission denied",
                 errno.EPERM: "Operation not permitted", errno.EFBIG: "File too large"}
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")
 _LOW_SPACE = 1 << 20  # below this many free bytes, a failed write is blamed on the disk
 
 
@@ -40,6 +42,9 @@ def _disk_reason(folder: PathLike, exc: BaseException) -> tp.Optional[str]:
         seen.add(id(exc))
         if isinstance(exc, OSError) and exc.errno in _DISK_ERRNOS:
             return _DISK_ERRNOS[exc.errno]
+        code = _OS_ERROR.search(str(exc))   # safetensors' SafetensorError: "(os error 28)"
+        if code and int(code.group(1)) in _DISK_ERRNOS:
+            return _DISK_ERRNOS[int(code.group(1))]
         exc = exc.__cause__ or exc.__context__
     try:
         stat = os.statvfs(folder)
@@ -50,6 +55,14 @@ def _disk_reason(folder: PathLike, exc: BaseException) -> tp.Optional[str]:
     if stat.f_bavail * stat.f_frsize < _LOW_SPACE:
         return _DISK_ERRNOS[errno.ENOSPC]
     return None
+
+
+def disk_error_of(exc: BaseException):
+    """The DiskWriteError for an OSError of a full, read-only or forbidden disk raised
+    outside our writers (Dora creating outputs/), naming its file; None for others."""
+    if not isinstance(exc, OSError) or exc.errno not in _DISK_ERRNOS:
+        return None
+    return _disk_error(exc.filename or "a file", _DISK_ERRNOS[exc.errno])
 
 
 def _disk_error(path: PathLike, reason: str):

@@ -38,6 +38,20 @@ def check_finite_model(model: nn.Module, source: str) -> nn.Module:
     return model
 
 
+def check_finite_output(stems: torch.Tensor, sources: tp.Sequence[str], what: str
+                        ) -> torch.Tensor:
+    """`stems` (S, C, T) when every stem is finite; ModelLoadError naming `what` (the model
+    and adapter, the track) and the stems otherwise: finite but huge weights (an adapter
+    with values of 1e30) overflow to NaN in the forward, and NaN must not be served."""
+    bad = [s for s, t in zip(sources, stems) if not bool(torch.isfinite(t).all())]
+    if bad:
+        raise ModelLoadError(
+            f"{what} outputs NaN/inf in stem(s) {', '.join(bad)}: nothing is written for "
+            "it. Its weights overflow (an adapter or model with huge values, or a run that "
+            "diverged): use another checkpoint or adapter")
+    return stems
+
+
 def divergence_error(cfg: DictConfig, where: str, what: str, kept: str) -> TrainingDiverged:
     """The one-line error of a diverged run: where, what is kept, what to try."""
     optim = cfg.optim

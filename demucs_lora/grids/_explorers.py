@@ -11,11 +11,20 @@ from dora import Explorer
 DEFAULT_SOURCES = ("drums", "bass", "other", "vocals")
 
 
-def _trainable(folder: Path) -> tp.Optional[int]:
+UNREADABLE = "unreadable"
+
+
+def _trainable(folder: Path) -> tp.Union[int, str, None]:
+    """Trainable LoRA parameters from the XP's ranks.json; None when there is none yet,
+    UNREADABLE when it is torn or edited (that row says so, the table still prints)."""
     ranks = folder / "ranks.json"
-    if ranks.exists():
-        return sum(row["trainable"] for row in json.loads(ranks.read_text())["layers"])
-    return None
+    if not ranks.exists():
+        return None
+    try:
+        total = sum(row["trainable"] for row in json.loads(ranks.read_text())["layers"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return UNREADABLE
+    return total if isinstance(total, int) else UNREADABLE
 
 
 class RankModesExplorer(Explorer):
@@ -45,6 +54,13 @@ class RankModesExplorer(Explorer):
                         "params": params if params is not None else "-"}}
         if not history:
             return out
+        try:
+            return {**out, **self._metrics(history)}
+        except (AttributeError, KeyError, TypeError, ValueError):  # an edited history
+            return {"lora": {**out["lora"], "params": UNREADABLE}}
+
+    def _metrics(self, history: tp.List[dict]) -> dict:
+        out: dict = {}
         last = history[-1]
         out["train"] = {"epoch": len(history), "loss": last.get("train_loss")}
         valid = {name: last.get(f"valid_nsdr_{name}") for name in self.sources}

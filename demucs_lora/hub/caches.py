@@ -14,7 +14,9 @@ The environment is read at each call (not at import), so a test or a user can po
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 import typing as tp
 from pathlib import Path
 
@@ -73,10 +75,51 @@ def read_bag(path: Path) -> dict:
         raise ModelLoadError(f"bag file {path} cannot be read: {exc}") from None
     models = bag.get("models") if isinstance(bag, dict) else None
     if not isinstance(models, list) or not models or not all(
-            isinstance(m, (str, int)) for m in models):
+            isinstance(m, (str, int)) and not isinstance(m, bool) for m in models):
         raise ModelLoadError(f"bag file {path} must hold `models: [SIG, ...]` (demucs' bag "
                              f"format), found {bag!r:.200}")
-    return dict(bag, models=[str(m) for m in models])
+    if len(models) > MAX_BAG_MEMBERS:
+        raise ModelLoadError(f"bag file {path} lists {len(models)} models; a bag holds at "
+                             f"most {MAX_BAG_MEMBERS} (demucs' own bags hold 4)")
+    models = [str(m) for m in models]
+    bad = [m for m in models if not _MEMBER_NAME.match(m)]
+    if bad:
+        raise ModelLoadError(f"bag file {path}: member {bad[0]!r} is not a model name (a "
+                             "signature such as 955717e8: no path, it may not leave the "
+                             "bag's folder)")
+    segment = bag.get("segment")
+    if segment is not None and not (_weight(segment) and segment > 0):
+        raise ModelLoadError(f"bag file {path}: segment={segment!r} must be a positive "
+                             "number of seconds or absent")
+    return dict(bag, models=models, weights=_bag_weights(bag.get("weights"), len(models),
+                                                         path))
+
+
+MAX_BAG_MEMBERS = 32
+_MEMBER_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
+
+
+def _bag_weights(weights: tp.Any, count: int, path: Path) -> tp.Optional[tp.List[tp.List[float]]]:
+    """A bag's `weights`: null, or one list of finite numbers >= 0 per member (demucs'
+    BagOfModels: weights[member][source]); the per-source length is checked against the
+    members' sources once they are loaded (hub.resolve.load_found)."""
+    from demucs_lora.core.errors import ModelLoadError
+    if weights is None:
+        return None
+    rows = weights if isinstance(weights, list) else None
+    if rows is None or len(rows) != count or not all(
+            isinstance(r, list) and r and all(_weight(w) for w in r) for r in rows) \
+            or len({len(r) for r in rows}) != 1 or not all(sum(c) > 0 for c in zip(*rows)):
+        raise ModelLoadError(f"bag file {path}: weights must be one list of finite numbers "
+                             f">= 0 per model ({count} models, each the same length: one "
+                             f"weight per source, no source weighted 0 in every model), "
+                             f"found {weights!r:.200}")
+    return [[float(w) for w in r] for r in rows]
+
+
+def _weight(value: tp.Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and \
+        math.isfinite(value) and value >= 0
 
 
 def find_in_hf_cache(name: str) -> tp.Optional[Found]:

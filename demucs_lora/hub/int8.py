@@ -171,10 +171,15 @@ def quantize_state(model: nn.Module, bits: int = 8, optimize_scales: bool = Fals
     return state, count
 
 
+SAVE_NOTE = ("save this package (torch.save(package, 'NAME.th')); the model it came from "
+             "is unchanged, float32")
+
+
 def quantize(model: nn.Module, bits: int = 8,
              training_args: tp.Optional[tp.Dict[str, tp.Any]] = None,
              optimize_scales: bool = False) -> tp.Dict[str, tp.Any]:
-    """Serialized, weight-quantized package of a demucs model (see module docstring)."""
+    """Serialized, weight-quantized package of a demucs model (see module docstring):
+    the package is what must be saved, the model is not changed (``SAVE_NOTE``)."""
     if not isinstance(bits, int) or not 2 <= bits <= 8:
         raise ConfigError(f"quantize bits={bits!r}: choose an integer from 2 to 8 "
                           "(values are stored as int8)")
@@ -189,7 +194,8 @@ def quantize(model: nn.Module, bits: int = 8,
         "training_args": dict(training_args or {}),
         "quantized": {"bits": bits, "scheme": SCHEME, "scale_suffix": SCALE_SUFFIX,
                       "num_quantized": count, "klass": type(model),
-                      "scale_method": "mse" if optimize_scales else "max_abs"},
+                      "scale_method": "mse" if optimize_scales else "max_abs",
+                      "note": SAVE_NOTE},
     }
 
 

@@ -42,16 +42,21 @@ def checksum_of(path: Path) -> tp.Optional[str]:
     return match.group("checksum") if match else None
 
 
+def file_sha256(path: PathLike) -> str:
+    """The sha256 of a file's bytes (hex), read in 1 MiB blocks."""
+    sha = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            sha.update(block)
+    return sha.hexdigest()
+
+
 def verify_checksum(path: Path) -> None:
     """sha256 prefix check of ``SIG-CHECKSUM.th`` files, as demucs' LocalRepo does."""
     expected = checksum_of(path)
     if expected is None:
         return
-    sha = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            sha.update(block)
-    actual = sha.hexdigest()[:len(expected)]
+    actual = file_sha256(path)[:len(expected)]
     if actual != expected:
         raise ModelLoadError(
             f"{path}: checksum mismatch (the name says {expected}, the content hashes to "

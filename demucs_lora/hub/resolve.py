@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import typing as tp
 from pathlib import Path
 
@@ -107,6 +108,16 @@ def find_in_repo(name: str, repo: Path) -> tp.Optional[Found]:
     return None
 
 
+_HUB_NAME = re.compile(r"^(hf://)?[A-Za-z0-9][\w.\-]*/[A-Za-z0-9][\w\-]*$")
+
+
+def is_hub_name(text: str) -> bool:
+    """``hf://NAMESPACE/NAME`` or ``NAMESPACE/NAME`` (README): a model name looked up in
+    the HF cache, when no file or folder of that name exists."""
+    return bool(_HUB_NAME.match(text)) and not text.endswith(
+        tuple(MODEL_SUFFIXES) + (".yaml",))
+
+
 def _find_path(text: str, path: Path) -> tp.Optional[Found]:
     if path.is_file():
         if path.suffix == ".yaml":
@@ -125,6 +136,8 @@ def _find_path(text: str, path: Path) -> tp.Optional[Found]:
             f"{text}: folder {path} holds {len(bags)} bag(s) and {len(models)} model file(s) "
             f"({sorted([b.name for b in bags] + [m.name for m in models.values()])[:8]}): "
             f"name one, or pass the folder as pretrained_repo and a model name")
+    if is_hub_name(text):   # hf://NS/NAME or NS/NAME: a name (HF cache), not a path
+        return None
     if path.suffix in (*MODEL_SUFFIXES, ".yaml") or os.sep in text:
         hint = ""
         for part in Path(text).parts:  # e.g. the guide's outputs/SIG/checkpoints/best.th
@@ -221,7 +234,13 @@ def load_found(found: Found, trust_remote_code: bool = False) -> Loaded:
     from demucs_lora.hub.packages import load_model_file
     members = [load_model_file(f, trust_remote_code=trust_remote_code) for f in found.files]
     bag = found.bag or {}
-    return Loaded(members, bag.get("weights"), bag.get("segment"), found)
+    weights = bag.get("weights")
+    for model, row, file in zip(members, weights or (), found.files):
+        if len(row) != len(getattr(model, "sources", row)):
+            raise ModelLoadError(f"{found.where}: the bag's weights give {len(row)} per "
+                                 f"model, but {file.name} separates {len(model.sources)} "
+                                 f"sources {list(model.sources)}: give one weight per source")
+    return Loaded(members, weights, bag.get("segment"), found)
 
 
 def resolve_adapter(adapter: PathLike, root: tp.Optional[PathLike] = None) -> Path:

@@ -159,6 +159,30 @@ def _float_state(package: tp.Dict[str, tp.Any], source: str) -> tp.Dict[str, tor
             for k, v in state.items()}
 
 
+STORED_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _check_dtypes(expected: tp.Mapping[str, torch.Tensor], state: tp.Mapping[str, tp.Any],
+                  source: str) -> None:
+    """ModelLoadError naming the first tensor whose dtype the architecture does not define:
+    a float parameter stored as int32 would load silently (load_state_dict casts)."""
+    for key, tensor in state.items():
+        want = expected.get(key)
+        if want is None:
+            continue          # an unexpected key: load_state_dict (strict) names it
+        if not isinstance(tensor, torch.Tensor):
+            raise ModelLoadError(f"{source}: state entry {key} is a {type(tensor).__name__}, "
+                                 "not a tensor")
+        ok = tensor.dtype in STORED_FLOAT_DTYPES if want.is_floating_point() \
+            else tensor.dtype == want.dtype
+        if not ok:
+            allowed = "float16, bfloat16 or float32" if want.is_floating_point() \
+                else str(want.dtype)
+            raise ModelLoadError(f"{source}: tensor {key} is stored as {tensor.dtype}, but "
+                                 f"the architecture defines it as {allowed}: the file is "
+                                 "corrupt or was edited")
+
+
 def model_from_package(package: tp.Dict[str, tp.Any], strict: bool = True,
                        source: str = "<package>",
                        allowed_classes: tp.Sequence[type] = MODEL_CLASSES) -> torch.nn.Module:
@@ -181,6 +205,7 @@ def model_from_package(package: tp.Dict[str, tp.Any], strict: bool = True,
         raise ModelLoadError(f"{source}: {klass.__name__}(...) failed with its stored "
                              f"arguments: {exc!r}") from exc
     state = _float_state(package, source)
+    _check_dtypes(model.state_dict(), state, source)
     try:
         model.load_state_dict(state, strict=strict)
     except RuntimeError as exc:

@@ -47,12 +47,14 @@ def build_dataset(cfg: "DictConfig", sources: tp.Sequence[str], split: str,
 def evaluate_model(model: "nn.Module", dataset, shifts: int = 0, overlap: float = 0.25,
                    split: bool = True, metrics: tp.Sequence[str] = (),
                    max_tracks: tp.Optional[int] = None, device: str = "cpu",
-                   progress: bool = True, seed: int = 0) -> dict:
+                   progress: bool = True, seed: int = 0, label: str = "the model") -> dict:
     """``{"tracks": {name: {source: {metric: v}}}, "summary": {metric_source, metric}}``,
-    values rounded to DECIMALS; every track separated with ``separate_tensor``."""
+    values rounded to DECIMALS; every track separated with ``separate_tensor``. A NaN/inf
+    stem is a ModelLoadError naming `label` (the model and adapter) and the track."""
     import torch
     import tqdm
     from demucs_lora.metrics import METRICS, summarize, track_metrics
+    from demucs_lora.core.finite import check_finite_output
     from demucs_lora.inference.separation import check_audio, separate_tensor
     metrics = tuple(metrics or METRICS)
     names = list(dataset.metadata)
@@ -66,6 +68,7 @@ def evaluate_model(model: "nn.Module", dataset, shifts: int = 0, overlap: float 
         mix, ref = check_audio(item[0], f"{dataset.root / names[index]} (mixture)"), item[1:]
         est = separate_tensor(model, mix.to(device), shifts=shifts, overlap=overlap,
                               split=split, device=device).cpu()
+        check_finite_output(est, list(model.sources), f"{label} on {names[index]}")
         tracks[names[index]] = track_metrics(est, ref, list(model.sources), metrics,
                                              samplerate=model.samplerate, mix=mix)
     summary = summarize(list(tracks.values()))

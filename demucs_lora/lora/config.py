@@ -190,6 +190,13 @@ class LoraConfig:
                 values[name] = _plain(value)
         return cls(**values)
 
+    def lora_only_changes(self) -> tp.List[str]:
+        """The LoRA-only keys set away from their defaults (they shape adapters, so with
+        lora_rank=0, a full fine-tune, they would do nothing)."""
+        default = LoraConfig()
+        return [f"htdemucs.{name}" for name in LORA_KEYS if name != "lora_rank"
+                and getattr(self, name) != getattr(default, name)]
+
     # -- what the settings imply -----------------------------------------------------
     def rank_cap(self, smallest: int) -> int:
         """The highest rank a layer whose approximated matrix has smallest dimension

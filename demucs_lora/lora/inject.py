@@ -117,9 +117,11 @@ def _wrap(model: nn.Module, path: str, base: nn.Module, rank: int, layout: LoraL
 
 
 def _carry(model: nn.Module, layout: tp.Optional[LoraLayout]) -> None:
-    """The model carries its layout as the guide's ``model.lora_config`` (a plain
-    instance attribute: demucs serializes class + arguments + state, never this)."""
+    """The model carries its layout as the guide's ``model.lora_config`` and
+    ``model.config`` (plain instance attributes: demucs serializes class + arguments +
+    state, never these)."""
     object.__setattr__(model, "lora_config", layout)
+    object.__setattr__(model, "config", layout)   # the guide's `model.config` (an alias)
 
 
 def carried_layout(model: nn.Module) -> tp.Optional[LoraLayout]:

@@ -68,6 +68,7 @@ def load_base(continue_from: tp.Optional[str], pretrained_repo: tp.Optional[str]
     from demucs_lora.hub.resolve import find_model, load_found
     found = find_model(str(continue_from), pretrained_repo, root)
     loaded = load_found(found, trust_remote_code)
+    _log_base_files(str(continue_from), found)
     members = [_check_htdemucs(m, str(f)) for m, f in zip(loaded.members, found.files)]
     if bag_member is not None:
         if not 0 <= bag_member < len(members):
@@ -80,6 +81,17 @@ def load_base(continue_from: tp.Optional[str], pretrained_repo: tp.Optional[str]
         return members[0]
     from demucs_lora.models.bag import TrainableBag  # a BagOfModels that can also be called
     return TrainableBag(members, loaded.weights, loaded.segment)
+
+
+def _log_base_files(name: str, found) -> None:
+    """Which files the base came from, with their sha256 (train.log: the base a run
+    adapted stays known after the cache or repo changes)."""
+    if not logger.isEnabledFor(logging.INFO):
+        return
+    from demucs_lora.hub.packages import file_sha256
+    for path in found.files:
+        logger.info("base %s: %s from %s (sha256 %s)", name, path, found.where,
+                    file_sha256(path))
 
 
 def build_base(cfg: DictConfig, root: tp.Optional[Path] = None) -> HTDemucs:

@@ -6,6 +6,7 @@ Models returned by ``demucs_lora.get_model`` and ``load_lora_weights`` carry::
     model.get_lora_state()             # {name: tensor} of the adapter (what files hold)
     model.quantize(bits=8, optimize_scales=True)   # the int8 package (adapter merged)
     model.lora_config                  # ranks, alpha, ... of its LoRA layers, or None
+    model.config                       # the guide's spelling: the same object as lora_config
 
 Why instance attributes and not a subclass: demucs serializes a model as its class plus
 constructor arguments (``demucs.states.serialize_model`` stores ``model.__class__``), and
@@ -55,12 +56,21 @@ def _get_lora_state(model: "nn.Module") -> dict:
 
 
 def _quantize(model: "nn.Module", bits: int = 8, optimize_scales: bool = False,
-              training_args: tp.Optional[dict] = None) -> dict:
-    """Weight-only int8 package of this model, its adapter merged (the model itself is
-    left as it is). ``optimize_scales``: per-channel scales of least reconstruction error
-    instead of max-abs. ``torch.save`` it; ``demucs_lora.get_model(path)`` loads it."""
+              training_args: tp.Optional[dict] = None, inplace: tp.Any = None) -> dict:
+    """Weight-only int8 package of this model, its adapter merged. **The returned package
+    is what must be saved** (``torch.save(package, "model.th")``; ``demucs_lora.get_model
+    (path)`` loads it): the model itself is left as it is, float32, so
+    ``torch.save(model.state_dict())`` after this stores the float model. There is no
+    ``inplace=`` (a model object cannot hold int8 weights and still run); its
+    ``package["quantized"]["note"]`` says the same. ``optimize_scales``: per-channel scales
+    of least reconstruction error instead of max-abs."""
+    from demucs_lora.core.errors import ConfigError
     from demucs_lora.lora.inject import has_lora, remove_lora
     from demucs_lora.hub.int8 import quantize
+    if inplace is not None:
+        raise ConfigError("model.quantize(inplace=...) is not offered: the model stays "
+                          "float32; save the package it returns: package = "
+                          "model.quantize(bits=8); torch.save(package, 'model.th')")
     plain = remove_lora(copy.deepcopy(model)) if has_lora(model) else model
     return quantize(plain, bits=bits, training_args=training_args,
                     optimize_scales=optimize_scales)
@@ -101,4 +111,5 @@ def attach(model: "nn.Module") -> "nn.Module":
     for name in METHODS:
         object.__setattr__(model, name, ModelMethod(model, name))
     object.__setattr__(model, "lora_config", carried_layout(model))
+    object.__setattr__(model, "config", carried_layout(model))   # the guide's spelling
     return model

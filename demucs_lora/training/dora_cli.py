@@ -17,7 +17,8 @@ import sys
 import typing as tp
 from pathlib import Path
 
-from demucs_lora.core.errors import DemucsLoRAError, ModelLoadError, exit_with
+from demucs_lora.core.errors import ConfigError, DemucsLoRAError, ModelLoadError, exit_with
+from demucs_lora.core.files import disk_error_of
 
 logger = logging.getLogger(__name__)
 DDP_NOTE = "DEMUCS_LORA_DDP_NOTE"
@@ -65,10 +66,23 @@ def install_cpu_ddp_fallback() -> None:
     dora_run.start_ddp_workers = start_ddp_workers
 
 
+def no_slurm_error(exc: BaseException) -> tp.Optional[ConfigError]:
+    """The one line for submitit's "no Slurm here" (`dora grid` / `dora launch` on a
+    machine without `srun`), instead of its traceback; None for any other exception."""
+    if not (isinstance(exc, RuntimeError) and 'Could not detect "srun"' in str(exc)):
+        return None
+    return ConfigError(
+        "dora grid / dora launch submit jobs through Slurm, and this machine has none (no "
+        "`srun`): start the local one-node cluster with `sudo tools/slurm_local.sh start` "
+        "then `source /tmp/demucs-lora-slurm/env.sh`, or add --dry_run (with --init to "
+        "create the XP folders) to see the grid without launching it")
+
+
 def install_excepthook() -> None:
     """A DemucsLoRAError that reaches the top of a `dora` command (raised while Dora
     prepares the XP, outside our main) goes through the CLI boundary: one line, its exit
-    status (core.errors.exit_code)."""
+    status (core.errors.exit_code). So do submitit's "no Slurm" and Dora's own OSError on
+    a full or read-only outputs/ (a DiskWriteError naming the file)."""
     previous = sys.excepthook
     if getattr(previous, "_demucs_lora", False):
         return
@@ -76,6 +90,10 @@ def install_excepthook() -> None:
     def hook(kind, exc, tb):
         if isinstance(exc, DemucsLoRAError):
             exit_with(exc)
+        if no_slurm_error(exc) is not None:
+            exit_with(no_slurm_error(exc))
+        if disk_error_of(exc) is not None:   # Dora's own mkdir/writes in outputs/
+            exit_with(disk_error_of(exc))
         previous(kind, exc, tb)
 
     hook._demucs_lora = True  # type: ignore[attr-defined]

@@ -23,11 +23,16 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from demucs_lora.config.aliases import set_dotted
+from demucs_lora.config.check import check_weights
 from demucs_lora.core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
-# HTDemucs arguments that change no weight: a loaded base takes the config's value.
-RUNTIME_KWARGS = ("use_train_segment",)
+# HTDemucs arguments that shape no weight (the state_dict's keys and shapes are the same
+# for any value: tests/safety/test_weight_free_kwargs.py): a loaded base takes the
+# config's value. use_train_segment: inference splitting; t_dropout: the dropout of the
+# cross-domain transformer (the guide's "Training Configuration" sets 0.0, the released
+# htdemucs was trained with 0.02).
+RUNTIME_KWARGS = ("use_train_segment", "t_dropout")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -195,12 +200,25 @@ def apply_runtime_kwargs(base, cfg: DictConfig) -> None:
 def _apply_runtime_kwargs(base, cfg: DictConfig) -> None:
     """Set the weight-free HTDemucs arguments of the config on the loaded base (and in
     its constructor record, so the saved model keeps them)."""
-    args, kwargs = getattr(base, "_init_args_kwargs", ((), {}))
     for key in RUNTIME_KWARGS:
         value = cfg.htdemucs.get(key)
-        if value is not None and getattr(base, key, value) != value:
+        args, kwargs = getattr(base, "_init_args_kwargs", ((), {}))
+        if value is None or _same(kwargs.get(key, getattr(base, key, None)), value):
+            continue
+        if key == "t_dropout":   # every dropout of the transformer (HTDemucs keeps no attr)
+            _set_dropout(getattr(base, "crosstransformer", None), float(value))
+        else:
             setattr(base, key, value)
-            base._init_args_kwargs = (args, {**kwargs, key: value})
+        base._init_args_kwargs = (args, {**kwargs, key: value})
+
+
+def _set_dropout(module, p: float) -> None:
+    import torch.nn as nn
+    for sub in module.modules() if module is not None else ():
+        if isinstance(sub, nn.Dropout):
+            sub.p = p
+        elif isinstance(sub, nn.MultiheadAttention):
+            sub.dropout = p
 
 
 def check_hop_length(cfg: DictConfig, nfft: int) -> tp.Dict[str, tp.Any]:
@@ -287,5 +305,6 @@ def resolve_with_base(cfg: DictConfig, base) -> tp.Tuple[DictConfig, tp.List[str
         nfft = int(_base_kwargs(member)["nfft"])
     updates.update(check_hop_length(cfg, nfft))
     cfg = _updated(cfg, updates)
+    check_weights(cfg.weights, list(cfg.dset.sources))   # the base's sources, now known
     files, file_lines = resolve_stem_files(cfg, list(cfg.dset.sources))
     return _updated(cfg, files), lines + file_lines

@@ -113,8 +113,13 @@ def test_alias_and_canonical_give_one_signature_in_any_order(main):
     a = main.get_xp(["htdemucs.batch_size=8", "optim.scheduler=linear", "sources=[a,b]"])
     b = main.get_xp(["dset.sources=[a,b]", "batch_size=8", "optim.schedule=linear"])
     assert a.sig == b.sig
-    # Later wins across spellings, as for one spelling.
-    assert main.get_xp(["htdemucs.segment=12", "dset.segment=1"]).sig == \
+    # Two spellings of one key: refused, naming both (one spelling twice: last wins).
+    for argv in (["htdemucs.segment=12", "dset.segment=1"], ["lora_rank=4",
+                                                             "htdemucs.lora_rank=8"]):
+        with pytest.raises(ConfigError, match=rf"{argv[0].split('=')[0]} and "
+                                              rf"{argv[1].split('=')[0]} are two spellings"):
+            main.get_xp(argv)
+    assert main.get_xp(["dset.segment=12", "dset.segment=1"]).sig == \
         main.get_xp(["dset.segment=1"]).sig
 
 
@@ -231,10 +236,11 @@ htdemucs:
                 {"htdemucs.lora_rank_mode": "uniform", "htdemucs.lora_rank": 4}),
     "heuristic": ("htdemucs.lora_rank_mode: heuristic\nhtdemucs.lora_rank: 4\n",
                   {"htdemucs.lora_rank_mode": "heuristic", "htdemucs.lora_rank": 4}),
+    # ... without lora_rank: LoRA-only keys on a full fine-tune are refused
     "gradient": ("htdemucs.lora_rank_mode: gradient\nhtdemucs.min_rank: 2\n"
                  "htdemucs.max_rank: 16\n",
-                 {"htdemucs.lora_rank_mode": "gradient", "htdemucs.min_rank": 2,
-                  "htdemucs.max_rank": 16}),
+                 ConfigError("htdemucs.lora_rank_mode, htdemucs.min_rank, htdemucs.max_rank "
+                             "set, but htdemucs.lora_rank=0")),
     # "Genre-Optimized Configuration"
     "genre": ("""
 htdemucs:
@@ -269,7 +275,22 @@ htdemucs:
   enable_checkpointing: true
   enable_profiling: false
 """, {"htdemucs.channels": 48, "htdemucs.t_dropout": 0.0, "htdemucs.lora_alpha": 1.0,
-      "enable_checkpointing": True, "enable_profiling": False}),
+      "htdemucs.lora_rank": 4, "enable_checkpointing": True, "enable_profiling": False}),
+    # "Layer-Specific Ranks": the block alone leaves lora_rank at 0, a full fine-tune
+    "layer_ranks": ("""
+htdemucs:
+  layer_ranks:
+    # Encoder layers
+    "encoder.0.*": 16    # First encoder (critical)
+    "encoder.1.*": 12    # Second encoder
+    # Transformer layers
+    "transformer.self_attn.*": 8
+    "transformer.cross_attn.*": 12
+    # Decoder layers
+    "decoder.0.*": 8     # First decoder
+    "decoder.1.*": 6     # Second decoder
+    "decoder.2.*": 4     # Final decoder
+""", ConfigError("htdemucs.layer_ranks set, but htdemucs.lora_rank=0 is a full fine-tune")),
     "checkpointing": ("htdemucs.enable_checkpointing: true\n", {"enable_checkpointing": True}),
     "mixed_precision": ("htdemucs.mixed_precision: true\n", {"mixed_precision": True}),
     "batch": ("batch_size: 32  # Reduce if OOM errors occur\n", {"batch_size": 32}),
@@ -358,3 +379,48 @@ def test_yaml_alias_loses_to_the_canonical_key_on_the_command_line():
     cfg = OmegaConf.create({"batch_size": 4, "htdemucs": {"batch_size": 32}})
     assert canonical_config(cfg).batch_size == 32
     assert canonical_config(cfg, cli_keys=["batch_size"]).batch_size == 4
+
+
+# ------------------------------------------------------------ pasted into config.yaml
+def _main_on(conf):
+    from demucs_lora.train import _LoRAHydraMain, run
+    return _LoRAHydraMain(run, config_name="config", config_path=str(conf),
+                          version_base="1.3")
+
+
+@pytest.mark.parametrize("name", sorted(GUIDE_BLOCKS))
+def test_guide_yaml_block_pasted_into_config_yaml(tmp_path, name):
+    """Where the guide says to put its blocks: at the end of conf/config.yaml (`_self_` is
+    last in its defaults list, so they win over the groups and the variant)."""
+    text, expected = GUIDE_BLOCKS[name]
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF_DIR, conf)
+    with open(conf / "config.yaml", "a") as file:
+        file.write(text)
+    if isinstance(expected, ConfigError):
+        with pytest.raises(ConfigError, match=str(expected).replace(".", r"\.")):
+            _run_config(_main_on(conf), "default")
+        return
+    main = _main_on(conf)
+    for variant in ("default", "debug", "finetune"):
+        cfg = _run_config(main, variant)
+        for key, value in expected.items():
+            got = OmegaConf.select(cfg, key)
+            got = OmegaConf.to_container(got) if OmegaConf.is_config(got) else got
+            assert got == value, (variant, key)
+
+
+def test_config_yaml_keys_win_over_groups_and_variants_and_lose_to_the_command_line(
+        tmp_path):
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF_DIR, conf)
+    with open(conf / "config.yaml", "a") as file:
+        file.write("epochs: 7\nhtdemucs:\n  lora_rank: 4\n")
+    main = _main_on(conf)
+    assert main.get_xp(["variant=debug"]).cfg.epochs == 7          # debug sets epochs: 2
+    assert main.get_xp(["variant=debug"]).cfg.batch_size == 2      # the variant's own
+    assert main.get_xp(["model=htdemucs_tiny"]).cfg.htdemucs.lora_rank == 4
+    assert main.get_xp(["epochs=3"]).cfg.epochs == 3
+    (conf / "config.yaml").write_text((conf / "config.yaml").read_text() + "epochz: 1\n")
+    with pytest.raises(ConfigError, match="unknown key epochz .*did you mean epochs"):
+        _main_on(conf).get_xp([])

@@ -158,3 +158,38 @@ def test_read_only_metadata_cache_warns_and_continues(tmp_path, monkeypatch, cap
     meta = stems.build_metadata(root, ["drums", "bass", "other", "vocals"],
                                 tmp_path / "meta")
     assert len(meta["train"]) == 1 and "continuing without it" in caplog.text
+
+
+def test_safetensors_error_text_is_a_disk_error(tmp_path):
+    """safetensors raises SafetensorError (not an OSError) with the errno in its text."""
+    def write(tmp):
+        raise RuntimeError("Error while serializing: I/O error: No space left on device "
+                           "(os error 28)")
+    with pytest.raises(DiskWriteError, match="No space left on device"):
+        files.atomic_write(tmp_path / "m.safetensors", write)
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_export_hf_onto_a_full_disk_is_one_line(tmp_path, tmpfs):
+    from helpers import make_xp
+    from demucs_lora.commands import export
+    make_xp(tmp_path, sig="fullxp")
+    fill(tmpfs)
+    args = export.get_parser().parse_args(["fullxp", "-o", str(tmpfs / "rel"), "--format",
+                                           "hf"])
+    with pytest.raises(DiskWriteError, match="No space left on device") as info:
+        export.run(args, root=tmp_path)
+    assert str(tmpfs / "rel") in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.slow
+def test_dora_run_on_a_read_only_outputs_is_one_line(tmpfs):
+    from integration.dora_helpers import dora
+    subprocess.run(["mount", "-o", "remount,ro", str(tmpfs)], check=True)
+    cwd = tmpfs.parent
+    (cwd / "outputs").symlink_to(tmpfs)
+    proc = dora(cwd, "run", "model=htdemucs_tiny", "variant=debug", check=False)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert "error: DiskWriteError: cannot write " in proc.stderr
+    assert "Read-only file system" in proc.stderr

@@ -124,7 +124,8 @@ def test_bag_missing_member_and_hdemucs_are_errors(caches):
 def test_bag_of_models_and_bag_member(caches):
     from demucs.apply import BagOfModels
     members = [tiny_htdemucs(seed=s) for s in range(3)]
-    weights = [[1.0 if i == s else 0.0 for i in range(4)] for s in range(3)]
+    weights = [[1.0 if i == s or (s, i) == (2, 3) else 0.0 for i in range(4)]
+               for s in range(3)]          # every source weighted somewhere (else 0 / 0)
     write_hf_cache(members, caches / "hf", "htdemucs_ft", ["f1", "f2", "f3"],
                    repo="adefossez/HTDemucs-ft", weights=weights)
     bag = load_base("htdemucs_ft")

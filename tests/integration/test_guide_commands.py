@@ -4,6 +4,7 @@ Substituted: DATA (a tiny synthetic stem folder) and the model folder (pretraine
 repo of tiny HTDemucs models under the released names: guide_fixtures.make_repo).
 Appended: size-reducing overrides only (one epoch of one batch of 1 s segments).
 """
+import hashlib
 import json
 import shlex
 
@@ -90,6 +91,10 @@ def test_tech_house_finetune_on_own_stems(tmp_path, guide):
     assert cfg["dset"]["wav"] == str(guide["data4"])
     assert cfg["optim"]["lr"] == 1e-4 and cfg["optim"]["warmup_steps"] == 1000
     assert len(history(xp)) == 1
+    (model,) = guide["repo"].glob("955717e8-*.th")       # train.log names the base's file
+    sha = hashlib.sha256(model.read_bytes()).hexdigest()
+    assert f"base htdemucs: {model} from pretrained_repo {guide['repo']} (sha256 {sha})" in \
+        (xp / "train.log").read_text()
     # The same command on a 5-stem folder: the missing stem names what the files have.
     proc, out = _run(tmp_path / "five", "tech_house", guide, data=guide["data5"], check=False)
     assert proc.returncode == 1

@@ -92,7 +92,7 @@ def test_config_validates_lora_save_dtype():
     assert cfg.htdemucs.lora_save_dtype == "float32"
     check_config(cfg)
     for value in ("float16", "bfloat16"):
-        check_config(compose(["model=htdemucs_tiny",
+        check_config(compose(["model=htdemucs_tiny", "htdemucs.lora_rank=4",
                                      f"htdemucs.lora_save_dtype={value}"]))
     with pytest.raises(ConfigError, match="lora_save_dtype.*bfloat16"):
         check_config(compose(["model=htdemucs_tiny", "htdemucs.lora_save_dtype=fp8"]))

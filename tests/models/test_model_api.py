@@ -18,6 +18,8 @@ from safetensors.torch import load_file
 
 from helpers import adapted_copy, tiny_htdemucs, write_mix
 
+from demucs_lora.core.errors import ConfigError
+
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
@@ -39,12 +41,17 @@ def test_models_offer_the_guide_methods(files):
     same = model.load_lora_weights(files / "adapter")
     assert same is model and has_lora(model)
     assert model.lora_config["ranks"] and model.lora_config["alpha"] == 16.0
+    assert model.config is model.lora_config        # the guide's spelling (an alias)
     state = model.get_lora_state()
     on_disk = load_file(files / "adapter.safetensors")
     assert state.keys() == on_disk.keys()
     assert all(torch.equal(state[k], on_disk[k]) for k in state)
     package = model.quantize(bits=8, optimize_scales=True)
     assert package["quantized"]["scale_method"] == "mse" and has_lora(model)  # left as is
+    assert "save this package" in package["quantized"]["note"]
+    assert "returned package\n    is what must be saved" in model.quantize.__doc__
+    with pytest.raises(ConfigError, match="inplace=...\\) is not offered.*torch.save"):
+        model.quantize(bits=8, inplace=True)
     torch.save(package, files / "q8.th")
     quantized = get_model(files / "q8.th")
     x = torch.randn(1, 2, 8000, generator=torch.Generator().manual_seed(0))
@@ -61,7 +68,7 @@ def test_methods_do_not_change_what_is_serialized(files):
     assert copied.get_lora_state.model is copied  # bound to the copy
     assert copied.lora_config == model.lora_config and copied.lora_config is not model.lora_config
     plain = remove_lora(copy.deepcopy(model))
-    assert plain.lora_config is None
+    assert plain.lora_config is None and plain.config is None
     package = serialize_model(plain, OmegaConf.create({}), half=False)
     assert package["klass"] is HTDemucs
     stock = stock_load_model(package)  # the stock loader builds a plain HTDemucs

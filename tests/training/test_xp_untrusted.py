@@ -140,17 +140,25 @@ def test_load_resume_state_never_unpickles(tmp_path):
 
 
 # ----------------------------------------------------------------------------- -f SIG
-def test_from_sig_never_inherits_trust_remote_code(tmp_path, monkeypatch, capsys):
+def test_from_sig_never_inherits_trust_remote_code(tmp_path, monkeypatch):
+    from demucs_lora.core.errors import ConfigError
     from demucs_lora.train import main
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(main.dora, "dir", tmp_path / "outputs")
     folder = tmp_path / "outputs" / "xps" / "abcd1234"
     folder.mkdir(parents=True)
-    stored = ["model=htdemucs_tiny", "trust_remote_code=true", "+trust_remote_code=1",
-              "hydra.callbacks.x._target_=os.system", "epochs=3"]
-    (folder / ".argv.json").write_text(json.dumps(stored))
-    assert main.get_argv_from_sig("abcd1234") == ["model=htdemucs_tiny", "epochs=3"]
-    assert "trust_remote_code" in capsys.readouterr().err
+    good = ["model=htdemucs_tiny", "variant=finetune", "epochs=3", "++htdemucs.t_dropout=0.1",
+            "continue_from=/some/base.th"]
+    (folder / ".argv.json").write_text(json.dumps(good))
+    assert main.get_argv_from_sig("abcd1234") == good
+    for bad in ("trust_remote_code=true", "+trust_remote_code=1",
+                "hydra.callbacks.x._target_=os.system", "variant=../../outputs/xps/SIG/evil",
+                "variant=/tmp/evil", "model=nope", "+variant=finetune", "~epochs",
+                "dset.wav=${oc.env:HOME}", "hydra/launcher=basic", "epochs"):
+        (folder / ".argv.json").write_text(json.dumps(["epochs=3", bad]))
+        with pytest.raises(ConfigError) as info:
+            main.get_argv_from_sig("abcd1234")
+        assert repr(bad) in str(info.value) and "abcd1234" in str(info.value), bad
     (folder / ".argv.json").write_text('{"not": "a list"')
     with pytest.raises(SystemExit, match="abcd1234"):
         main.get_argv_from_sig("abcd1234")
