@@ -16,7 +16,7 @@ signature and may not contain '-' (demucs reads ``NAME-CHECKSUM.th``).
 - ``--half``: float16 weights (``serialize_model(half=True)``), half the size; the stock
   CLI loads it (demucs itself ships half models).
 - ``--quantize 8``: weight-only int8 (``hub.int8.quantize``), about a quarter of the
-  size. Load it with ``demucs_lora.get_model(NAME, repo=OUT)`` or ``demucs-lora --base``;
+  size. Load it with ``demucs_lora.get_model(NAME, repo=OUT)`` or ``demucs-lora -n NAME --repo OUT``;
   the stock demucs CLI cannot read it (it fails loudly). The export prints the size ratio
   and the nSDR change on a few valid tracks of the XP's config (float vs int8).
 - ``--format hf``: demucs 4.1's Hugging Face layout instead, ``OUT/NAME.yaml`` (a bag of

@@ -192,30 +192,31 @@ def run(args: argparse.Namespace) -> tp.List[Path]:
     base = load_model(args)
     check_model_flags(base, args)
     written: tp.List[Path] = []
-    for folder, model, line in _models(base, args):
+    for folder, model, adapter in _models(base, args):
         model.to(device)
+        line = f" (adapter {adapter}{', merged' if args.merge else ''})" if adapter else ""
         print(f"Separated tracks will be stored in {folder.resolve()}{line}")
-        written += _separate_tracks(model, tracks, folder, args, device,
-                                    f"model {args.name}{line}")
+        label = f"model {args.name}" + (f" with adapter {adapter}" if adapter else "")
+        written += _separate_tracks(model, tracks, folder, args, device, label)
         model.cpu()
     return written
 
 
 def _models(base: "nn.Module", args: argparse.Namespace
-            ) -> tp.Iterator[tp.Tuple[Path, "nn.Module", str]]:
-    """(output folder, model, what it is) per run: the model alone, or one per adapter."""
+            ) -> tp.Iterator[tp.Tuple[Path, "nn.Module", tp.Optional[str]]]:
+    """(output folder, model, adapter path or None) per run: the model alone, or one per
+    adapter."""
     from demucs_lora.hub.resolve import resolve_adapter
     name = output_name(args.name)
     if not args.adapter:
-        yield args.out / name, base, ""
+        yield args.out / name, base, None
         return
     from demucs_lora.api import with_adapter
     adapters = [resolve_adapter(a) for a in args.adapter]
     current = None
     for label, path in zip(adapter_names(adapters, args.adapter), adapters):
         current = with_adapter(base, path, current, merge=args.merge)
-        yield (args.out / f"{name}_{label}", current,
-               f" (adapter {path}{', merged' if args.merge else ''})")
+        yield args.out / f"{name}_{label}", current, str(path)
 
 
 def _separate_tracks(model: "nn.Module", tracks: tp.Sequence[Path], folder: Path,

@@ -44,7 +44,7 @@ SCALE_SUFFIX = "::scale"
 
 
 INT8_MESSAGE = ("int8 file: load it with demucs_lora.get_model(NAME, repo=DIR) (or "
-                "`demucs-lora --base NAME --repo DIR`); the stock demucs loader cannot read "
+                "`demucs-lora -n NAME --repo DIR`); the stock demucs loader cannot read "
                 "weight-only int8 packages: export without --quantize (or with --half) for it")
 
 
