@@ -75,6 +75,8 @@ RANGES: tp.Sequence[tp.Tuple[str, tp.Callable[[tp.Any], bool], str, str, bool]] 
      "hop between training segments", True),
     ("dset.sum_tolerance", lambda v: _number(v) and v >= 0, "a number >= 0",
      "relative L1 error allowed between the stems' sum and the mixture", True),
+    ("dset.valid_tracks", lambda v: (_number(v, True) and v >= 1) or (_number(v) and 0 < v < 1),
+     "null, a number of tracks >= 1 or a fraction in (0, 1)", "train tracks held out", True),
     ("misc.num_workers", lambda v: _number(v, True) and v >= 0, "an integer >= 0",
      "data loading processes", False),
     ("misc.prefetch_factor", lambda v: _number(v, True) and v >= 1, "an integer >= 1", "",

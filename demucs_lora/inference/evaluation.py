@@ -28,16 +28,14 @@ DECIMALS = 4
 def build_dataset(cfg: "DictConfig", sources: tp.Sequence[str], split: str,
                   samplerate: int, channels: int, progress: bool = True):
     """Whole-track, un-normalized StemDataset of ``split`` for ``sources``."""
-    from demucs_lora.data.stems import (StemDataset, _abspath, build_metadata, dataset_root,
-                                        stem_files)
+    from demucs_lora.data.stems import StemDataset, config_metadata, dataset_root
     residual = cfg.get("residual_source")
-    root = dataset_root(cfg, list(sources), progress=progress)
-    files = stem_files(cfg)
-    meta = build_metadata(root, list(sources), _abspath(cfg.dset.metadata), residual, files)
-    dataset = StemDataset(root, split, list(sources), meta, segment=None,
+    meta = config_metadata(cfg, list(sources), progress=progress)
+    dataset = StemDataset(None, split, list(sources), meta, segment=None,
                           samplerate=samplerate, channels=channels, normalize=False,
-                          residual_source=residual, stem_files=files)
+                          residual_source=residual)
     if len(dataset) == 0:
+        root = dataset_root(cfg, list(sources), progress=False)
         raise DatasetError(f"{root}: no tracks in {split}/ (expected {root / split}/TRACK/"
                            f"{{mixture,{','.join(sources)}}}.wav); use --split valid or "
                            "another dset.wav")
