@@ -77,13 +77,24 @@ ALIASES: tp.Dict[str, Alias] = {
     "htdemucs.profile_memory": Alias("profile_memory"),
     "optim.scheduler": Alias("optim.schedule"),
     "htdemucs.lora_min_rank": Alias("htdemucs.min_rank"),
+    # MSST (Music-Source-Separation-Training) spellings: its `training:` and `audio:`
+    # sections and its --data_path; docs/data.md has the table of dataset spellings.
+    "gradient_accumulation_steps": Alias("optim.accumulate"),
+    "training.gradient_accumulation_steps": Alias("optim.accumulate"),
+    "optim.gradient_accumulation_steps": Alias("optim.accumulate"),
+    "htdemucs.gradient_accumulation_steps": Alias("optim.accumulate"),
+    "training.instruments": Alias("dset.sources"),
+    "training.samplerate": Alias("dset.samplerate"),
+    "audio.sample_rate": Alias("dset.samplerate"),
+    "audio.num_channels": Alias("dset.channels"),
+    "data_path": Alias("dset.wav"),
     # the bare spelling of every LoRA key (lora_rank=8 sets htdemucs.lora_rank)
     **{key: Alias(f"htdemucs.{key}") for key in LORA_KEYS},
 }
 
 # Keys whose values name a model, an XP or a path: always strings (a signature such as
 # 955717e8 or 12345678 is not a number).
-STRING_KEYS = ("continue_from", "pretrained_repo", "dset.wav", "dset.metadata",
+STRING_KEYS = ("continue_from", "pretrained_repo", "dset.wav", "dset.musdb", "dset.metadata",
                "lora_checkpoint", "residual_source", "dora.dir")
 
 _OVERRIDE = re.compile(r"^(?P<prefix>\+\+|\+|~)?(?P<key>[\w.\-/@]+)(?P<sep>=)?(?P<value>.*)$",
@@ -116,6 +127,9 @@ def _string_value(value: str) -> str:
         and text[0] not in text[1:-1].replace("\\" + text[0], "")
     if not text or text == "null" or text.startswith("${") or quoted:
         return value
+    if text.startswith("[") and text.endswith("]"):      # dset.wav=[A, B]: each a string
+        items = [i for i in (x.strip() for x in text[1:-1].split(",")) if i]
+        return "[" + ",".join(_string_value(i) for i in items) + "]"
     return _quote(text)
 
 

@@ -72,7 +72,8 @@ def musdb_validation_tracks() -> tp.List[str]:
 
 def config_roots(paths: tp.Any, musdb: tp.Optional[str], check: bool = True
                  ) -> tp.List[Root]:
-    """Roots from dset.wav (a path or a list) and dset.musdb (checked to be folders)."""
+    """Roots from dset.wav (a path or a list) and dset.musdb (checked to be folders; a
+    MUSDB root without train/ is always an error)."""
     given = [] if paths is None else [paths] if isinstance(paths, (str, Path)) else list(paths)
     roots = [(Path(str(p)), "wav") for p in given]
     if musdb is not None:
@@ -83,9 +84,9 @@ def config_roots(paths: tp.Any, musdb: tp.Optional[str], check: bool = True
         label = "" if len(roots) == 1 else (labels[i] if labels.count(labels[i]) == 1
                                              else f"{labels[i]}{i}")
         out.append(Root(path, kind, label))
-    for root in out if check else ():
+    for root in out:
         key = "dset.musdb" if root.kind == "musdb" else "dset.wav"
-        if not root.path.is_dir():
+        if check and not root.path.is_dir():
             raise DatasetError(f"{key}={root.path}: not a folder. Fix: point it to a folder "
                                "with train/ and valid/ (TRACK/mixture.wav + stems)"
                                + (" (MUSDB18-HQ as downloaded: train/ and test/)"
@@ -94,7 +95,7 @@ def config_roots(paths: tp.Any, musdb: tp.Optional[str], check: bool = True
             raise DatasetError(f"dset.musdb={root.path}: no train/ folder in it. Fix: give the "
                                "folder of MUSDB18-HQ as unzipped (it holds train/ and test/; "
                                "the compressed .stem.mp4 MUSDB18 is not read: download "
-                               "MUSDB18-HQ, or convert with `musdbconvert` from the musdb "
+                               "MUSDB18-HQ, or convert it with `musdbconvert` from the musdb "
                                "package)")
     return out
 

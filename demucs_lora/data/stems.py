@@ -26,8 +26,8 @@ from demucs_lora.data.augment import (SegmentShift, augment_batch, build_augment
                                       calibration_batches)
 from demucs_lora.data.layout import (MIXTURE, LayoutError, TrackFiles, folder_stamp,
                                      track_files, wanted_names)
-from demucs_lora.data.roots import (SPLITS, Root, TrackRef, config_roots,  # noqa: F401
-                                    list_tracks, split_tracks)
+from demucs_lora.data.roots import (SPLITS, Root, TrackRef, check_valid_tracks,  # noqa: F401
+                                    config_roots, list_tracks, split_tracks)
 
 logger = logging.getLogger(__name__)
 EXT = ".wav"                        # the extension written (synth, prepare_dataset, hints)
@@ -52,7 +52,7 @@ def _infos(files: TrackFiles) -> tp.Dict[Path, tp.Any]:
                                "to WAV/FLAC)") from err
     ref = next(iter(infos), None)
     for file, info in infos.items():
-        for key in ("frames", "samplerate", "channels"):
+        for key in ("samplerate", "channels", "frames"):
             if getattr(info, key) != getattr(infos[ref], key):
                 raise DatasetError(
                     f"{file}: {key} {getattr(info, key)} differs from {ref} "
@@ -335,6 +335,7 @@ def train_segment(cfg_dset):
 def config_metadata(cfg, sources, progress=True) -> Metadata:
     """build_metadata for a composed config (its roots, stem files, mixture, hold-out)."""
     dset = cfg.dset
+    check_valid_tracks(dset.get("valid_tracks"))
     roots = dataset_roots(cfg, sources, progress=progress)
     return build_metadata(roots, sources, _abspath(dset.metadata), cfg.get("residual_source"),
                           stem_files(cfg), dset.get("mixture") or "auto",

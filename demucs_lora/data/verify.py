@@ -24,7 +24,8 @@ from demucs_lora.core.errors import ConfigError
 from demucs_lora.data.cache import cache_path, load_cache, save_cache
 from demucs_lora.data.layout import (MIXTURE, PREPARE_HINT, LayoutError, audio_in,
                                      folder_stamp, track_files)
-from demucs_lora.data.roots import SPLITS, Root, config_roots, list_tracks, split_tracks
+from demucs_lora.data.roots import (SPLITS, Root, check_valid_tracks, config_roots,
+                                    list_tracks, split_tracks)
 from demucs_lora.data.stems import BLOCK, disk_sources
 
 CLIP_LEVEL, CLIP_RATIO, SILENCE = 0.999, 1e-3, 1e-5
@@ -362,6 +363,7 @@ def verify_config(cfg, strict=False, progress=True):
     residual = cfg.get("residual_source")
     if residual is not None and residual not in sources:
         raise ConfigError(f"residual_source={residual!r} must be one of sources {sources}")
+    check_valid_tracks(cfg.dset.get("valid_tracks"))
     roots = dataset_roots(cfg, sources, progress=progress, check=False)
     return verify_dataset(roots, sources, int(cfg.dset.samplerate), int(cfg.dset.channels),
                           _abspath(cfg.dset.metadata),

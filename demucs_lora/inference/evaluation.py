@@ -61,7 +61,7 @@ def evaluate_model(model: "nn.Module", dataset, shifts: int = 0, overlap: float 
     tracks = {}
     for index in tqdm.tqdm(range(count), desc="test", unit="track", disable=not progress):
         item = dataset[index]
-        mix, ref = check_audio(item[0], f"{dataset.root / names[index]} (mixture)"), item[1:]
+        mix, ref = check_audio(item[0], f"{dataset.metadata[names[index]].get('folder', names[index])} (mixture)"), item[1:]
         est = separate_tensor(model, mix.to(device), shifts=shifts, overlap=overlap,
                               split=split, device=device).cpu()
         tracks[names[index]] = track_metrics(est, ref, list(model.sources), metrics,
