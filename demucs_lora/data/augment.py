@@ -11,6 +11,7 @@ from demucs import augment as daug
 from torch import nn
 
 from demucs_lora.core.errors import ConfigError
+from demucs_lora.data.repitch import DEFAULTS as REPITCH_KEYS, Repitch, repitch_settings
 
 
 class SegmentShift(daug.Shift):
@@ -41,14 +42,23 @@ def _flag(value, default):
 def build_augment(cfg_augment, samplerate, segment):
     """nn.Sequential of demucs.augment modules for a batch of stems (B, S, C, T).
 
-    First crops to `segment` seconds with a random time shift per source (demucs' Shift;
+    With `repitch` (proba > 0), first changes pitch and tempo (demucs_lora.data.repitch).
+    Then crops to `segment` seconds with a random time shift per source (demucs' Shift;
     give it examples longer than `segment`, see `train_segment`; `time_shift: false` crops
     the first `segment` seconds instead), then FlipChannels +
     FlipSign (`flip`), Scale (`scale: [min, max]`), Remix (`remix`: shuffle stems across
     the batch). Recompute the mixture as the sum of the stems: `augment_batch` does it.
     """
     cfg = dict(cfg_augment or {})
-    mods = [SegmentShift(int(segment * samplerate), same=bool(cfg.get("shift_same", False)),
+    mods: list = []
+    repitch = repitch_settings(cfg.get("repitch"))
+    if repitch is not None:            # first: it needs the example's room beyond segment
+        unknown = sorted(set(repitch) - set(REPITCH_KEYS))
+        if unknown:
+            raise ConfigError(f"dset.augment.repitch.{unknown[0]}: unknown key (allowed: "
+                              f"{', '.join(REPITCH_KEYS)})")
+        mods.append(Repitch(samplerate, **repitch))
+    mods += [SegmentShift(int(segment * samplerate), same=bool(cfg.get("shift_same", False)),
                          random=bool(cfg.get("time_shift", True)))]
     if cfg.get("flip", False):
         mods += [daug.FlipChannels(), daug.FlipSign()]

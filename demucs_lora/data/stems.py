@@ -26,6 +26,7 @@ from demucs_lora.data.augment import (SegmentShift, augment_batch, build_augment
                                       calibration_batches)
 from demucs_lora.data.layout import (MIXTURE, LayoutError, TrackFiles, folder_stamp,
                                      track_files, wanted_names)
+from demucs_lora.data.repitch import room
 from demucs_lora.data.roots import (SPLITS, Root, TrackRef, check_valid_tracks,  # noqa: F401
                                     config_roots, list_tracks, split_tracks)
 
@@ -328,8 +329,10 @@ def stem_files(cfg):
 
 
 def train_segment(cfg_dset):
-    """Seconds read per training example: segment + shift (room for the random shift)."""
-    return float(cfg_dset.segment) + float(cfg_dset.shift or 0)
+    """Seconds read per training example: segment + shift (room for the random shift),
+    times 1 + max_tempo / 100 with dset.augment.repitch on (room for a faster tempo)."""
+    augment = cfg_dset.get("augment") or {}
+    return (float(cfg_dset.segment) + float(cfg_dset.shift or 0)) * room(augment.get("repitch"))
 
 
 def config_metadata(cfg, sources, progress=True) -> Metadata:
