@@ -78,7 +78,7 @@ ALIASES: tp.Dict[str, Alias] = {
     "optim.scheduler": Alias("optim.schedule"),
     "htdemucs.lora_min_rank": Alias("htdemucs.min_rank"),
     # MSST (Music-Source-Separation-Training) spellings: its `training:` and `audio:`
-    # sections and its --data_path; docs/data.md has the table of dataset spellings.
+    # sections; docs/data.md has the table of demucs' and MSST's dataset spellings.
     "gradient_accumulation_steps": Alias("optim.accumulate"),
     "training.gradient_accumulation_steps": Alias("optim.accumulate"),
     "optim.gradient_accumulation_steps": Alias("optim.accumulate"),
@@ -87,7 +87,11 @@ ALIASES: tp.Dict[str, Alias] = {
     "training.samplerate": Alias("dset.samplerate"),
     "audio.sample_rate": Alias("dset.samplerate"),
     "audio.num_channels": Alias("dset.channels"),
-    "data_path": Alias("dset.wav"),
+    # demucs' own augmentation section (demucs' conf/config.yaml has `augment:` on top)
+    "augment.shift_same": Alias("dset.augment.shift_same"),
+    "augment.flip": Alias("dset.augment.flip"),
+    "augment.repitch.proba": Alias("dset.augment.repitch.proba"),
+    "augment.repitch.max_tempo": Alias("dset.augment.repitch.max_tempo"),
     # the bare spelling of every LoRA key (lora_rank=8 sets htdemucs.lora_rank)
     **{key: Alias(f"htdemucs.{key}") for key in LORA_KEYS},
 }

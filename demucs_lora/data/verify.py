@@ -213,10 +213,11 @@ def check_track(folder, sources, residual=None, sum_tolerance=1e-3, stem_files=N
         extra = sorted(p.name for p in audio_in(folder) if p.name not in used)
         hint = f"; files not in `sources`: {', '.join(extra)}" if extra else ""
         mix = files.stems[MIXTURE][0]
+        names = ", ".join(p.relative_to(folder).as_posix() for p in files.all_files
+                          if p != mix)
         problems.append((
             "error", mix,
-            f"stems {', '.join(p.relative_to(folder).as_posix() for p in files.all_files if p != mix)}"
-            f" do not sum to {mix.name}: relative L1 error {rel:.3g} > tolerance "
+            f"stems {names} do not sum to {mix.name}: relative L1 error {rel:.3g} > tolerance "
             f"{sum_tolerance:g}",
             "the stems must add up to the mixture: add the missing stems to `sources`, set "
             f"residual_source, set dset.mixture=sum, or rewrite {mix.name} as their sum{hint}"))
