@@ -508,7 +508,7 @@ def table_lines(r: dict) -> tp.List[str]:
     for t in r.get("targets", []):
         lines.append(f"- {t['name']}: {_cell(t['value'], '{:.2f}')} (target {t['op']} "
                      f"{t['target']}): **{'PASS' if t['pass'] else 'MISS'}**")
-    stem = "benchmarks/results/" + NAME
+    stem = "../benchmarks/results/" + NAME  # relative to docs/benchmarks.md
     lines.append(f"\n![test gain vs params]({stem}_gain_vs_params.png) "
                  f"![gain vs training tracks]({stem}_gain_vs_tracks.png) "
                  f"![lr sweep]({stem}_lr_sweep.png) ![ranks per layer]({stem}_ranks.png)")
@@ -532,8 +532,8 @@ def _old_table_lines(r: dict) -> tp.List[str]:
     for t in r.get("targets", []):
         lines.append(f"- {t['name']}: {t['value']:.2f} (target {t['op']} {t['target']}): "
                      f"**{'PASS' if t['pass'] else 'MISS'}**")
-    lines.append("\n![gain vs params](benchmarks/results/quality_gain_vs_params.png) "
-                 "![ranks per layer](benchmarks/results/quality_ranks.png)")
+    lines.append("\n![gain vs params](../benchmarks/results/quality_gain_vs_params.png) "
+                 "![ranks per layer](../benchmarks/results/quality_ranks.png)")
     return lines
 
 

@@ -1,4 +1,4 @@
-"""Run every benchmark, then regenerate the results table of the README.
+"""Run every benchmark, then regenerate the results table of docs/benchmarks.md.
 
     python -m benchmarks.run_all [--smoke] [--only train_step,size]   # the CPU suite
     python -m benchmarks.run_all --device cuda [--smoke]   # the CUDA suite (make bench-gpu)
@@ -6,7 +6,7 @@
 
 Each benchmark runs in a fresh process and writes benchmarks/results/NAME.json; the table
 goes to benchmarks/results/README_table.md and replaces the block between
-`<!-- bench:start -->` and `<!-- bench:end -->` in README.md (when both markers exist).
+`<!-- bench:start -->` and `<!-- bench:end -->` in docs/benchmarks.md (when both markers exist).
 """
 from __future__ import annotations
 
@@ -284,7 +284,7 @@ def update_readme(path: tp.Union[str, Path], table: tp.Optional[str] = None) -> 
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="run all benchmarks, then the README table")
+    parser = argparse.ArgumentParser(description="run all benchmarks, then the table of docs/benchmarks.md")
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                         help="cuda: the CUDA suite (" + ", ".join(CUDA_BENCHMARKS) + "; "
@@ -295,7 +295,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None, help="results folder")
     parser.add_argument("--table-only", action="store_true",
                         help="do not run anything, rebuild the table from the JSON files")
-    parser.add_argument("--readme", default=str(ROOT / "README.md"))
+    parser.add_argument("--doc", "--readme", dest="readme",
+                        default=str(ROOT / "docs" / "benchmarks.md"),
+                        help="the markdown file whose bench markers get the table")
     args = parser.parse_args(argv)
     default = CUDA_BENCHMARKS if args.device == "cuda" else BENCHMARKS
     names = default if args.only is None else tuple(args.only.split(","))
@@ -324,7 +326,7 @@ def main(argv=None) -> int:
     print(f"\n{table}\nwrote {table_path}")
     if not args.smoke and folder == RESULTS_DIR:
         print(("updated " if update_readme(args.readme, table) else
-               "README markers not found, README unchanged: ") + args.readme)
+               "bench markers not found, unchanged: ") + args.readme)
     if failed:
         print(f"failed: {failed}", file=sys.stderr)
     return 1 if failed else 0

@@ -9,6 +9,8 @@ Public API (imported lazily, so ``import demucs_lora`` loads neither torch nor d
 - ``get_model(name_or_sig, repo=None, adapter=None, trust_remote_code=False)``
 - ``load_lora_weights(model, path)``: inject + load an adapter (swaps tensors when the
   model already has LoRA layers of the same layout); always use the returned model
+- ``inject_lora(model, LoraConfig(lora_rank=8))``: adapters on any HTDemucs, base frozen,
+  for your own training loop (PEFT's ``get_peft_model`` shape; docs/api.md)
 - ``get_lora_state(model)``, ``save_adapter(model, path, **header)``
 - ``merge_lora``, ``unmerge_lora``, ``remove_lora`` (merge and drop the wrappers)
 - ``quantize(model, bits=8)``: weight-only int8 package (``demucs_lora.hub.int8``)
@@ -23,7 +25,8 @@ _EXPORTS = {
     "hub.int8": ["quantize"],
     "models.methods": ["load_lora_weights"],
     "lora.state": ["get_lora_state", "save_adapter"],
-    "lora.inject": ["merge_lora", "unmerge_lora", "remove_lora"],
+    "lora.config": ["LoraConfig"],
+    "lora.inject": ["inject_lora", "merge_lora", "unmerge_lora", "remove_lora"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted([*_WHERE, "apply_model", "__version__"])

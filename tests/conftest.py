@@ -29,7 +29,7 @@ def synth_folder(tmp_path_factory):
 
 # Files that start subprocesses (dora runs, a local Slurm) or run benchmarks; single slow
 # tests elsewhere carry @pytest.mark.slow with their reason. `pytest -m "not slow"` is the
-# quick developer loop (README); CI runs everything.
+# quick developer loop (docs/development.md); CI runs everything.
 # A test using the slurm_cluster fixture is marked slurm (and slow): `-m "not slurm"`.
 SLOW = ("tests/integration/", "tests/test_slurm_local.py", "tests/test_benchmark")
 

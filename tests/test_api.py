@@ -145,3 +145,41 @@ def test_unknown_name_lists_recent_xps(xp, monkeypatch):
         get_model(xp.base_path, adapter="missing/adapter")
     with pytest.raises(AdapterMismatch, match="different base(.|\n)*continue_from"):
         get_model(xp.sig, adapter=xp.folder / "lora_best")  # best.th is already merged
+
+
+@pytest.mark.slow  # a subprocess that trains 4 steps (~1 min on 2 cores)
+def test_own_training_loop_example_runs_as_written(tmp_path):
+    """docs/api.md's plain PyTorch loop: inject, train, save, reload onto a fresh base."""
+    from pathlib import Path
+    repo = Path(__file__).resolve().parents[1]
+    doc = (repo / "docs" / "api.md").read_text()
+    block = doc.split("## Your own training loop", 1)[1].split("```python\n", 1)[1]
+    code = block.split("```", 1)[0]
+    (tmp_path / "demucs_lora").mkdir()
+    (tmp_path / "demucs_lora" / "assets").symlink_to(repo / "demucs_lora" / "assets")
+    # -P: the cwd's demucs_lora/ (the assets link) must not shadow the installed package
+    out = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True,
+                         cwd=tmp_path, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    trained, gap = re.search(r"trained (\d+) parameters; reloaded adapter max abs diff (\S+)",
+                             out.stdout).groups()
+    assert int(trained) > 0 and float(gap) < 1e-5, out.stdout
+    assert (tmp_path / "my_adapter.safetensors").exists()
+    assert (tmp_path / "my_adapter.json").exists()
+
+
+def test_inject_lora_takes_a_lora_config_and_returns_the_model():
+    from demucs_lora import LoraConfig, inject_lora
+    from demucs_lora.core.errors import ConfigError
+    from demucs_lora.lora.inject import lora_config
+    model = tiny_htdemucs()
+    total = sum(p.numel() for p in model.parameters())
+    assert inject_lora(model, LoraConfig(lora_rank=4)) is model
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trained and all("lora_" in n for n in trained)
+    assert set(lora_config(model).ranks.values()) <= {1, 2, 3, 4} and total < sum(
+        p.numel() for p in model.parameters())
+    with pytest.raises(ConfigError, match="lora_rank=0"):
+        inject_lora(tiny_htdemucs(), LoraConfig(lora_rank=0))
+    with pytest.raises(ConfigError, match="htdemucs.lora_rank_mode"):
+        LoraConfig(lora_rank=4, lora_rank_mode="magic")

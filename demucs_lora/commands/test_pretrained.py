@@ -16,7 +16,7 @@ the ``conf/`` defaults composed with the overrides. The sources evaluated are th
 
 The numbers come from ``demucs_lora.inference.evaluation`` (how each mixture is
 normalized, seeding, rounding). Exit status: 0 done; 2 a config or usage error; 1 a
-data, model or adapter error, or every score NaN (README: Command-line exit status).
+data, model or adapter error, or every score NaN (README: exit status).
 """
 from __future__ import annotations
 

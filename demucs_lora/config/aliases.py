@@ -79,19 +79,21 @@ ALIASES: tp.Dict[str, Alias] = {
     "htdemucs.lora_min_rank": Alias("htdemucs.min_rank"),
     # MSST (Music-Source-Separation-Training) spellings: its `training:` and `audio:`
     # sections; docs/data.md has the table of demucs' and MSST's dataset spellings.
-    "gradient_accumulation_steps": Alias("optim.accumulate"),
-    "training.gradient_accumulation_steps": Alias("optim.accumulate"),
+    "gradient_accumulation_steps": Alias("optim.accumulate", note="MSST's spelling"),
+    "training.gradient_accumulation_steps": Alias("optim.accumulate",
+                                                  note="MSST's spelling"),
     "optim.gradient_accumulation_steps": Alias("optim.accumulate"),
     "htdemucs.gradient_accumulation_steps": Alias("optim.accumulate"),
-    "training.instruments": Alias("dset.sources"),
-    "training.samplerate": Alias("dset.samplerate"),
-    "audio.sample_rate": Alias("dset.samplerate"),
-    "audio.num_channels": Alias("dset.channels"),
+    "training.instruments": Alias("dset.sources", note="MSST's spelling"),
+    "training.samplerate": Alias("dset.samplerate", note="MSST's spelling"),
+    "audio.sample_rate": Alias("dset.samplerate", note="MSST's spelling"),
+    "audio.num_channels": Alias("dset.channels", note="MSST's spelling"),
     # demucs' own augmentation section (demucs' conf/config.yaml has `augment:` on top)
-    "augment.shift_same": Alias("dset.augment.shift_same"),
-    "augment.flip": Alias("dset.augment.flip"),
-    "augment.repitch.proba": Alias("dset.augment.repitch.proba"),
-    "augment.repitch.max_tempo": Alias("dset.augment.repitch.max_tempo"),
+    "augment.shift_same": Alias("dset.augment.shift_same", note="demucs' spelling"),
+    "augment.flip": Alias("dset.augment.flip", note="demucs' spelling"),
+    "augment.repitch.proba": Alias("dset.augment.repitch.proba", note="demucs' spelling"),
+    "augment.repitch.max_tempo": Alias("dset.augment.repitch.max_tempo",
+                                       note="demucs' spelling"),
     # the bare spelling of every LoRA key (lora_rank=8 sets htdemucs.lora_rank)
     **{key: Alias(f"htdemucs.{key}") for key in LORA_KEYS},
 }

@@ -7,7 +7,7 @@ Order, for each requested source NAME that is not one of the base's sources:
 4. nothing fits: the head starts from zero (and the log says how to set source_init).
 Each choice is one line (`SourceChoice.line`), logged into train.log by the caller.
 
-The taxonomy (documented in the README):
+The taxonomy (documented in docs/models.md):
 - drum parts (kick, snare, hihat, toms, cymbals, ...) -> drums
 - instruments (guitar, piano, keys, synth, strings, ...) -> guitar / piano when the base
   has them (htdemucs_6s), else other

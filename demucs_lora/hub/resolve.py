@@ -1,6 +1,6 @@
 """The one place that turns a model name into model files, for training and serving.
 
-Precedence (the README's "Your pretrained model" documents it for users):
+Precedence (docs/models.md documents it for users):
 
 1. a path: a ``.th`` / ``.safetensors`` file, a bag ``.yaml``, or a folder (an XP folder,
    or a folder holding exactly one model or one bag);

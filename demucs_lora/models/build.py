@@ -125,7 +125,7 @@ def build_model(cfg: DictConfig, root: tp.Optional[Path] = None,
     `base`: the already loaded base (else loaded from cfg.continue_from / built fresh).
     Returns the model and a report {ranks, layers, trainable, train_heads}.
     """
-    from demucs_lora.lora.inject import inject_lora, trainable_summary
+    from demucs_lora.lora.inject import trainable_summary, wrap_layers
     base = build_base(cfg, root) if base is None else base
     base_sources = list(base.sources)
     model = remap_model(base, run_sources(cfg, base), cfg.source_init)
@@ -164,7 +164,7 @@ def build_model(cfg: DictConfig, root: tp.Optional[Path] = None,
         member_table = allocate_ranks(member, config, batches=batches, names=names)
         table.update({prefix + k: v for k, v in dict(member_table).items()})
     ranks = {k: int(v) for k, v in table.items() if int(v) > 0}
-    report["layers"] = inject_lora(model, config.layout(ranks, heads))
+    report["layers"] = wrap_layers(model, config.layout(ranks, heads))
     report["ranks"] = ranks
     report["rank_table"] = table if len(members) > 1 else member_table
     if cfg.get("lora_checkpoint"):

@@ -111,7 +111,7 @@ def argv_from_model(name: str, argv: tp.Sequence[str], xp_root: Path) -> tp.List
             f"-f {name}: no XP with that signature in {xp_root} and no model of that name "
             f"({exc}). -f takes an XP signature (dora run -f SIG) or a model that "
             "continue_from finds: a path, a name in pretrained_repo=FOLDER or in demucs' "
-            "caches (README: Your pretrained model)") from None
+            "caches (docs/models.md)") from None
     _log(f"-f {name}: not an XP signature; starting from the model {name} "
          f"({' '.join(found)})")
     return found

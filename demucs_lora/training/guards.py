@@ -1,7 +1,7 @@
 """What keeps a run safe, mixed into the Solver: divergence, preemption, best selection,
 and which base an XP was started on.
 
-The NaN policy (see README): a non-finite loss or gradient is skipped up to
+The NaN policy (docs/safety.md): a non-finite loss or gradient is skipped up to
 ``optim.skip_nonfinite`` times per epoch, then the run stops with `TrainingDiverged`
 naming the step, without overwriting checkpoint.th; non-finite weights stop it too; a
 non-finite validation score or state is never the best. A stop signal ends the run at a

@@ -17,7 +17,7 @@ ARGS = ["model=htdemucs_tiny", "variant=debug", f"continue_from={BASE_ASSET}",
         "dset.augment.time_shift=false", "dset.augment.flip=false", "dset.augment.scale=null",
         "dset.augment.remix=false", "optim.lr=1e-3", "test.initial=false"]
 # Stated tolerance: float reduction order only: train loss and valid nSDR within 1e-5
-# relative (measured on CPU, 3 epochs: < 1e-7, README "Scale out").
+# relative (measured on CPU, 3 epochs: < 1e-7, docs/training.md "Scale out").
 LOSS_RTOL, NSDR_RTOL = 1e-5, 1e-5
 
 

@@ -14,7 +14,7 @@ from safetensors import safe_open
 from demucs_lora.core.errors import AdapterMismatch, ConfigError
 from demucs_lora.lora.config import LoraLayout
 from demucs_lora.lora.inject import (inject_lora, iter_lora_layers, merge_lora, remove_lora,
-                                     unmerge_lora)
+                                     unmerge_lora, wrap_layers)
 from demucs_lora.lora.state import get_lora_state, save_adapter
 from demucs_lora.models.methods import load_lora_weights
 from demucs_lora.lora.targets import lora_target_names
@@ -30,7 +30,7 @@ def test_whole_model_identity_merge_and_remove(mix, tmp_path):
     model = tiny()
     ref = run(model, mix)
     names = lora_target_names(model, ALL)
-    report = inject_lora(model, LoraLayout({n: 4 for n in names}))
+    report = wrap_layers(model, LoraLayout({n: 4 for n in names}))
     assert len(report) == len(names) == len(list(iter_lora_layers(model)))
     assert run(model, mix).sub(ref).abs().max() == 0
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
