@@ -71,3 +71,30 @@ def test_stop_and_resume_at_an_optimizer_step_boundary(tmp_path, monkeypatch):
         for key in ref:
             if "seconds" not in key:
                 assert res[key] == pytest.approx(ref[key], rel=1e-6, abs=1e-9), key
+
+
+def test_ddp_all_reduces_once_per_optimizer_step(tmp_path, monkeypatch):
+    """Under DDP every micro-batch but the last runs inside `no_sync()` (no all-reduce)."""
+    import contextlib
+    solver = make_solver(monkeypatch, tmp_path / "x", "batch_size=1", "max_batches=8",
+                         "optim.accumulate=4")
+    model, calls = solver.model, []
+
+    class FakeDDP(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.module = model
+            self.synced = True
+
+        def forward(self, mix):
+            calls.append(self.synced)
+            return self.module(mix)
+
+        @contextlib.contextmanager
+        def no_sync(self):
+            self.synced = False
+            yield
+            self.synced = True
+    solver.dmodel = FakeDDP()
+    solver.train_epoch(0)
+    assert calls == [False, False, False, True] * 2
