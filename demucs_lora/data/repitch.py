@@ -34,14 +34,14 @@ def phase_vocoder(spec: torch.Tensor, rate: float, hop: int) -> torch.Tensor:
     advance = torch.linspace(0, math.pi * hop, freqs, device=spec.device)[..., None]
     steps = torch.arange(0, spec.shape[-1], rate, device=spec.device)
     alphas = steps % 1.0
-    phase_0 = spec[..., :1].angle()
-    spec = F.pad(spec, [0, 2])
-    spec_0 = spec.index_select(-1, steps.long())
-    spec_1 = spec.index_select(-1, (steps + 1).long())
-    phase = spec_1.angle() - spec_0.angle() - advance
+    index = steps.long()
+    magnitude, angle = F.pad(spec.abs(), [0, 2]), F.pad(spec.angle(), [0, 2])
+    phase_0 = angle[..., :1]
+    norm_0, norm_1 = magnitude[..., index], magnitude[..., index + 1]
+    phase = angle[..., index + 1] - angle[..., index] - advance
     phase = phase - 2 * math.pi * torch.round(phase / (2 * math.pi)) + advance
     phase = torch.cumsum(torch.cat([phase_0, phase[..., :-1]], dim=-1), -1)
-    magnitude = alphas * spec_1.abs() + (1 - alphas) * spec_0.abs()
+    magnitude = alphas * norm_1 + (1 - alphas) * norm_0
     return torch.polar(magnitude, phase)
 
 
