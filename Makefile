@@ -14,6 +14,12 @@ $(STAMP): $(BIN)/python setup.py Makefile
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[test]'
 	$(BIN)/pip install -q --no-deps torch-log-wmse  # its filter only (neg_log_wmse)
+	# the real clients of tools.export --format uvr (audio-separator, which depends on
+	# torch: pinned by a constraints file) and of demucs' --flac / audio-separator (ffmpeg)
+	printf 'torch==2.13.0\n' > $(VENV)/torch-constraint.txt
+	$(BIN)/pip install -q -c $(VENV)/torch-constraint.txt 'audio-separator[cpu]==0.47.1'
+	command -v ffmpeg >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq --no-install-recommends ffmpeg >/dev/null)
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -33,7 +33,10 @@ setup(
         # sdr / aura_* metrics in tests; torch-log-wmse is installed with --no-deps by the
         # Makefile (its torchaudio has no build for torch 2.13; only its filter file is read)
         "test": ["pytest>=7", "pytest-timeout", "peft>=0.13", "matplotlib", "scipy",
-                 "museval", "auraloss", "librosa"],
+                 "museval", "auraloss", "librosa", "onnx", "onnxruntime"],
+        # tools.export --format onnx (onnx) and separate -n FILE.onnx (onnxruntime); the
+        # Makefile adds audio-separator[cpu] (with the torch constraint) and ffmpeg for tests
+        "onnx": ["onnx", "onnxruntime"],
         # tools.test_pretrained --metrics aura_mrstft (scipy); neg_log_wmse also needs
         # `pip install --no-deps torch-log-wmse`
         "metrics": ["scipy"],

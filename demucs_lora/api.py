@@ -12,7 +12,7 @@ Every file is opened with ``weights_only=True`` and an allowlist of the demucs c
 ``trust_remote_code=True``.
 
 Hot-swapping adapters on one base (what this short script does, and what
-tests/test_api.py runs): ``load_lora_weights`` injects the LoRA layers the first time and
+tests/api/test_api.py runs): ``load_lora_weights`` injects the LoRA layers the first time and
 only replaces their tensors afterwards, so the base is loaded once::
 
     import soundfile as sf, torch

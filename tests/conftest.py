@@ -12,6 +12,13 @@ def mix():
     return torch.randn(1, 2, 44100, generator=torch.Generator().manual_seed(1))
 
 
+@pytest.fixture(scope="module")
+def xp(tmp_path_factory):
+    """A hand-built XP folder (helpers.make_xp: tiny base, LoRA with random B), per module."""
+    from helpers import make_xp
+    return make_xp(tmp_path_factory.mktemp("xp"))
+
+
 @pytest.fixture(scope="session")
 def synth_folder(tmp_path_factory):
     """synth_folder(dest, **generate_dataset kwargs): a fresh copy at `dest` of a synthetic
@@ -31,7 +38,7 @@ def synth_folder(tmp_path_factory):
 # tests elsewhere carry @pytest.mark.slow with their reason. `pytest -m "not slow"` is the
 # quick developer loop (docs/development.md); CI runs everything.
 # A test using the slurm_cluster fixture is marked slurm (and slow): `-m "not slurm"`.
-SLOW = ("tests/integration/", "tests/test_slurm_local.py", "tests/test_benchmark")
+SLOW = ("tests/integration/", "tests/bench/")
 
 
 def pytest_configure(config):

@@ -33,6 +33,12 @@ def tiny_htdemucs(sources: tp.Sequence[str] = FOUR, seed: int = 0, **kwargs):
     return HTDemucs(sources=list(sources), **dict(TINY, **kwargs))
 
 
+def tiny_two_layer(sources: tp.Sequence[str] = FOUR, seed: int = 0, **kwargs):
+    """`tiny_htdemucs` with two transformer layers: self- and cross-attention both exist,
+    so every LoRA target kind (and the transformer globs) has a layer to match."""
+    return tiny_htdemucs(sources, seed, **dict(kwargs, t_layers=2))
+
+
 def forward(model, x):
     """The model's output without autograd."""
     with torch.no_grad():

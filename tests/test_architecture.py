@@ -150,6 +150,17 @@ def test_every_module_is_in_a_room():
     assert not unknown, f"modules outside the rooms of RANKS: {unknown}"
 
 
+def test_tests_mirror_the_rooms():
+    """Every room with code has its tests in tests/<room>/ (api.py's and train.py's in
+    tests/api/ and tests/integration/; grids/ is run by tests/integration/test_grid.py)."""
+    tests = PACKAGE.parent / "tests"
+    mirror = {"train": "integration", "grids": "integration", "__init__": "api", "assets": None}
+    rooms = {room(m) for m in modules()}
+    missing = sorted(r for r in rooms if mirror.get(r, r) is not None and
+                     not list((tests / mirror.get(r, r)).glob("test_*.py")))
+    assert not missing, f"rooms without tests/<room>/test_*.py: {missing}"
+
+
 def test_no_import_arrow_runs_upward():
     bad = sorted(upward_arrows())
     assert not bad, "upward imports (room rank must fall): " + "; ".join(

@@ -2,6 +2,7 @@
 
     python -m tools.export SIG [SIG ...] [-o release_models] [--name NAME] [--force]
         [--adapter best|last] [--include-lora] [--half | --quantize 8]
+        [--format th|hf|uvr|msst|onnx|all] [--reorder-stems]
 
 Why: an XP holds a LoRA adapter and a merged ``best.th``; users of the stock CLI need one
 file in demucs' own ``serialize_model`` format, found by name in a folder::
@@ -23,6 +24,8 @@ signature and may not contain '-' (demucs reads ``NAME-CHECKSUM.th``).
   ``demucs.hf`` reads them). Upload the folder to a hub repo ``NS/Demucs-NAME`` (or
   ``NS/HTDemucs-X`` for a NAME ``htdemucs_X``) and every demucs 4.1 user runs it with
   ``demucs -n hf://NS/NAME``; ``pretrained_repo=OUT`` / ``get_model(NAME, repo=OUT)`` read it too.
+- ``--format uvr | msst | onnx | all``: audio-separator/UVR, MSST, onnxruntime, or all of
+  them in one folder with a README.txt (``commands.export_formats``; docs/publishing.md).
 - ``--include-lora``: also ``NAME.lora.safetensors`` + ``NAME.lora.json``, the XP's
   adapter, for use on the base with ``load_lora_weights``; prints its size vs the model.
 
@@ -41,7 +44,9 @@ from pathlib import Path
 
 from demucs_lora.commands.arguments import positive_int
 from demucs_lora.core.files import atomic_write_group, not_a_folder
-from demucs_lora.core.errors import ConfigError, DemucsLoRAError, ModelLoadError, exit_on_user_error
+from demucs_lora.commands.export_uvr import FOUR, SIX
+from demucs_lora.commands.export_xp import OutputExists, load_xp_model  # noqa: F401 (API)
+from demucs_lora.core.errors import ConfigError, ModelLoadError, exit_on_user_error
 
 if tp.TYPE_CHECKING:  # pragma: no cover
     from omegaconf import DictConfig
@@ -49,10 +54,6 @@ if tp.TYPE_CHECKING:  # pragma: no cover
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.]*$")
 EVAL_TRACKS = 2
-
-
-class OutputExists(DemucsLoRAError, FileExistsError):
-    """An export target exists already (names the file; --force overwrites)."""
 
 
 @dataclass
@@ -147,30 +148,6 @@ def plan(sigs: tp.Sequence[str], out: Path, name: tp.Optional[str], which: str,
     return jobs
 
 
-def load_xp_model(folder: Path, which: str = "best", trust_remote_code: bool = False,
-                  root: tp.Optional[Path] = None) -> tp.Tuple["nn.Module", "DictConfig"]:
-    """(plain merged HTDemucs, config) of an XP: best.th, or base + lora_last merged."""
-    from demucs_lora.config.compose import load_xp_config
-    from demucs_lora.core.finite import check_finite_model
-    from demucs_lora.lora.inject import remove_lora
-    from demucs_lora.models.methods import load_lora_weights
-    from demucs_lora.models.build import load_base
-    cfg = load_xp_config(folder / "config.yaml")
-    if which == "best":
-        best = folder / "best.th"
-        if not best.is_file() and not (folder / "best.yaml").is_file():
-            raise ModelLoadError(f"XP {folder} has no best.th yet (no epoch finished?)")
-        return check_finite_model(load_base(str(folder), None, trust_remote_code).eval(),
-                                  str(folder)), cfg
-    base = load_base(cfg.get("continue_from"), cfg.get("pretrained_repo"),
-                     trust_remote_code, root, cfg.get("bag_member"))
-    if base is None:
-        raise ModelLoadError(f"XP {folder} trained from a random init (continue_from=null): "
-                             "its base cannot be rebuilt, export --adapter best")
-    model = load_lora_weights(base, folder / "lora_last")
-    return check_finite_model(remove_lora(model).eval(), f"{folder} (base + lora_last)"), cfg
-
-
 def _package_bytes(package: dict) -> int:
     import torch
     buf = io.BytesIO()
@@ -218,6 +195,10 @@ def export_one(job: Job, args: argparse.Namespace, root: Path) -> tp.List[str]:
     if job.members:
         size = sum(p.stat().st_size for p in paths if p in job.members)
     lines = [_model_line(job, args, size, float_size)]
+    if list(model.sources) not in (FOUR, SIX):  # a word for whoever loads it elsewhere
+        lines.append(f"  note: stems {list(model.sources)}: demucs and demucs-lora label "
+                     "them right; audio-separator/UVR would not (they label by position in "
+                     "demucs' 4/6-stem order): do not load this file there")
     if args.quantize and not job.members and not args.no_eval:
         lines.append("  " + _nsdr_cost(model, job.model_path, cfg, args.eval_tracks))
     if job.lora_src is not None:
@@ -298,9 +279,15 @@ def get_parser() -> argparse.ArgumentParser:
     enc.add_argument("--half", action="store_true", help="store float16 weights")
     enc.add_argument("--quantize", type=int, choices=[8], default=None,
                      help="store int8 weights (demucs_lora.get_model only)")
-    parser.add_argument("--format", choices=["th", "hf"], default="th",
+    parser.add_argument("--format", choices=["th", "hf", "uvr", "msst", "onnx", "all"],
+                        default="th",
                         help="th: NAME.th for `demucs --repo OUT -n NAME` (default); hf: "
-                        "NAME.yaml + SIG.safetensors, demucs 4.1's Hugging Face layout")
+                        "NAME.yaml + SIG.safetensors, demucs 4.1's Hugging Face layout; "
+                        "uvr: audio-separator/UVR folder; msst: MSST config + checkpoint; "
+                        "onnx: NAME.onnx for onnxruntime; all: every one of them + README.txt")
+    parser.add_argument("--reorder-stems", action="store_true",
+                        help="--format uvr/all: permute the heads into demucs' stem order "
+                        "when the model's stems are those in another order")
     parser.add_argument("--no-eval", action="store_true",
                         help="with --quantize: skip the nSDR comparison")
     parser.add_argument("--eval-tracks", type=positive_int, default=EVAL_TRACKS,
@@ -317,11 +304,18 @@ def run(args: argparse.Namespace, root: tp.Optional[Path] = None) -> tp.List[Job
     out = args.out if args.out.is_absolute() else root / args.out
     if not_a_folder(out):
         raise ConfigError(f"-o {args.out}: {not_a_folder(out)}; give an output folder")
-    if getattr(args, "format", "th") == "hf" and args.quantize:
-        raise ConfigError("--format hf stores float weights (demucs reads no int8 there): "
-                          "drop --quantize, or use --format th")
+    fmt = getattr(args, "format", "th")
+    if fmt != "th" and args.quantize:
+        raise ConfigError(f"--format {fmt} stores float weights (only demucs_lora reads "
+                          "int8): drop --quantize, or use --format th")
+    if fmt not in ("th", "hf"):
+        from demucs_lora.commands.export_formats import export_formats
+        jobs = plan(args.sigs, out, args.name, args.adapter, args.include_lora, True, root)
+        for line in export_formats(jobs, args, out, root):
+            print(line)
+        return jobs
     jobs = plan(args.sigs, out, args.name, args.adapter, args.include_lora, args.force, root,
-                getattr(args, "format", "th"))
+                fmt)
     for job in jobs:  # temps of an earlier export of these very files that was killed
         for target in job.outputs:
             for tmp in target.parent.glob(f".{target.name}.*.tmp"):

@@ -162,9 +162,9 @@ def find_model(name: PathLike, pretrained_repo: tp.Optional[PathLike] = None,
         if later is not None:
             raise ModelLoadError(
                 f"model {text!r} is ambiguous: it is a local XP ({xp}) and a pretrained model "
-                f"({later.where}). Pick one with a path: continue_from={xp / 'best.th'} for "
-                f"the XP, or continue_from={later.files[0] if later.files else later.where} "
-                "for the pretrained model")
+                f"({later.where}). Pick one with a path: {xp / 'best.th'} for the XP, or "
+                f"{later.files[0] if later.files else later.where} for the pretrained model "
+                "(as continue_from=PATH for training, -n PATH for separate, test_pretrained)")
         return _xp_found(xp)
     places.insert(1, f"no XP {xps_dir(root) / text}")
     if later is None:

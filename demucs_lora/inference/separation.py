@@ -4,8 +4,8 @@ Why one module: ``tools.test_pretrained`` (and the int8 check of ``tools.export`
 score exactly what ``demucs-lora`` writes, and both must match the stock demucs CLI. So the
 mixture is read one way (soundfile, resampled with julius to the model rate, mono made
 stereo), normalized one way (by its mono mean/std before ``apply_model``, restored after,
-as ``demucs.api.Separator``), and stems are written one way (float32 wav, no clipping, or
-mp3 rescaled to avoid clipping like the stock CLI), each file atomically.
+as ``demucs.api.Separator``); stems are written by ``inference.stem_files`` with demucs'
+own encoders.
 """
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ import typing as tp
 from pathlib import Path
 
 from demucs_lora.core.errors import AudioError, ConfigError
-from demucs_lora.core.files import atomic_write
 
 if tp.TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -73,10 +72,12 @@ def check_audio(wav: "torch.Tensor", where: tp.Union[str, Path]) -> "torch.Tenso
 
 def separate_tensor(model: "nn.Module", wav: "torch.Tensor", shifts: int = 1,
                     overlap: float = 0.25, split: bool = True, segment: tp.Optional[float] = None,
-                    device: tp.Optional[str] = None, progress: bool = False) -> "torch.Tensor":
+                    device: tp.Optional[str] = None, progress: bool = False,
+                    jobs: int = 0) -> "torch.Tensor":
     """Stems (S, C, T) of ``wav`` (C, T), normalized exactly as ``demucs.api.Separator``:
     ``ref = wav.mean(0)``, input ``(wav - ref.mean()) / (ref.std() + 1e-8)``, output
-    ``* std + mean``. Same numbers as ``python -m demucs`` for the same (merged) weights."""
+    ``* std + mean``. Same numbers as ``python -m demucs`` for the same (merged) weights;
+    ``jobs`` is its ``-j`` (chunks in parallel threads on CPU)."""
     import torch
     from demucs.apply import apply_model
     ref = wav.mean(0)
@@ -84,26 +85,5 @@ def separate_tensor(model: "nn.Module", wav: "torch.Tensor", shifts: int = 1,
     with torch.no_grad():
         out = apply_model(model, ((wav - mean) / std)[None], shifts=shifts, split=split,
                           overlap=overlap, segment=segment, device=device, progress=progress,
-                          num_workers=0)
+                          num_workers=jobs)
     return out[0] * std + mean
-
-
-def write_stems(stems: "torch.Tensor", sources: tp.Sequence[str], folder: Path,
-                samplerate: int, mp3: bool = False, bitrate: int = 320) -> tp.List[Path]:
-    """``folder/SOURCE.wav`` (float32, exact) or ``.mp3`` per stem, each written
-    atomically (a full disk is a DiskWriteError naming the file); returns the paths."""
-    import soundfile as sf
-    from demucs.audio import encode_mp3, prevent_clip
-    paths = []
-    for name, stem in zip(sources, stems):
-        stem = stem.detach().cpu().float()
-        if mp3:
-            path = folder / f"{name}.mp3"
-            atomic_write(path, lambda tmp, s=stem: encode_mp3(
-                prevent_clip(s, mode="rescale"), tmp, samplerate, bitrate, verbose=True))
-        else:
-            path = folder / f"{name}.wav"
-            atomic_write(path, lambda tmp, s=stem: sf.write(
-                tmp, s.T.numpy(), int(samplerate), subtype="FLOAT", format="WAV"))
-        paths.append(path)
-    return paths

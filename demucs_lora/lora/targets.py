@@ -38,11 +38,6 @@ from demucs_lora.lora.layers import SUPPORTED_TYPES, LoRALayer
 # sub-module names inside a transformer layer that `transformer.NAME` aliases to
 _TRANSFORMER_PARTS = ("self_attn", "cross_attn", "linear1", "linear2")
 
-# Roles (see `layer_role`): what the heuristic rank table is keyed on.
-ROLES = ("head", "outer_encoder", "outer_decoder", "inner_encoder", "inner_decoder",
-         "encoder", "decoder", "dconv", "attention", "ffn", "upsampler", "freq_emb",
-         "other")
-
 
 def _under(name: str, prefix: str) -> bool:
     return name == prefix or name.startswith(prefix + ".")

@@ -1,6 +1,6 @@
 """Scores computed as the libraries MSST's ``--metrics`` names compute them: log-WMSE
 (torch-log-wmse) and auraloss' STFT losses; each is checked against its library in
-tests/test_metrics_libraries.py.
+tests/metrics/test_metrics_libraries.py.
 
 Shapes as in `demucs_lora.metrics.separation`.
 

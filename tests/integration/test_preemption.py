@@ -1,7 +1,7 @@
 """Real `dora run` processes: a second run of a live XP is refused naming the holder's pid,
 SIGTERM stops with a checkpoint (exit 128+15) and the same command finishes the XP, stale
 temps of killed writes are removed, and a killed `dora run -d` launcher takes its DDP
-workers with it. (Exact mid-epoch resume is tested at unit level: tests/test_xp_guard.py.)"""
+workers with it. (Exact mid-epoch resume is tested at unit level: tests/training/test_xp_guard.py.)"""
 import os
 import signal
 import time

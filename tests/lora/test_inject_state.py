@@ -5,7 +5,7 @@ import pytest
 import torch
 from demucs.htdemucs import HTDemucs
 from helpers import forward as run
-from helpers import randomize_b, tiny_htdemucs
+from helpers import randomize_b, tiny_htdemucs, tiny_two_layer
 from demucs.pretrained import get_model
 from demucs.states import serialize_model
 from omegaconf import OmegaConf
@@ -22,12 +22,9 @@ from demucs_lora.lora.targets import lora_target_names
 ALL = ["encoder", "decoder", "transformer", "freq_emb"]
 
 
-def tiny(seed=0):
-    return tiny_htdemucs(seed=seed, t_layers=2).train()
-
 
 def test_whole_model_identity_merge_and_remove(mix, tmp_path):
-    model = tiny()
+    model = tiny_two_layer()
     ref = run(model, mix)
     names = lora_target_names(model, ALL)
     report = wrap_layers(model, LoraLayout({n: 4 for n in names}))
@@ -57,7 +54,7 @@ def test_whole_model_identity_merge_and_remove(mix, tmp_path):
 
 
 def test_adapter_round_trip_and_header(mix, tmp_path):
-    model = tiny()
+    model = tiny_two_layer()
     names = lora_target_names(model, ["encoder", "transformer"])
     inject_lora(model, LoraLayout({n: 2 for n in names}, alpha=8,
                                   train_extra=["decoder.3.conv_tr"]))
@@ -74,34 +71,34 @@ def test_adapter_round_trip_and_header(mix, tmp_path):
         assert "demucs_lora" in f.metadata()
     assert keys == set(get_lora_state(model))
     assert "decoder.3.conv_tr.weight" in keys
-    fresh = load_lora_weights(tiny(), tmp_path / "ad")
+    fresh = load_lora_weights(tiny_two_layer(), tmp_path / "ad")
     assert (run(fresh, mix) - expected).abs().max() == 0
 
 
 def test_adapter_on_other_base_or_shape_is_mismatch(tmp_path):
-    model = tiny()
+    model = tiny_two_layer()
     inject_lora(model, LoraLayout({n: 2 for n in lora_target_names(model, ["transformer"])}))
     save_adapter(model, tmp_path / "ad")
     with pytest.raises(AdapterMismatch, match="different base"):
-        load_lora_weights(tiny(seed=5), tmp_path / "ad")
-    other = tiny()
+        load_lora_weights(tiny_two_layer(seed=5), tmp_path / "ad")
+    other = tiny_two_layer()
     inject_lora(other, LoraLayout({n: 3 for n in lora_target_names(other, ["transformer"])}))
     with pytest.raises(AdapterMismatch, match="ranks"):
         load_lora_weights(other, tmp_path / "ad")
     wider = tiny_htdemucs(channels=16, t_layers=2)
     with pytest.raises(AdapterMismatch, match="shape mismatches"):
         load_lora_weights(wider, tmp_path / "ad")
-    scaled = tiny()
+    scaled = tiny_two_layer()
     inject_lora(scaled, LoraLayout({n: 2 for n in lora_target_names(scaled, ["transformer"])},
                                    alpha=4))
     with pytest.raises(AdapterMismatch, match="alpha"):
         load_lora_weights(scaled, tmp_path / "ad")  # same shapes, other scaling: refused
     with pytest.raises(AdapterMismatch, match="does not exist"):
-        load_lora_weights(tiny(), tmp_path / "nothing")
+        load_lora_weights(tiny_two_layer(), tmp_path / "nothing")
 
 
 def test_hot_swap_on_one_base(mix, tmp_path):
-    model = tiny()
+    model = tiny_two_layer()
     base_out = run(model, mix)
     inject_lora(model, LoraLayout({n: 2 for n in lora_target_names(model, ["decoder"])}))
     randomize_b(model, seed=1)
@@ -120,7 +117,7 @@ def test_hot_swap_on_one_base(mix, tmp_path):
 
 
 def test_inject_errors():
-    model = tiny()
+    model = tiny_two_layer()
     with pytest.raises(ConfigError, match="close names"):
         inject_lora(model, LoraLayout({"encoder.9.conv": 4}))
     with pytest.raises(ConfigError, match="lora_bias"):

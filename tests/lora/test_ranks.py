@@ -8,7 +8,7 @@ import torch
 from demucs.htdemucs import HTDemucs
 from omegaconf import OmegaConf
 from torch import nn
-from helpers import tiny_htdemucs
+from helpers import tiny_two_layer
 
 from demucs_lora.core.errors import ConfigError
 from demucs_lora.lora.config import LoraConfig
@@ -19,9 +19,6 @@ from demucs_lora.lora.targets import lora_target_names
 SOURCES = ["drums", "bass", "other", "vocals"]
 YAML = Path(__file__).resolve().parents[2] / "conf" / "model" / "htdemucs.yaml"
 
-
-def tiny():
-    return tiny_htdemucs(SOURCES, t_layers=2)
 
 
 def raw_cfg(**overrides):
@@ -39,7 +36,7 @@ def cfg(**overrides):
 
 @pytest.fixture(scope="module")
 def model():
-    return tiny()
+    return tiny_two_layer()
 
 
 @pytest.fixture(scope="module")
@@ -249,7 +246,7 @@ def test_full_size_uniform_r8_under_5_percent():
 
 
 def test_heuristic_budget_match_spends_at_most_uniform_budget():
-    model = tiny()
+    model = tiny_two_layer()
     cfg = {"lora_rank": 8, "lora_targets": ["encoder", "decoder", "transformer"],
            "lora_max_rank": 32}
     def table(**kw):

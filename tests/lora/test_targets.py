@@ -1,6 +1,6 @@
 import pytest
 from torch import nn
-from helpers import tiny_htdemucs
+from helpers import tiny_two_layer
 
 from demucs_lora.core.errors import ConfigError
 from demucs_lora.lora.layers import SUPPORTED_TYPES, wrap_module
@@ -11,13 +11,10 @@ from demucs_lora.lora.targets import (glob_specificity, head_names, layer_role,
 SOURCES = ["drums", "bass", "other", "vocals"]
 
 
-def tiny(sources=SOURCES, **kwargs):
-    return tiny_htdemucs(sources, t_layers=2, **kwargs)
-
 
 @pytest.fixture(scope="module")
 def model():
-    return tiny()
+    return tiny_two_layer()
 
 
 def test_encoder_decoder_groups(model):
@@ -54,12 +51,12 @@ def test_order_follows_groups_given_and_module_order(model):
 
 
 def test_upsampler_and_freq_emb():
-    m = tiny(bottom_channels=16)
+    m = tiny_two_layer(bottom_channels=16)
     assert lora_target_names(m, ["upsampler"]) == [
         "channel_upsampler", "channel_downsampler",
         "channel_upsampler_t", "channel_downsampler_t"]
     assert lora_target_names(m, ["freq_emb"]) == ["freq_emb.embedding"]
-    assert lora_target_names(tiny(), ["upsampler"]) == []  # absent without bottom_channels
+    assert lora_target_names(tiny_two_layer(), ["upsampler"]) == []  # absent without bottom_channels
 
 
 def test_unknown_group_lists_allowed(model):
@@ -72,7 +69,7 @@ def test_unknown_group_lists_allowed(model):
 
 
 def test_wrapped_model_lists_wrapper_not_base():
-    m = tiny()
+    m = tiny_two_layer()
     m.encoder[1].conv = wrap_module(m.encoder[1].conv, 2)
     names = lora_target_names(m, ["encoder"])
     assert "encoder.1.conv" in names
@@ -81,7 +78,7 @@ def test_wrapped_model_lists_wrapper_not_base():
 
 def test_head_names_depend_on_sources(model):
     assert head_names(model) == ["decoder.3.conv_tr", "tdecoder.3.conv_tr"]
-    two = tiny(["vocals", "accompaniment"])
+    two = tiny_two_layer(["vocals", "accompaniment"])
     sd4, sd2 = model.state_dict(), two.state_dict()
     heads = {f"{h}.weight" for h in head_names(model)} | {f"{h}.bias" for h in head_names(model)}
     differing = {k for k in sd4 if sd4[k].shape != sd2[k].shape}

@@ -13,7 +13,7 @@ from demucs.htdemucs import HTDemucs
 from demucs_lora.config.compose import compose
 from demucs_lora.models.build import architecture_kwargs, build_base
 
-ASSET = Path(__file__).resolve().parents[1] / "demucs_lora" / "assets" / "base_tiny_A.th"
+ASSET = Path(__file__).resolve().parents[2] / "demucs_lora" / "assets" / "base_tiny_A.th"
 RELEASED_4 = 41_984_456      # HTDemucs(sources=4, dconv_mode=3, bottom_channels=512)
 CTOR_DEFAULT_4 = 26_899_536  # HTDemucs(sources=4): the benchmarks' second row
 

@@ -8,12 +8,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from helpers import REPO, check_table_matches_json, make_xp
+from helpers import REPO, check_table_matches_json
 
-
-@pytest.fixture(scope="module")
-def xp(tmp_path_factory):
-    return make_xp(tmp_path_factory.mktemp("eval"))
 
 
 def test_xp_with_shifts_prints_table_equal_to_json(xp, monkeypatch, capsys):

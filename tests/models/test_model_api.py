@@ -128,7 +128,7 @@ def test_stock_cli_reading_an_int8_file_says_how_to_load_it(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "demucs", "--repo", str(repo), "-n", "small",
                            str(tmp_path / "song.wav"), "-o", str(tmp_path / "sep")],
                           capture_output=True, text=True, cwd=tmp_path,
-                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])})
     assert proc.returncode != 0
     assert "int8 file: load it with demucs_lora.get_model" in proc.stderr
     assert "state_dict" not in proc.stderr and "Traceback" not in proc.stderr

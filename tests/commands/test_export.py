@@ -21,10 +21,6 @@ def export(*argv):
     main([str(a) for a in argv])
 
 
-@pytest.fixture(scope="module")
-def xp(tmp_path_factory):
-    return make_xp(tmp_path_factory.mktemp("xp"))
-
 
 @pytest.fixture
 def in_root(xp, monkeypatch):

@@ -14,7 +14,7 @@ from demucs_lora.config.keys import CONF_DIR, canonical_checked
 from demucs_lora.config.schema import known_schema
 from demucs_lora.core.errors import ConfigError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # (guide spelling, value as typed, canonical key, resolved value)
 GUIDE_KEYS = [

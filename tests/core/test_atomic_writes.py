@@ -13,7 +13,7 @@ import ast
 import typing as tp
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCANNED = [ROOT / "demucs_lora", ROOT / "benchmarks"]
 WRITERS = {"write_text", "write_bytes", "save", "write", "save_file", "copy", "copyfile",
            "copy2", "dump", "savefig"}

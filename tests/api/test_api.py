@@ -11,12 +11,8 @@ import soundfile as sf
 import torch
 from demucs.states import serialize_model
 
-from helpers import adapted_copy, make_xp, tiny_htdemucs, write_mix
+from helpers import adapted_copy, tiny_htdemucs, write_mix
 
-
-@pytest.fixture(scope="module")
-def xp(tmp_path_factory):
-    return make_xp(tmp_path_factory.mktemp("api"))
 
 
 def docstring_example():
@@ -151,7 +147,7 @@ def test_unknown_name_lists_recent_xps(xp, monkeypatch):
 def test_own_training_loop_example_runs_as_written(tmp_path):
     """docs/api.md's plain PyTorch loop: inject, train, save, reload onto a fresh base."""
     from pathlib import Path
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     doc = (repo / "docs" / "api.md").read_text()
     block = doc.split("## Your own training loop", 1)[1].split("```python\n", 1)[1]
     code = block.split("```", 1)[0]

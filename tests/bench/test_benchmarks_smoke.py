@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from helpers import assert_targets_printed, finite
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_smoke(name, out, *extra):
@@ -170,3 +170,16 @@ def test_update_readme(tmp_path):
     assert not update_readme(plain, "| a |\n") and plain.read_text() == "no markers\n"
     assert not update_readme(tmp_path / "missing.md", "x")
     assert "No benchmark results" in make_table({})
+
+
+@pytest.mark.slow  # an ONNX export of the tiny model
+@pytest.mark.timeout(300)
+def test_onnx_runtime_smoke(tmp_path):
+    """onnxruntime vs PyTorch separation: finite ratios, stems within 1e-4 on the song."""
+    pytest.importorskip("onnxruntime", reason="onnxruntime is a test extra (make install)")
+    result, stdout = run_smoke("onnx_runtime", tmp_path)
+    (run,) = result["runs"]
+    assert run["arch"] == "tiny" and len(run["times"]["onnxruntime"]) == 2
+    assert finite(run["cpu_ratio"]) and finite(run["wall_ratio"]) and run["size_ratio"] > 1
+    assert run["max_abs_diff"] < 1e-4 < run["max_abs_output"]
+    assert_targets_printed(result, stdout)

@@ -17,7 +17,7 @@ from helpers import assert_targets_printed, finite
 
 from benchmarks import quality
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SOURCES = ["drums", "bass", "other", "vocals"]
 
 

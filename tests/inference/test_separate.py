@@ -41,8 +41,9 @@ def test_one_folder_per_adapter_different_stems_and_merge(setup, tmp_path, monke
     xp = setup
     monkeypatch.chdir(xp.root)
     out = tmp_path / "sep"
-    separate("song.wav", "--base", xp.base_path, "--adapter", xp.sig,
-             "--adapter", "adapters/second", "-o", out, "--shifts", "0", "--merge")
+    separate("song.wav", "-n", xp.base_path, "--adapter", xp.sig, "--float32",
+             "--clip-mode", "none", "--adapter", "adapters/second", "-o", out, "--shifts",
+             "0", "--merge")
     assert "wrote 8 files" in capsys.readouterr().out
     folders = sorted(p.name for p in out.iterdir())
     assert folders == [f"base_{xp.sig}", "base_second"]
@@ -59,7 +60,7 @@ def test_one_folder_per_adapter_different_stems_and_merge(setup, tmp_path, monke
     assert (stems[f"base_{xp.sig}"] - want).abs().max() < 1e-4
     # unmerged (the default) gives the same stems up to float error
     separate("song.wav", "--base", xp.base_path, "--adapter", "adapters/second",
-             "-o", tmp_path / "unmerged", "--shifts", "0")
+             "-o", tmp_path / "unmerged", "--shifts", "0", "--float32", "--clip-mode", "none")
     unmerged = stems_of(tmp_path / "unmerged" / "base_second" / "song")
     assert 0 < (unmerged - stems["base_second"]).abs().max() < 1e-4
 
@@ -134,7 +135,9 @@ def test_module_entry_point_help():
     proc = subprocess.run([sys.executable, "-m", "demucs_lora.commands.separate", "--help"],
                           capture_output=True, text=True, cwd=REPO, timeout=120)
     assert proc.returncode == 0
-    for flag in ("--base", "--repo", "--adapter", "--merge", "--mp3", "--shifts", "--overlap"):
+    for flag in ("--base", "--repo", "--adapter", "--merge", "--mp3", "--shifts", "--overlap",
+                 "-n NAME", "--two-stems", "--flac", "--int24", "--float32", "--filename",
+                 "--segment", "--jobs", "--clip-mode", "--other-method", "--mp3-preset"):
         assert flag in proc.stdout
 
 
@@ -145,3 +148,49 @@ def test_adapter_folder_names_are_unique_and_readable():
              Path("/o/outputs/xps/b2/lora_best"), Path("/p/outputs/xps/c3/lora_best")]
     given = ["a1", "r/demo.lora.safetensors", "outputs/xps/b2/lora_best", "c3/lora_best"]
     assert adapter_names(paths, given) == ["a1", "demo", "b2_lora_best", "c3_lora_best"]
+
+
+def test_folder_input_two_stems_and_demucs_tree(setup, tmp_path, monkeypatch, capsys):
+    """A folder is its audio files; --two-stems writes STEM + no_STEM (the sum of the
+    others); 16-bit wav by default; OUT/NAME/TRACK/STEM.wav, hf:// names as demucs."""
+    from demucs_lora.commands.separate import output_name
+    monkeypatch.chdir(setup.root)
+    songs = tmp_path / "songs"
+    songs.mkdir()
+    wav = write_mix(songs / "one.wav", seconds=0.4)
+    sf.write(str(songs / "two.flac"), wav.T.numpy(), 44100, subtype="PCM_16")
+    (songs / "notes.txt").write_text("not audio")
+    separate(songs, "-n", setup.base_path, "-o", tmp_path / "o", "--shifts", "0",
+             "--two-stems", "vocals")
+    assert "wrote 4 files" in capsys.readouterr().out
+    got = sorted(str(p.relative_to(tmp_path / "o")) for p in (tmp_path / "o").rglob("*.*"))
+    assert got == ["base/one/no_vocals.wav", "base/one/vocals.wav", "base/two/no_vocals.wav",
+                   "base/two/vocals.wav"]
+    assert sf.info(str(tmp_path / "o" / "base" / "one" / "vocals.wav")).subtype == "PCM_16"
+    assert output_name("hf://someone/model") == "someone_model"
+    assert output_name("models/tiny.onnx.json") == output_name("tiny.th") == "tiny"
+
+
+@pytest.mark.parametrize("flags,say", [
+    (["--two-stems", "piano"], "--two-stems piano: not a stem of"),
+    (["--segment", "2"], "--segment 2: longer than the model was trained for"),
+    (["--filename", "{track}/{source}.{ext}"], "--filename '{track}/{source}.{ext}': KeyError"),
+    (["--filename", "../{stem}.{ext}"], "leaves the output folder"),
+])
+def test_demucs_flags_checked_before_separating(setup, tmp_path, monkeypatch, capsys, flags,
+                                                say):
+    monkeypatch.chdir(setup.root)
+    with pytest.raises(SystemExit) as exc:
+        separate("song.wav", "-n", setup.base_path, "-o", tmp_path / "o", *flags)
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and err.startswith("error: ConfigError:") and say in err, err
+    assert "\n" not in err and not (tmp_path / "o").exists()
+
+
+def test_empty_folder_refused(setup, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(setup.root)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as exc:
+        separate(tmp_path / "empty", "-n", setup.base_path, "-o", tmp_path / "o")
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 1 and "holds no audio file" in err
