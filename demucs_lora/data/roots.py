@@ -91,6 +91,13 @@ def config_roots(paths: tp.Any, musdb: tp.Optional[str], check: bool = True
                                "with train/ and valid/ (TRACK/mixture.wav + stems)"
                                + (" (MUSDB18-HQ as downloaded: train/ and test/)"
                                   if root.kind == "musdb" else ""))
+        stems_mp4 = sorted((root.path / "train").glob("*.stem.mp4"))[:1]
+        if root.kind == "musdb" and stems_mp4:
+            raise DatasetError(f"dset.musdb={root.path}: {stems_mp4[0].name} is the compressed "
+                               "MUSDB18 (.stem.mp4), which is not read. Fix: download "
+                               "MUSDB18-HQ, or convert it to folders of WAV files with the "
+                               "musdb package's `musdbconvert` (pip install musdb; needs "
+                               "ffmpeg)")
         if root.kind == "musdb" and not (root.path / "train").is_dir():
             raise DatasetError(f"dset.musdb={root.path}: no train/ folder in it. Fix: give the "
                                "folder of MUSDB18-HQ as unzipped (it holds train/ and test/; "

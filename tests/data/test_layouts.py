@@ -229,6 +229,11 @@ def test_musdb_errors(tmp_path, cli, monkeypatch):
     code, out = cli(f"dset.musdb={empty}")
     assert code == 1 and f"dset.musdb={empty}: no train/ folder" in out
     assert "MUSDB18-HQ" in out and len(out.strip().splitlines()) == 1
+    compressed = tmp_path / "musdb18"
+    (compressed / "train").mkdir(parents=True)
+    (compressed / "train" / "A - B.stem.mp4").write_bytes(b"\x00" * 16)
+    code, out = cli(f"dset.musdb={compressed}")
+    assert code == 1 and "compressed MUSDB18" in out and "musdbconvert" in out
     root, _ = musdb_tree(tmp_path / "musdb18hq")
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
