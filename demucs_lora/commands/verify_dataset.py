@@ -22,7 +22,8 @@ from demucs_lora.data.verify import verify_config
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m tools.verify_dataset",
-        description="Check a stem folder (root/{train,valid,test}/TRACK/{mixture,SOURCE}.wav)."
+        description="Check a dataset (root/{train,valid,test}/TRACK/{mixture,SOURCE}."
+                    "{wav,flac,...}, part folders, several roots, dset.musdb; docs/data.md)."
                     " Without PATH nor dset.wav, checks the synthetic dataset.")
     parser.add_argument("args", nargs="*", metavar="[PATH] [KEY=VALUE ...]",
                         help="dataset folder (= dset.wav) and Hydra overrides")

@@ -94,6 +94,23 @@ ALIASES: tp.Dict[str, Alias] = {
     "htdemucs.profile_memory": Alias("profile_memory"),
     "optim.scheduler": Alias("optim.schedule"),
     "htdemucs.lora_min_rank": Alias("htdemucs.min_rank"),
+    # MSST (Music-Source-Separation-Training) spellings: its `training:` and `audio:`
+    # sections; docs/data.md has the table of demucs' and MSST's dataset spellings.
+    "gradient_accumulation_steps": Alias("optim.accumulate", note="MSST's spelling"),
+    "training.gradient_accumulation_steps": Alias("optim.accumulate",
+                                                  note="MSST's spelling"),
+    "optim.gradient_accumulation_steps": Alias("optim.accumulate"),
+    "htdemucs.gradient_accumulation_steps": Alias("optim.accumulate"),
+    "training.instruments": Alias("dset.sources", note="MSST's spelling"),
+    "training.samplerate": Alias("dset.samplerate", note="MSST's spelling"),
+    "audio.sample_rate": Alias("dset.samplerate", note="MSST's spelling"),
+    "audio.num_channels": Alias("dset.channels", note="MSST's spelling"),
+    # demucs' own augmentation section (demucs' conf/config.yaml has `augment:` on top)
+    "augment.shift_same": Alias("dset.augment.shift_same", note="demucs' spelling"),
+    "augment.flip": Alias("dset.augment.flip", note="demucs' spelling"),
+    "augment.repitch.proba": Alias("dset.augment.repitch.proba", note="demucs' spelling"),
+    "augment.repitch.max_tempo": Alias("dset.augment.repitch.max_tempo",
+                                       note="demucs' spelling"),
     # the bare spelling of every LoRA key (lora_rank=8 sets htdemucs.lora_rank)
     **{key: Alias(f"htdemucs.{key}") for key in LORA_KEYS},
     # MSST's `lora:` block (Music-Source-Separation-Training, docs/LoRA.md)
@@ -126,7 +143,7 @@ def check_only_default(key: str, value: tp.Any) -> None:
 
 # Keys whose values name a model, an XP or a path: always strings (a signature such as
 # 955717e8 or 12345678 is not a number).
-STRING_KEYS = ("continue_from", "pretrained_repo", "dset.wav", "dset.metadata",
+STRING_KEYS = ("continue_from", "pretrained_repo", "dset.wav", "dset.musdb", "dset.metadata",
                "lora_checkpoint", "residual_source", "dora.dir")
 
 _OVERRIDE = re.compile(r"^(?P<prefix>\+\+|\+|~)?(?P<key>[\w.\-/@]+)(?P<sep>=)?(?P<value>.*)$",
@@ -159,6 +176,9 @@ def _string_value(value: str) -> str:
         and text[0] not in text[1:-1].replace("\\" + text[0], "")
     if not text or text == "null" or text.startswith("${") or quoted:
         return value
+    if text.startswith("[") and text.endswith("]"):      # dset.wav=[A, B]: each a string
+        items = [i for i in (x.strip() for x in text[1:-1].split(",")) if i]
+        return "[" + ",".join(_string_value(i) for i in items) + "]"
     return _quote(text)
 
 

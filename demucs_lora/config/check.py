@@ -24,8 +24,9 @@ CHOICES = {
     "optim.loss": ("l1", "mse"),
     "mixed_precision": (False, True, "bf16", "fp16"),
     "device": ("auto", "cpu", "cuda"),
+    "dset.mixture": ("auto", "file", "sum"),
 }
-PATH_KEYS = ("dset.wav", "dset.metadata", "pretrained_repo")
+PATH_KEYS = ("dset.wav", "dset.musdb", "dset.metadata", "pretrained_repo")
 
 
 def _get(cfg: DictConfig, key: str):
@@ -85,11 +86,16 @@ def resolve_paths(cfg: DictConfig, cwd: tp.Optional[Path] = None) -> DictConfig:
     cwd = Path(cwd or os.environ.get("DEMUCS_LORA_CWD") or Path.cwd())
     out = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
     OmegaConf.set_struct(out, False)
+    def absolute(value: str) -> str:
+        path = Path(value).expanduser()
+        return str(path if path.is_absolute() else cwd / path)
+
     for key in PATH_KEYS:
         value = _get(cfg, key)
         if isinstance(value, str) and value and not value.startswith("???"):
-            path = Path(value).expanduser()
-            OmegaConf.update(out, key, str(path if path.is_absolute() else cwd / path))
+            OmegaConf.update(out, key, absolute(value))
+        elif OmegaConf.is_list(value):              # dset.wav=[A, B]
+            OmegaConf.update(out, key, [absolute(str(v)) for v in value], merge=False)
     cont = cfg.continue_from
     if isinstance(cont, str) and (cont.endswith(".th") or "/" in cont):
         path = Path(cont).expanduser()

@@ -1,4 +1,5 @@
-"""Data: stem-folder datasets, their checks, and the embedded synthetic generator.
+"""Data: stem-folder datasets (formats, part folders, roots, MUSDB18-HQ, hold-out), their
+checks, export preparation, augmentation, and the embedded synthetic generator.
 
 Names are imported lazily (PEP 562), so `python -m demucs_lora.data.synth` does not import
 torch, and nothing here imports torchaudio (nor demucs.wav/train/solver/repitch).
@@ -7,7 +8,10 @@ import importlib
 
 _EXPORTS = {
     "stems": ["MIXTURE", "Metadata", "StemDataset", "augment_batch", "build_augment",
-              "build_metadata", "dataset_root", "get_datasets", "train_segment"],
+              "build_metadata", "config_metadata", "dataset_root", "dataset_roots",
+              "get_datasets", "train_segment"],
+    "roots": ["Root", "split_tracks"],
+    "prepare": ["prepare_dataset"],
     "synth": ["LAYOUTS", "ensure_synth", "generate_dataset", "synth_track"],
     "verify": ["Problem", "Report", "verify_config", "verify_dataset"],
 }

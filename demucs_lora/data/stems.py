@@ -1,15 +1,13 @@
-"""Stem-folder dataset (demucs wav layout), metadata cache and augmentation.
+"""Stem-folder datasets: track metadata (cached), examples, and the config's datasets.
 
-Layout: root/{train,valid,test}/TRACK/{mixture,SOURCE}.wav, read with soundfile.
+Which folders are tracks and which files make each stem is roots.py's and layout.py's job
+(several roots, MUSDB18-HQ, hold-out; any soundfile format, part folders, optional mixture).
 An item is a tensor (1 + S, C, T) = [mixture, stems...] like demucs' Wavset for validation.
 Normalization keeps the stems summing to the mixture: mixture -> (mix - mean) / std and
 each of the S stems -> (stem - mean / S) / std (demucs subtracts `mean` from every stem).
 """
-import hashlib
-import json
 import logging
 import math
-import os
 import typing as tp
 from collections import OrderedDict
 from pathlib import Path
@@ -18,153 +16,157 @@ import julius
 import numpy as np
 import soundfile as sf
 import torch
-from demucs import augment as daug
 from omegaconf import OmegaConf
-from torch import nn
 from torch.nn import functional as F
 
-from demucs_lora.core.files import atomic_write_text
 from demucs_lora.core.errors import ConfigError, DatasetError
+from demucs_lora.data.cache import (cache_path, file_stamp, load_cache,  # noqa: F401
+                                    save_cache)
+from demucs_lora.data.augment import (SegmentShift, augment_batch, build_augment,  # noqa: F401
+                                      calibration_batches)
+from demucs_lora.data.layout import (MIXTURE, LayoutError, TrackFiles, folder_stamp,
+                                     track_files, wanted_names)
+from demucs_lora.data.repitch import room
+from demucs_lora.data.roots import (SPLITS, Root, TrackRef, check_valid_tracks,  # noqa: F401
+                                    config_roots, list_tracks, split_tracks)
 
 logger = logging.getLogger(__name__)
-MIXTURE = "mixture"
-EXT = ".wav"
-SPLITS = ("train", "valid", "test")
+EXT = ".wav"                        # the extension written (synth, prepare_dataset, hints)
 BLOCK = 1 << 18                     # frames per read when scanning whole files
-CACHE_VERSION = 1
-
-
-# ----------------------------------------------------------------------------- cache helpers
-def file_stamp(path):
-    """(size, mtime_ns) of a file, or None when it does not exist."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return [st.st_size, st.st_mtime_ns]
-
-
-def cache_path(cache_dir, root, kind):
-    """cache_dir/KIND_<hash of the resolved root>.json (one file per dataset and kind)."""
-    digest = hashlib.sha1(str(Path(root).resolve()).encode()).hexdigest()[:10]
-    return Path(cache_dir) / f"{kind}_{digest}.json"
-
-
-def load_cache(path):
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return {}
-    return data.get("tracks", {}) if data.get("version") == CACHE_VERSION else {}
-
-
-def save_cache(path, root, tracks):
-    """Atomic write (temporary file, then rename)."""
-    atomic_write_text(path, json.dumps({"version": CACHE_VERSION,
-                                        "root": str(Path(root).resolve()), "tracks": tracks}))
-
-
-def list_tracks(split_dir):
-    """Track folders of a split, names relative to the split: folders holding .wav files
-    (their own sub-folders, say a `stems_old/` backup, are not looked into and do not
-    make the track vanish), and leaf folders (reported as tracks with missing files)."""
-    split_dir = Path(split_dir)
-    tracks = []
-    for folder, subdirs, files in os.walk(split_dir, followlinks=True):
-        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
-        if Path(folder) == split_dir:
-            continue
-        if not subdirs or any(f.endswith(EXT) and not f.startswith(".") for f in files):
-            tracks.append(Path(folder).relative_to(split_dir).as_posix())
-            subdirs[:] = []
-    return sorted(tracks)
 
 
 def disk_sources(sources, residual_source=None, stem_files=None):
-    """The files a track must have: mixture + every source but the residual one
-    (`stem_files` maps a source to its file name when they differ: {vocal: vocals})."""
-    files = dict(stem_files or {})
-    return [MIXTURE] + [files.get(s, s) for s in sources if s != residual_source]
+    """The stem names a track must have: mixture + the names of every source but the
+    residual one (`stem_files` maps a source to its name(s): {vocal: vocals})."""
+    names = wanted_names(sources, residual_source, stem_files)
+    return [MIXTURE] + [n for source_names in names.values() for n in source_names]
 
 
 # ----------------------------------------------------------------------------- metadata
-def _scan_track(folder, names):
-    """length/samplerate/channels of the track + mean/std of the (channel-mean) mixture."""
+def _infos(files: TrackFiles) -> tp.Dict[Path, tp.Any]:
     infos = {}
-    for name in names:
-        file = folder / f"{name}{EXT}"
-        if not file.is_file():
-            raise DatasetError(f"missing file {file}. Fix: add it, or run "
-                               "`python -m tools.verify_dataset` to list every problem.")
+    for file in files.all_files:
         try:
-            infos[name] = sf.info(str(file))
+            infos[file] = sf.info(str(file))
         except Exception as err:  # soundfile raises several types
-            raise DatasetError(f"cannot read {file}: {err}") from err
-    ref = infos[MIXTURE]
-    for name, info in infos.items():
-        for key in ("frames", "samplerate", "channels"):
-            if getattr(info, key) != getattr(ref, key):
+            raise DatasetError(f"cannot read {file}: {err}. Fix: re-export it (or convert it "
+                               "to WAV/FLAC)") from err
+    ref = next(iter(infos), None)
+    for file, info in infos.items():
+        for key in ("samplerate", "channels", "frames"):
+            if getattr(info, key) != getattr(infos[ref], key):
                 raise DatasetError(
-                    f"{folder / (name + EXT)}: {key} {getattr(info, key)} differs from "
-                    f"{folder / (MIXTURE + EXT)} ({getattr(ref, key)}). Fix: re-export the "
-                    "track's files with the same settings.")
+                    f"{file}: {key} {getattr(info, key)} differs from {ref} "
+                    f"({getattr(infos[ref], key)}). Fix: re-export the track's files with the "
+                    "same settings, or run `python -m tools.prepare_dataset SRC OUT`.")
+    if ref is None:
+        raise DatasetError(f"{files.folder}: no audio file for any stem. Fix: run "
+                           "`python -m tools.verify_dataset` to list every problem.")
+    return infos
+
+
+def _mono_stats(paths: tp.Sequence[Path]) -> tp.Tuple[float, float]:
+    """mean/std of the channel mean of the sum of `paths` (read together, in blocks)."""
     total = total_sq = 0.0
     count = 0
-    with sf.SoundFile(str(folder / f"{MIXTURE}{EXT}")) as f:
-        for block in f.blocks(blocksize=BLOCK, dtype="float64", always_2d=True):
-            mono = block.mean(1)
+    handles = [sf.SoundFile(str(p)) for p in paths]
+    try:
+        while True:
+            blocks = [h.read(BLOCK, dtype="float64", always_2d=True) for h in handles]
+            if not blocks[0].size:
+                break
+            mono = sum(b.mean(1) for b in blocks)
             total += float(mono.sum())
             total_sq += float(np.dot(mono, mono))
             count += mono.size
+    finally:
+        for h in handles:
+            h.close()
     mean = total / max(count, 1)
     var = (total_sq - count * mean ** 2) / max(count - 1, 1)
+    return mean, math.sqrt(max(var, 0.0))
+
+
+def _scan_track(files: TrackFiles) -> dict:
+    """length/samplerate/channels of the track + mean/std of the (channel-mean) mixture,
+    and which files make each stem (relative to the track folder)."""
+    infos = _infos(files)
+    ref = next(iter(infos.values()))
+    mix = files.all_files if files.summed else files.stems[MIXTURE]
+    mean, std = _mono_stats(mix)
+    rel = {s: [p.relative_to(files.folder).as_posix() for p in ps]
+           for s, ps in files.stems.items()}
     return {"length": int(ref.frames), "samplerate": int(ref.samplerate),
-            "channels": int(ref.channels), "mean": mean, "std": math.sqrt(max(var, 0.0))}
+            "channels": int(ref.channels), "mean": mean, "std": std, "files": rel,
+            "summed": files.summed}
+
+
+def resolve_files(folder, sources, residual_source=None, stem_files=None, mixture="auto"):
+    """The TrackFiles of a track; DatasetError naming the first problem's file and fix."""
+    files, problems = track_files(folder, sources, residual_source, stem_files, mixture)
+    if problems:
+        file, message, fix = problems[0]
+        raise LayoutError(file, message, fix + " (`python -m tools.verify_dataset` lists "
+                          "every problem)")
+    return files
 
 
 class Metadata(dict):
-    """{split: {track: {length, samplerate, channels, mean, std}}} + `reused`/`scanned`."""
+    """{split: {track: {length, samplerate, channels, mean, std, files, summed, folder}}} +
+    `reused`/`scanned` counts and the tracks whose mixture is the sum of their stems."""
     reused = 0
     scanned = 0
 
 
-def build_metadata(root, sources, cache_dir, residual_source=None, stem_files=None):
-    """Metadata of every track of every split, cached in cache_dir/stems_<hash>.json.
+def _root_cache(cache_dir, root: Root):
+    path = cache_path(cache_dir, root.path, "stems")
+    return path, load_cache(path)
 
-    A track is rescanned only when one of its files changed (size or mtime) or the set of
-    files it needs changed. Missing split folders give empty splits.
+
+def build_metadata(root, sources, cache_dir, residual_source=None, stem_files=None,
+                   mixture="auto", valid_tracks=None):
+    """Metadata of every track of every split, each root cached in
+    cache_dir/stems_<hash of the root>.json (one entry per track).
+
+    `root` is a folder or a list of `roots.Root`. A track is rescanned only when one of its
+    audio files changed (size, mtime, added, removed) or what it is read for changed.
     """
-    root = Path(root)
+    roots = list(root) if isinstance(root, (list, tuple)) else config_roots(root, None,
+                                                                             check=False)
+    params = [list(sources), residual_source, stem_files or {}, mixture]
     names = disk_sources(sources, residual_source, stem_files)
-    path = cache_path(cache_dir, root, "stems")
-    cache = load_cache(path)
-    new_cache, meta = {}, Metadata()
+    refs = split_tracks(roots, valid_tracks, names)
+    caches = {r: _root_cache(cache_dir, r) for r in roots}
+    new = {r: {} for r in roots}
+    meta = Metadata({s: OrderedDict() for s in SPLITS})
     for split in SPLITS:
-        meta[split] = OrderedDict()
-        split_dir = root / split
-        if not split_dir.is_dir():
-            continue
-        for track in list_tracks(split_dir):
-            folder = split_dir / track
-            key = f"{split}/{track}"
-            stamp = {n: file_stamp(folder / f"{n}{EXT}") for n in names}
-            entry = cache.get(key)
-            if entry is not None and entry.get("stamp") == stamp:
+        for ref in refs[split]:
+            entry = caches[ref.root][1].get(_cache_key(ref))
+            stamp = folder_stamp(ref.folder)
+            if entry is not None and entry.get("stamp") == stamp and \
+                    entry.get("params") == params:
                 meta.reused += 1
             else:
-                entry = {"stamp": stamp, "meta": _scan_track(folder, names)}
+                files = resolve_files(ref.folder, sources, residual_source, stem_files,
+                                      mixture)
+                entry = {"stamp": stamp, "params": params, "meta": _scan_track(files)}
                 meta.scanned += 1
-            new_cache[key] = entry
-            meta[split][track] = entry["meta"]
-    if new_cache != cache:
-        try:
-            save_cache(path, root, new_cache)
-        except OSError as err:  # a read-only or full place: go on without a cache
-            logger.warning("cannot write the metadata cache %s (%s): continuing without it",
-                           path, err)
+            new[ref.root][_cache_key(ref)] = entry
+            meta[split][ref.key] = dict(entry["meta"], folder=str(ref.folder))
+    for r in roots:
+        if new[r] != caches[r][1]:
+            try:
+                save_cache(caches[r][0], r.path, new[r])
+            except OSError as err:  # a read-only or full place: go on without a cache
+                logger.warning("cannot write the metadata cache %s (%s): continuing "
+                               "without it", caches[r][0], err)
     logger.info("metadata of %s: %d tracks scanned, %d reused from cache",
-                root, meta.scanned, meta.reused)
+                ", ".join(str(r.path) for r in roots), meta.scanned, meta.reused)
     return meta
+
+
+def _cache_key(ref: TrackRef) -> str:
+    return f"{ref.origin}/{ref.folder.relative_to(ref.root.path / ref.origin).as_posix()}"
 
 
 # ----------------------------------------------------------------------------- dataset
@@ -192,11 +194,10 @@ class StemDataset:
 
     def __init__(self, root, split, sources, metadata, segment=None, shift=None,
                  samplerate=44100, channels=2, normalize=True, residual_source=None,
-                 stem_files=None):
+                 stem_files=None):  # root, stem_files: unused (the metadata says)
         if residual_source is not None and residual_source not in sources:
             raise ConfigError(f"residual_source={residual_source!r} is not in sources "
                               f"{list(sources)}")
-        self.root = Path(root) / split
         self.split = split
         self.sources = list(sources)
         self.metadata = OrderedDict(metadata.get(split, {}))
@@ -206,7 +207,6 @@ class StemDataset:
         self.channels = int(channels)
         self.normalize = normalize
         self.residual_source = residual_source
-        self.files = {s: dict(stem_files or {}).get(s, s) for s in self.sources}
         self.num_examples = []
         for meta in self.metadata.values():
             duration = meta["length"] / meta["samplerate"]
@@ -218,10 +218,15 @@ class StemDataset:
     def __len__(self):
         return sum(self.num_examples)
 
-    def _read(self, file, offset, frames):
-        data, _ = sf.read(str(file), start=offset, frames=frames, dtype="float32",
-                          always_2d=True)
-        return convert_channels(torch.from_numpy(data.T.copy()), self.channels)
+    def _read(self, folder, files, offset, frames):
+        """The sum of a stem's files (its parts), channels converted."""
+        out = None
+        for rel in files:
+            data, _ = sf.read(str(folder / rel), start=offset, frames=frames,
+                              dtype="float32", always_2d=True)
+            wav = convert_channels(torch.from_numpy(data.T.copy()), self.channels)
+            out = wav if out is None else out + wav[..., :out.shape[-1]]
+        return out
 
     def __getitem__(self, index):
         if index < 0:
@@ -240,18 +245,22 @@ class StemDataset:
         if self.segment is not None:
             offset = int(sr * self.shift * index)
             frames = int(math.ceil(sr * self.segment))
-        folder = self.root / name
-        mix = self._read(folder / f"{MIXTURE}{EXT}", offset, frames)
-        stems = {s: self._read(folder / f"{self.files[s]}{EXT}", offset, frames)
+        folder = Path(meta["folder"])
+        files = meta["files"]
+        stems = {s: self._read(folder, files[s], offset, frames)
                  for s in self.sources if s != self.residual_source}
+        if meta.get("summed"):
+            mix = sum(stems.values())
+        else:
+            mix = self._read(folder, files[MIXTURE], offset, frames)
         if self.residual_source is not None:
             stems[self.residual_source] = mix - sum(stems.values(), torch.zeros_like(mix))
         length = mix.shape[-1]
         for s, wav in stems.items():
             if wav.shape[-1] != length:
-                raise DatasetError(f"{folder / (self.files[s] + EXT)} has {wav.shape[-1]} "
-                                   f"frames at offset {offset}, "
-                                   f"{folder / (MIXTURE + EXT)} has {length}")
+                raise DatasetError(f"{folder / files[s][0]} has {wav.shape[-1]} frames at "
+                                   f"offset {offset}, the mixture has {length}. Fix: run "
+                                   "`python -m tools.verify_dataset`")
         example = torch.stack([mix] + [stems[s] for s in self.sources])
         if sr != self.samplerate:
             example = julius.resample_frac(example, sr, self.samplerate)
@@ -266,71 +275,6 @@ class StemDataset:
         return example
 
 
-# ----------------------------------------------------------------------------- augmentation
-class SegmentShift(daug.Shift):
-    """demucs' Shift that crops the batch to `length` samples: random per-source offsets in
-    training (all the same with `same`), the first `length` samples in eval."""
-
-    def __init__(self, length, same=False, random=True):
-        super().__init__(shift=0, same=same)
-        self.length = int(length)
-        self.random = random
-
-    def forward(self, wav):
-        if not self.random:
-            return wav[..., :self.length]
-        self.shift = max(0, wav.shape[-1] - self.length)
-        return super().forward(wav)
-
-
-def _flag(value, default):
-    """A config entry that may be a bool, null or a dict of kwargs."""
-    if value is None or value is False:
-        return None
-    if value is True:
-        return dict(default)
-    return {**default, **dict(value)}
-
-
-def build_augment(cfg_augment, samplerate, segment):
-    """nn.Sequential of demucs.augment modules for a batch of stems (B, S, C, T).
-
-    First crops to `segment` seconds with a random time shift per source (demucs' Shift;
-    give it examples longer than `segment`, see `train_segment`; `time_shift: false` crops
-    the first `segment` seconds instead), then FlipChannels +
-    FlipSign (`flip`), Scale (`scale: [min, max]`), Remix (`remix`: shuffle stems across
-    the batch). Recompute the mixture as the sum of the stems: `augment_batch` does it.
-    """
-    cfg = dict(cfg_augment or {})
-    mods = [SegmentShift(int(segment * samplerate), same=bool(cfg.get("shift_same", False)),
-                         random=bool(cfg.get("time_shift", True)))]
-    if cfg.get("flip", False):
-        mods += [daug.FlipChannels(), daug.FlipSign()]
-    scale = cfg.get("scale")
-    if scale is not None and scale is not False:
-        if isinstance(scale, (int, float)) or len(scale) != 2:
-            raise ConfigError(f"dset.augment.scale={scale!r}: expected [min, max] or null")
-        mods.append(daug.Scale(proba=1.0, min=float(scale[0]), max=float(scale[1])))
-    remix = _flag(cfg.get("remix"), {"proba": 1.0, "group_size": None})
-    if remix is not None:
-        mods.append(daug.Remix(**remix))
-    return nn.Sequential(*mods)
-
-
-def augment_batch(augment, batch):
-    """(B, 1 + S, C, T) [mixture, stems] -> augmented stems, mixture = their sum."""
-    stems = augment(batch[:, 1:].clone())      # demucs' Scale works in place
-    return torch.cat([stems.sum(1, keepdim=True), stems], 1)
-
-
-def calibration_batches(loader, augment, device: torch.device) -> tp.Iterator:
-    """(mix, stems) batches of the train loader, augmented as in training (the data
-    that gradient rank allocation and rank adaptation score layers on)."""
-    for batch in loader:
-        batch = augment_batch(augment, batch.to(device))
-        yield batch[:, 0], batch[:, 1:]
-
-
 # ----------------------------------------------------------------------------- from config
 def _abspath(path):
     try:
@@ -340,34 +284,78 @@ def _abspath(path):
         return Path(path).expanduser().resolve()
 
 
-def dataset_root(cfg, sources, progress=True, check=True):
-    """cfg.dset.wav (absolute), or the synthetic dataset (generated once) when it is null."""
+def _wav_paths(value) -> tp.List[Path]:
+    if value is None:
+        return []
+    if OmegaConf.is_config(value):
+        value = OmegaConf.to_container(value)
+    values = value if isinstance(value, (list, tuple)) else [value]
+    return [_abspath(Path(str(v)).expanduser()) for v in values]
+
+
+def dataset_roots(cfg, sources, progress=True, check=True) -> tp.List[Root]:
+    """The roots of dset.wav (a folder or a list) and dset.musdb, absolute; the synthetic
+    dataset (generated once) when both are null."""
     dset = cfg.dset
     if OmegaConf.is_config(dset) and OmegaConf.is_missing(dset, "wav"):
-        raise ConfigError("dset.wav is required with dset=wav. Fix: dset.wav=/path/to/stems "
-                          "(root/{train,valid}/TRACK/{mixture,SOURCE}.wav), or dset=synth.")
-    if dset.get("wav") is None:
+        if dset.get("musdb") is None:
+            raise ConfigError("dset.wav is required with dset=wav. Fix: dset.wav=/path/to/"
+                              "stems (root/{train,valid}/TRACK/{mixture,SOURCE}.wav), "
+                              "dset.musdb=/path/to/musdb18hq, or dset=synth.")
+        wav = None
+    else:
+        wav = dset.get("wav")
+    musdb = dset.get("musdb")
+    if wav is None and musdb is None:
         from demucs_lora.data.synth import ensure_synth
         cfg_dset = dict(dset)
         cfg_dset["metadata"] = str(_abspath(dset.metadata))
-        return ensure_synth(cfg_dset, sources, cfg.get("residual_source"), progress=progress,
+        path = ensure_synth(cfg_dset, sources, cfg.get("residual_source"), progress=progress,
                             stem_files=stem_files(cfg))
-    root = _abspath(Path(str(dset.wav)).expanduser())
-    if check and not root.is_dir():
-        raise DatasetError(f"dset.wav={dset.wav}: {root} is not a folder. Fix: point it to "
-                           "a folder with train/ and valid/ (TRACK/mixture.wav + stems).")
-    return root
+        return [Root(Path(path), "wav", "")]
+    musdb = None if musdb is None else _abspath(Path(str(musdb)).expanduser())
+    return config_roots(_wav_paths(wav), musdb, check=check)
+
+
+def dataset_root(cfg, sources, progress=True, check=True):
+    """The first root's folder (the synthetic dataset's, or dset.wav's)."""
+    return dataset_roots(cfg, sources, progress, check)[0].path
 
 
 def stem_files(cfg):
-    """dset.stem_files as a dict (source -> file name), {} when unset."""
+    """dset.stem_files as a dict (source -> file name or list of names), {} when unset."""
     files = cfg.dset.get("stem_files") if "dset" in cfg else None
     return dict(OmegaConf.to_container(files) if OmegaConf.is_config(files) else files or {})
 
 
 def train_segment(cfg_dset):
-    """Seconds read per training example: segment + shift (room for the random shift)."""
-    return float(cfg_dset.segment) + float(cfg_dset.shift or 0)
+    """Seconds read per training example: segment + shift (room for the random shift),
+    times 1 + max_tempo / 100 with dset.augment.repitch on (room for a faster tempo)."""
+    augment = cfg_dset.get("augment") or {}
+    return (float(cfg_dset.segment) + float(cfg_dset.shift or 0)) * room(augment.get("repitch"))
+
+
+def config_metadata(cfg, sources, progress=True) -> Metadata:
+    """build_metadata for a composed config (its roots, stem files, mixture, hold-out)."""
+    dset = cfg.dset
+    check_valid_tracks(dset.get("valid_tracks"))
+    roots = dataset_roots(cfg, sources, progress=progress)
+    return build_metadata(roots, sources, _abspath(dset.metadata), cfg.get("residual_source"),
+                          stem_files(cfg), dset.get("mixture") or "auto",
+                          dset.get("valid_tracks"))
+
+
+def log_splits(meta: Metadata, cfg) -> None:
+    """Which tracks were held out or taken as MUSDB's validation, and which are summed."""
+    valid = list(meta["valid"])
+    if cfg.dset.get("valid_tracks") is not None or cfg.dset.get("musdb") is not None:
+        logger.info("valid tracks (%d): %s", len(valid), ", ".join(valid))
+    summed = [f"{split}/{name}" for split in SPLITS for name, m in meta[split].items()
+              if m.get("summed")]
+    if summed:
+        logger.info("mixture = sum of the stems (no mixture file, dset.mixture=%s) in %d "
+                    "tracks: %s", cfg.dset.get("mixture") or "auto", len(summed),
+                    ", ".join(summed))
 
 
 def get_datasets(cfg, sources):
@@ -377,15 +365,18 @@ def get_datasets(cfg, sources):
     """
     dset = cfg.dset
     residual = cfg.get("residual_source")
-    root = dataset_root(cfg, sources)
-    files = stem_files(cfg)
-    meta = build_metadata(root, sources, _abspath(dset.metadata), residual, files)
+    meta = config_metadata(cfg, sources)
+    log_splits(meta, cfg)
     common = dict(sources=sources, metadata=meta, samplerate=dset.samplerate,
-                  channels=dset.channels, residual_source=residual, stem_files=files)
-    train = StemDataset(root, "train", segment=train_segment(dset), shift=dset.shift, **common)
-    valid = StemDataset(root, "valid", **common)
-    test = StemDataset(root, "test", **common)
+                  channels=dset.channels, residual_source=residual)
+    train = StemDataset(None, "train", segment=train_segment(dset), shift=dset.shift,
+                        **common)
+    valid = StemDataset(None, "valid", **common)
+    test = StemDataset(None, "test", **common)
     if len(train) == 0 or len(valid) == 0:
-        raise DatasetError(f"{root}: no tracks in {'train' if len(train) == 0 else 'valid'}/. "
-                           "Fix: run `python -m tools.verify_dataset` on it.")
+        split = "train" if len(train) == 0 else "valid"
+        fix = ("set dset.valid_tracks=N to hold out N train tracks"
+               if split == "valid" else "add tracks")
+        raise DatasetError(f"no tracks in {split}/ of {dataset_root(cfg, sources)}. Fix: "
+                           f"{fix}, or run `python -m tools.verify_dataset` on it.")
     return train, valid, test

@@ -21,12 +21,15 @@ import soundfile as sf
 from tqdm import tqdm
 
 from demucs_lora.core.errors import ConfigError
-from demucs_lora.data.stems import (BLOCK, EXT, MIXTURE, SPLITS, cache_path, disk_sources, file_stamp,
-                    list_tracks, load_cache, save_cache)
+from demucs_lora.data.cache import cache_path, load_cache, save_cache
+from demucs_lora.data.layout import (MIXTURE, PREPARE_HINT, LayoutError, audio_in,
+                                     folder_stamp, track_files)
+from demucs_lora.data.roots import (SPLITS, Root, check_valid_tracks, config_roots,
+                                    list_tracks, split_tracks)
+from demucs_lora.data.stems import BLOCK, disk_sources
 
 CLIP_LEVEL, CLIP_RATIO, SILENCE = 0.999, 1e-3, 1e-5
-REQUIRED_SPLITS = ("train", "valid")
-CHECKS_VERSION = 2                 # bump when a check or its message changes (cache key)
+CHECKS_VERSION = 3                 # bump when a check or its message changes (cache key)
 
 
 @dataclass
@@ -64,6 +67,8 @@ class Report:
     reused: int = 0
     scanned: int = 0
     strict: bool = False
+    formats: Counter = field(default_factory=Counter)   # files per extension
+    summed: int = 0                                      # tracks without a mixture file
 
     @property
     def errors(self):
@@ -82,6 +87,11 @@ class Report:
                  f"{'split':8s}{'tracks':>8s}{'hours':>10s}{'errors':>8s}{'warnings':>10s}"]
         for r in self.rows:
             lines.append(f"{r.split:8s}{r.tracks:8d}{r.hours:10.4f}{r.errors:8d}{r.warnings:10d}")
+        if self.formats:
+            lines.append("formats: " + ", ".join(f"{ext} {n} files"
+                                                 for ext, n in sorted(self.formats.items())))
+        if self.summed:
+            lines.append(f"mixture = sum of the stems in {self.summed} tracks (no mixture file)")
         lines += [p.format() for p in self.problems]
         lines.append(f"{self.reused} tracks reused from cache ({self.scanned} checked)")
         n_err, n_warn = len(self.errors), len(self.warnings)
@@ -94,122 +104,128 @@ class Report:
 
 
 # ----------------------------------------------------------------------------- one track
-def _open_files(folder, names, residual):
-    """Problems for missing/unreadable/empty files; the readable ones' sf.info."""
+def _open_files(files):
+    """Problems for unreadable/empty files; the readable ones' sf.info."""
     problems, infos = [], {}
-    for name in names:
-        file = folder / f"{name}{EXT}"
-        if not file.is_file():
-            have = sorted(p.stem for p in folder.glob(f"*{EXT}") if p.stem != MIXTURE)
-            if name == MIXTURE:
-                fix = "write mixture.wav: the sum of the track's stems"
-            elif have:
-                fix = (f"your files have {', '.join(have)}; set dset.sources=[{', '.join(have)}]"
-                       f" (or add {name}.wav"
-                       + (")" if residual else f", or set residual_source={name}: computed "
-                          "as mixture - other stems)"))
-            else:
-                fix = (f"add {name}.wav, or remove '{name}' from dset.sources"
-                       + ("" if residual else f", or set residual_source={name} "
-                          "(computed as mixture - other stems)"))
-            problems.append(("error", file, f"missing file {file.name}", fix))
-            continue
+    for file in files.all_files:
+        rel = file.relative_to(files.folder).as_posix()
         if file.stat().st_size == 0:
             problems.append(("error", file, "empty file (0 bytes)", "re-export it"))
             continue
         try:
             info = sf.info(str(file))
         except Exception as err:  # soundfile raises RuntimeError/LibsndfileError/...
-            problems.append(("error", file, f"cannot read {file.name}: {err}",
-                             "re-export it as WAV (soundfile cannot decode it)"))
+            problems.append(("error", file, f"cannot read {rel}: {err}",
+                             "re-export it as WAV or FLAC (soundfile cannot decode it)"))
             continue
         if info.frames == 0:
-            problems.append(("error", file, f"empty file {file.name} (0 frames)", "re-export it"))
+            problems.append(("error", file, f"empty file {rel} (0 frames)", "re-export it"))
             continue
-        infos[name] = info
+        infos[file] = info
     return problems, infos
 
 
 def _check_consistency(folder, infos):
     problems = []
-    ref = MIXTURE if MIXTURE in infos else next(iter(infos), None)
-    for name, info in infos.items():
-        if name == ref:
+    ref = next(iter(infos), None)
+    for file, info in infos.items():
+        if file == ref:
             continue
+        name, theirs_name = (p.relative_to(folder).as_posix() for p in (file, ref))
         for key, unit in (("samplerate", " Hz"), ("channels", " channels"), ("frames", " frames")):
             mine, theirs = getattr(info, key), getattr(infos[ref], key)
             if mine != theirs:
                 what = {"samplerate": "sample rate", "frames": "length"}.get(key, key)
-                problems.append(("error", folder / f"{name}{EXT}",
-                                 f"{what} {mine}{unit} of {name}{EXT} differs from "
-                                 f"{ref}{EXT} ({theirs}{unit}) in {folder}",
-                                 f"re-export {name}{EXT} and {ref}{EXT} with the same {what}"))
+                problems.append(("error", file,
+                                 f"{what} {mine}{unit} of {name} differs from "
+                                 f"{theirs_name} ({theirs}{unit}) in {folder}",
+                                 f"re-export {name} and {theirs_name} with the same {what}, "
+                                 f"{PREPARE_HINT}"))
     return problems
 
 
-def _scan(folder, infos, do_sum):
+def _scan(files, infos, do_sum):
     """Read each file once (blocks): non-finite, clipped, peak; and the sum residual."""
-    stats = {n: Counter() for n in infos}
+    stats = {p: Counter() for p in infos}
+    mix_files = set(files.stems.get(MIXTURE, []))
     diff = ref = 0.0
-    files = {n: sf.SoundFile(str(folder / f"{n}{EXT}")) for n in infos}
+    handles = {p: sf.SoundFile(str(p)) for p in infos}
     try:
         while True:
-            blocks = {n: f.read(BLOCK, dtype="float64", always_2d=True) for n, f in files.items()}
+            blocks = {p: f.read(BLOCK, dtype="float64", always_2d=True)
+                      for p, f in handles.items()}
             if not any(b.size for b in blocks.values()):
                 break
-            for n, b in blocks.items():
+            for p, b in blocks.items():
                 finite = np.isfinite(b)
-                s = stats[n]
+                s = stats[p]
                 s["nonfinite"] += int(b.size - finite.sum())
                 b = np.where(finite, b, 0.0)
                 s["clipped"] += int((np.abs(b) >= CLIP_LEVEL).sum())
                 s["samples"] += b.size
                 s["peak"] = max(s["peak"], float(np.abs(b).max(initial=0.0)))
             if do_sum:
-                mix = blocks[MIXTURE]
-                rest = sum(b for n, b in blocks.items() if n != MIXTURE)
+                mix = sum(b for p, b in blocks.items() if p in mix_files)
+                rest = sum(b for p, b in blocks.items() if p not in mix_files)
                 diff += float(np.abs(mix - rest).sum())
                 ref += float(np.abs(mix).sum())
     finally:
-        for f in files.values():
+        for f in handles.values():
             f.close()
     return stats, (diff / ref if ref > 0 else (0.0 if diff == 0 else float("inf")))
 
 
-def check_track(folder, names, residual=None, sum_tolerance=1e-3):
-    """Problems of one track folder as (level, file, message, fix) + its info."""
-    folder = Path(folder)
-    problems, infos = _open_files(folder, names, residual)
-    problems += _check_consistency(folder, infos)
-    consistent = not problems and len(infos) == len(names)
-    do_sum = consistent and residual is None and len(names) > 1
-    stats, rel = _scan(folder, infos, do_sum) if infos else ({}, 0.0)
-    for name, s in stats.items():
-        file = folder / f"{name}{EXT}"
+def _signal_problems(folder, stats):
+    problems = []
+    for file, s in stats.items():
+        rel = file.relative_to(folder).as_posix()
         if s["nonfinite"]:
-            problems.append(("error", file, f"{s['nonfinite']} NaN/inf samples in {file.name}",
+            problems.append(("error", file, f"{s['nonfinite']} NaN/inf samples in {rel}",
                              "re-export it (the file holds NaN or inf values)"))
         if s["peak"] < SILENCE:
-            problems.append(("warning", file, f"{file.name} is silent (peak {s['peak']:.2g})",
+            problems.append(("warning", file, f"{rel} is silent (peak {s['peak']:.2g})",
                              "fine for a stem absent from this track; else re-export it"))
         ratio = s["clipped"] / max(s["samples"], 1)
         if ratio > CLIP_RATIO:
-            problems.append(("warning", file, f"{file.name} clips: {ratio:.2%} of samples at "
+            problems.append(("warning", file, f"{rel} clips: {ratio:.2%} of samples at "
                              f"|x| >= {CLIP_LEVEL}", "export at a lower gain or as float WAV"))
+    return problems
+
+
+def check_track(folder, sources, residual=None, sum_tolerance=1e-3, stem_files=None,
+                mixture="auto"):
+    """Problems of one track folder as (level, file, message, fix) + its info (seconds,
+    rate, channels, formats, whether the mixture is the stems' sum)."""
+    folder = Path(folder)
+    try:
+        files, layout = track_files(folder, sources, residual, stem_files, mixture)
+    except LayoutError as err:
+        return [["error", err.file, err.message, err.fix]], {"seconds": 0.0}
+    problems = [("error",) + tuple(p) for p in layout]
+    opened, infos = _open_files(files)
+    problems += opened + _check_consistency(folder, infos)
+    consistent = not problems and len(infos) == len(files.all_files)
+    do_sum = consistent and not files.summed and residual is None and len(files.stems) > 1
+    stats, rel = _scan(files, infos, do_sum) if infos else ({}, 0.0)
+    problems += _signal_problems(folder, stats)
     if do_sum and not any(s["nonfinite"] for s in stats.values()) and rel > sum_tolerance:
-        extra = sorted(p.name for p in folder.glob(f"*{EXT}")
-                       if p.stem not in names)
+        used = {p.name for p in files.all_files}
+        extra = sorted(p.name for p in audio_in(folder) if p.name not in used)
         hint = f"; files not in `sources`: {', '.join(extra)}" if extra else ""
+        mix = files.stems[MIXTURE][0]
+        names = ", ".join(p.relative_to(folder).as_posix() for p in files.all_files
+                          if p != mix)
         problems.append((
-            "error", folder / f"{MIXTURE}{EXT}",
-            f"stems {', '.join(n + EXT for n in names if n != MIXTURE)} do not sum to "
-            f"{MIXTURE}{EXT}: relative L1 error {rel:.3g} > tolerance {sum_tolerance:g}",
+            "error", mix,
+            f"stems {names} do not sum to {mix.name}: relative L1 error {rel:.3g} > tolerance "
+            f"{sum_tolerance:g}",
             "the stems must add up to the mixture: add the missing stems to `sources`, set "
-            f"residual_source, or rewrite {MIXTURE}{EXT} as their sum{hint}"))
-    ref = infos.get(MIXTURE) or next(iter(infos.values()), None)
+            f"residual_source, set dset.mixture=sum, or rewrite {mix.name} as their sum{hint}"))
+    ref = next(iter(infos.values()), None)
     info = {"seconds": ref.frames / ref.samplerate if ref else 0.0,
             "samplerate": ref.samplerate if ref else None,
-            "channels": ref.channels if ref else None}
+            "channels": ref.channels if ref else None, "summed": files.summed,
+            "formats": dict(Counter(p.suffix.lower().lstrip(".") for p in files.all_files))}
     return [list(map(str, p)) for p in problems], info
 
 
@@ -220,33 +236,29 @@ def _params_key(names, residual, samplerate, channels, tol):
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
 
-def _track_stamp(folder, names):
-    stamp = {n: file_stamp(folder / f"{n}{EXT}") for n in names}
-    stamp["*"] = sorted(p.name for p in folder.glob(f"*{EXT}") if p.stem not in names)
-    return stamp
-
-
-def _split_problems(root, report):
-    root = Path(root)
-    if not root.is_dir():
-        report.problems.append(Problem("error", "", "", str(root), "dataset folder not found",
+def _root_problems(root: Root, report, hold_out: bool) -> None:
+    """Problems of a root's split folders (a missing valid/ is fine with a hold-out, with
+    MUSDB, or with several roots as long as one has valid tracks)."""
+    if not root.path.is_dir():
+        report.problems.append(Problem("error", "", "", str(root.path),
+                                       "dataset folder not found",
                                        "give the folder that holds train/ and valid/"))
-        return []
-    splits = []
+        return
     for split in SPLITS:
-        folder = root / split
+        folder = root.path / split
+        required = split == "train" or (split == "valid" and not hold_out)
+        if root.kind == "musdb" and split == "valid":
+            continue
         if not folder.is_dir():
-            level = "error" if split in REQUIRED_SPLITS else "info"
-            report.problems.append(Problem(level, split, "", str(folder),
-                                           f"missing split folder {split}/",
-                                           f"create {folder}/TRACK/{{mixture,SOURCE}}.wav"))
+            fix = f"create {folder}/TRACK/{{mixture,SOURCE}}.wav"
+            if split == "valid":
+                fix += " or set dset.valid_tracks=N (hold out N train tracks)"
+            report.problems.append(Problem("error" if required else "info", split, "",
+                                           str(folder), f"missing split folder {split}/", fix))
         elif not list_tracks(folder):
-            level = "error" if split in REQUIRED_SPLITS else "warning"
-            report.problems.append(Problem(level, split, "", str(folder), f"{split}/ has no "
-                                           "track folders", f"add {folder}/TRACK/*.wav"))
-        else:
-            splits.append(split)
-    return splits
+            report.problems.append(Problem("error" if required else "warning", split, "",
+                                           str(folder), f"{split}/ has no track folders",
+                                           f"add {folder}/TRACK/*.wav"))
 
 
 def _layout_problems(root, layouts, channels):
@@ -269,66 +281,94 @@ def _layout_problems(root, layouts, channels):
     return problems
 
 
+def _entry(ref, cache, key, args, report):
+    """The cached check of one track, or a fresh one (counted in the report)."""
+    stamp = folder_stamp(ref.folder)
+    cache_key = f"{ref.origin}/{ref.folder.relative_to(ref.root.path / ref.origin).as_posix()}"
+    entry = cache.get(cache_key)
+    if entry and entry.get("stamp") == stamp and entry.get("params") == key:
+        report.reused += 1
+    else:
+        problems, info = check_track(ref.folder, *args)
+        entry = {"stamp": stamp, "params": key, "problems": problems, "info": info}
+        report.scanned += 1
+    return cache_key, entry
+
+
 def verify_dataset(root, sources, samplerate, channels, cache_dir, sum_tolerance=1e-3,
-                   residual_source=None, strict=False, progress=True, stem_files=None):
-    """Check every track of every split of `root`; returns a Report (see `Report.ok`)."""
-    root = Path(root)
+                   residual_source=None, strict=False, progress=True, stem_files=None,
+                   mixture="auto", valid_tracks=None):
+    """Check every track of every split of `root` (a folder or a list of `roots.Root`);
+    returns a Report (see `Report.ok`)."""
+    roots = list(root) if isinstance(root, (list, tuple)) else config_roots(root, None,
+                                                                             check=False)
     files = dict(stem_files or {})
     names = disk_sources(list(sources), residual_source, files)
-    report = Report(str(root), list(sources), strict=strict)
-    splits = _split_problems(root, report)
-    todo = [(s, t) for s in splits for t in list_tracks(root / s)]
-    key = _params_key(names, residual_source, samplerate, channels, sum_tolerance)
-    path = cache_path(cache_dir, root, "verify")
-    cache = load_cache(path)
-    new_cache, rates, layouts = {}, Counter(), Counter()
+    report = Report(", ".join(str(r.path) for r in roots), list(sources), strict=strict)
+    hold_out = valid_tracks is not None or len(roots) > 1
+    for r in roots:
+        _root_problems(r, report, hold_out)
+    refs = split_tracks([r for r in roots if r.path.is_dir()], valid_tracks, names)
+    if hold_out and not refs["valid"] and refs["train"]:
+        report.problems.append(Problem("error", "valid", "", report.root, "no valid track",
+                                       "set dset.valid_tracks=N to hold out N train tracks"))
+    key = _params_key([names, files, mixture], residual_source, samplerate, channels,
+                      sum_tolerance)
+    args = (list(sources), residual_source, sum_tolerance, files, mixture)
+    caches = {r: load_cache(cache_path(cache_dir, r.path, "verify")) for r in roots}
+    new = {r: {} for r in roots}
+    rates, layouts = Counter(), Counter()
     rows = {s: SplitRow(s) for s in SPLITS}
-    for split, track in tqdm(todo, desc="verify", unit="track", disable=not progress):
-        folder = root / split / track
-        stamp = _track_stamp(folder, names)
-        entry = cache.get(f"{split}/{track}")
-        if entry and entry.get("stamp") == stamp and entry.get("params") == key:
-            report.reused += 1
-        else:
-            problems, info = check_track(folder, names, residual_source, sum_tolerance)
-            entry = {"stamp": stamp, "params": key, "problems": problems, "info": info}
-            report.scanned += 1
-        new_cache[f"{split}/{track}"] = entry
-        row = rows[split]
-        row.tracks += 1
-        row.seconds += entry["info"]["seconds"]
-        rates[(split, entry["info"]["samplerate"])] += 1
-        layouts[(split, entry["info"].get("channels"))] += 1
+    todo = [(s, ref) for s in SPLITS for ref in refs[s]]
+    for split, ref in tqdm(todo, desc="verify", unit="track", disable=not progress):
+        cache_key, entry = _entry(ref, caches[ref.root], key, args, report)
+        new[ref.root][cache_key] = entry
+        info = entry["info"]
+        rows[split].tracks += 1
+        rows[split].seconds += info["seconds"]
+        rates[(split, info.get("samplerate"))] += 1
+        layouts[(split, info.get("channels"))] += 1
+        report.formats.update(info.get("formats", {}))
+        report.summed += bool(info.get("summed"))
         for level, file, message, fix in entry["problems"]:
-            report.problems.append(Problem(level, split, track, file, message, fix))
+            report.problems.append(Problem(level, split, ref.key, file, message, fix))
+    _rate_and_layout_problems(report, Path(report.root.split(", ")[0]), rates, layouts,
+                              samplerate, channels)
+    for p in report.problems:
+        if p.split in rows and p.level in ("error", "warning"):
+            setattr(rows[p.split], p.level + "s", getattr(rows[p.split], p.level + "s") + 1)
+    report.rows = [rows[s] for s in SPLITS]
+    for r in roots:
+        if new[r] != caches[r]:
+            try:
+                save_cache(cache_path(cache_dir, r.path, "verify"), r.path, new[r])
+            except OSError as err:              # a read-only place: check without a cache
+                print(f"warning: cannot write the cache of {r.path}: {err}", file=sys.stderr)
+    return report
+
+
+def _rate_and_layout_problems(report, root, rates, layouts, samplerate, channels):
     for (split, rate), count in sorted(rates.items(), key=str):
         if rate and rate != samplerate:
             report.problems.append(Problem(
                 "info", split, "", str(root / split), f"{count} tracks at {rate} Hz are "
                 f"resampled to {samplerate} Hz on the fly", "resample them offline to save time"))
     report.problems += _layout_problems(root, layouts, channels)
-    for p in report.problems:
-        if p.split in rows and p.level in ("error", "warning"):
-            setattr(rows[p.split], p.level + "s", getattr(rows[p.split], p.level + "s") + 1)
-    report.rows = [rows[s] for s in SPLITS]
-    if new_cache != cache:
-        try:
-            save_cache(path, root, new_cache)
-        except OSError as err:                  # a read-only place: check without a cache
-            print(f"warning: cannot write the cache {path}: {err}", file=sys.stderr)
-    return report
 
 
 def verify_config(cfg, strict=False, progress=True):
     """verify_dataset for a composed config (cfg.dset, sources, residual_source)."""
     from demucs_lora.core.sources import DEFAULT_SOURCES
-    from demucs_lora.data.stems import _abspath, dataset_root, stem_files
+    from demucs_lora.data.stems import _abspath, dataset_roots, stem_files
     sources = list(cfg.dset.get("sources") or DEFAULT_SOURCES)
     residual = cfg.get("residual_source")
     if residual is not None and residual not in sources:
         raise ConfigError(f"residual_source={residual!r} must be one of sources {sources}")
-    root = dataset_root(cfg, sources, progress=progress, check=False)
-    return verify_dataset(root, sources, int(cfg.dset.samplerate), int(cfg.dset.channels),
+    check_valid_tracks(cfg.dset.get("valid_tracks"))
+    roots = dataset_roots(cfg, sources, progress=progress, check=False)
+    return verify_dataset(roots, sources, int(cfg.dset.samplerate), int(cfg.dset.channels),
                           _abspath(cfg.dset.metadata),
                           float(cfg.dset.get("sum_tolerance", 1e-3)), residual,
-                          strict=strict, progress=progress, stem_files=stem_files(cfg))
+                          strict=strict, progress=progress, stem_files=stem_files(cfg),
+                          mixture=cfg.dset.get("mixture") or "auto",
+                          valid_tracks=cfg.dset.get("valid_tracks"))

@@ -28,16 +28,14 @@ DECIMALS = 4
 def build_dataset(cfg: "DictConfig", sources: tp.Sequence[str], split: str,
                   samplerate: int, channels: int, progress: bool = True):
     """Whole-track, un-normalized StemDataset of ``split`` for ``sources``."""
-    from demucs_lora.data.stems import (StemDataset, _abspath, build_metadata, dataset_root,
-                                        stem_files)
+    from demucs_lora.data.stems import StemDataset, config_metadata, dataset_root
     residual = cfg.get("residual_source")
-    root = dataset_root(cfg, list(sources), progress=progress)
-    files = stem_files(cfg)
-    meta = build_metadata(root, list(sources), _abspath(cfg.dset.metadata), residual, files)
-    dataset = StemDataset(root, split, list(sources), meta, segment=None,
+    meta = config_metadata(cfg, list(sources), progress=progress)
+    dataset = StemDataset(None, split, list(sources), meta, segment=None,
                           samplerate=samplerate, channels=channels, normalize=False,
-                          residual_source=residual, stem_files=files)
+                          residual_source=residual)
     if len(dataset) == 0:
+        root = dataset_root(cfg, list(sources), progress=False)
         raise DatasetError(f"{root}: no tracks in {split}/ (expected {root / split}/TRACK/"
                            f"{{mixture,{','.join(sources)}}}.wav); use --split valid or "
                            "another dset.wav")
@@ -65,7 +63,7 @@ def evaluate_model(model: "nn.Module", dataset, shifts: int = 0, overlap: float 
     tracks = {}
     for index in tqdm.tqdm(range(count), desc="test", unit="track", disable=not progress):
         item = dataset[index]
-        mix, ref = check_audio(item[0], f"{dataset.root / names[index]} (mixture)"), item[1:]
+        mix, ref = check_audio(item[0], f"{dataset.metadata[names[index]].get('folder', names[index])} (mixture)"), item[1:]
         est = separate_tensor(model, mix.to(device), shifts=shifts, overlap=overlap,
                               split=split, device=device).cpu()
         check_finite_output(est, list(model.sources), f"{label} on {names[index]}")

@@ -14,6 +14,8 @@ import typing as tp
 import torch
 from dora import distrib
 
+from demucs_lora.core.errors import DatasetError
+
 FIELDS = {"epoch": int, "step": int, "total": float, "count": int, "grad_norm": float,
           "seconds": float, "skipped": int, "fp16_skips": int}
 
@@ -21,7 +23,8 @@ FIELDS = {"epoch": int, "step": int, "total": float, "count": int, "grad_norm": 
 @dataclasses.dataclass
 class EpochProgress:
     epoch: int
-    step: int = 0             # batches consumed (trained or skipped as non-finite)
+    step: int = 0             # optimizer steps taken (trained or skipped as non-finite),
+                              # each `optim.accumulate` batches
     total: float = 0.0        # sum of the finite losses
     count: int = 0            # finite steps
     grad_norm: float = 0.0
@@ -53,6 +56,18 @@ def partial_problem(state: tp.Any, epoch: int) -> tp.Optional[str]:
     if not isinstance(rng, list) or not all(isinstance(r, dict) for r in rng):
         return "partial epoch entry without RNG states"
     return None
+
+
+def optimizer_steps(batches: int, max_batches: tp.Optional[int], accumulate: int) -> int:
+    """Optimizer steps per epoch: `accumulate` loader batches each (`max_batches` caps the
+    batches), so `step` in EpochProgress, the scheduler, EMA and rank adaptation all count
+    optimizer steps; DatasetError when not even one step fits."""
+    batches = batches if max_batches is None else min(batches, max_batches)
+    if batches < accumulate:
+        raise DatasetError(f"optim.accumulate={accumulate} needs {accumulate} train batches "
+                           f"per step, an epoch has {batches}. Fix: lower optim.accumulate "
+                           "or batch_size, or add tracks")
+    return batches // accumulate
 
 
 def skip_batches(batches: tp.Iterator, count: int) -> None:

@@ -105,6 +105,12 @@ class SolverGuards:
             raise divergence_error(self.cfg, where, f"the weights hold NaN/inf ({bad[:3]})",
                                    self.saved)
 
+    def _over_budget(self) -> bool:
+        """Equal wall-clock comparisons: stop once the train time spent exceeds the budget."""
+        budget = self.cfg.train_budget_seconds
+        return budget is not None and sum(h.get("train_seconds", 0.0)
+                                          for h in self.history) >= budget
+
     def _stop_requested(self) -> None:
         """Between epochs: checkpoint.th is current, so a stop signal just exits."""
         if agree([self.stop.requested], self.device)[0]:

@@ -66,6 +66,9 @@ def build_loaders(cfg: DictConfig) -> tp.Tuple[dict, torch.nn.Module]:
                      for name, meta in train_set.metadata.items()}
         for line in segment_warnings(durations, float(cfg.dset.segment)):
             logger.warning(line)
+    if len(train):  # optim.accumulate batches per optimizer step: refused before any model
+        from demucs_lora.training.epoch import optimizer_steps
+        optimizer_steps(len(train), cfg.max_batches, int(cfg.optim.get("accumulate") or 1))
     if len(train) == 0:
         raise DatasetError(f"the train split gives no batch of {cfg.batch_size} segments of "
                            f"{cfg.dset.segment}s: add tracks or lower batch_size/dset.segment")

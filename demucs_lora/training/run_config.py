@@ -124,7 +124,8 @@ def what_is_trained(cfg: DictConfig, report: dict) -> str:
 
 def data_banner(cfg: DictConfig) -> tp.Optional[str]:
     """The loud line a run on the embedded synthetic data logs (None with dset.wav)."""
-    if cfg.dset.get("wav") is not None or OmegaConf.is_missing(cfg.dset, "wav"):
+    if cfg.dset.get("wav") is not None or OmegaConf.is_missing(cfg.dset, "wav") or \
+            cfg.dset.get("musdb") is not None:
         return None
     synth = cfg.dset.synth
     bar = "!" * 78
@@ -256,21 +257,22 @@ def resolve_sources(cfg: DictConfig, base) -> tp.Tuple[tp.Dict[str, tp.Any], tp.
 
 def available_stems(cfg: DictConfig, sources: tp.Sequence[str]) -> tp.Optional[tp.Set[str]]:
     """Stem file names the dataset has (None: unknown, e.g. no such folder)."""
-    from demucs_lora.data.stems import EXT, MIXTURE, SPLITS, list_tracks
+    from demucs_lora.data.layout import stem_names
+    from demucs_lora.data.stems import SPLITS, dataset_roots, list_tracks
     dset = cfg.dset
-    if OmegaConf.is_missing(dset, "wav"):
+    if OmegaConf.is_missing(dset, "wav") and dset.get("musdb") is None:
         return None
-    if dset.get("wav") is None:
+    if dset.get("wav") is None and dset.get("musdb") is None:
         from demucs_lora.data.synth import LAYOUTS, choose_layout
         stems = dset.synth.get("stems")
         return set(LAYOUTS.get(choose_layout(stems, sources, cfg.get("residual_source")), []))
-    root = Path(str(dset.wav))
     names: tp.Set[str] = set()
-    for split in SPLITS:
-        if (root / split).is_dir():
-            for track in list_tracks(root / split):
-                names |= {p.stem for p in (root / split / track).glob(f"*{EXT}")}
-    return (names - {MIXTURE}) if names else None
+    for root in dataset_roots(cfg, sources, progress=False, check=False):
+        for split in SPLITS:
+            if (root.path / split).is_dir():
+                for track in list_tracks(root.path / split, sources):
+                    names |= set(stem_names(root.path / split / track))
+    return names or None
 
 
 def resolve_stem_files(cfg: DictConfig, sources: tp.Sequence[str]

@@ -30,7 +30,7 @@ from demucs_lora.core.files import atomic_torch_save, atomic_write_text
 from demucs_lora.data.stems import augment_batch
 from demucs_lora.models.trainable import load_trainable_state, trainable_state
 from demucs_lora.training import checkpoint as ckpt
-from demucs_lora.training.epoch import EpochProgress, agree, skip_batches
+from demucs_lora.training.epoch import EpochProgress, agree, optimizer_steps, skip_batches
 from demucs_lora.training.guards import SolverGuards
 from demucs_lora.training.optim import TrainableEMA, build_optimizer, build_scheduler
 from demucs_lora.training.profiling import start_profiler
@@ -54,8 +54,9 @@ class Solver(SolverGuards):
         self.is_master = distrib.is_master()
         self._wrap_ddp()
         self.optimizer = build_optimizer(self.model, cfg.optim)
-        steps = len(loaders["train"])
-        self.steps_per_epoch = steps if cfg.max_batches is None else min(steps, cfg.max_batches)
+        self.accumulate = int(cfg.optim.get("accumulate") or 1)  # micro-batches per step
+        self.steps_per_epoch = optimizer_steps(len(loaders["train"]), cfg.max_batches,
+                                               self.accumulate)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim,
                                          self.steps_per_epoch * cfg.epochs)
         self.ema = TrainableEMA(self.model, cfg.optim.ema) if cfg.optim.ema > 0 else None
@@ -168,7 +169,7 @@ class Solver(SolverGuards):
         progress = self._start_progress(epoch)
         batches = iter(loader)
         if progress.step:  # a stopped epoch: same order, same RNG from the stop on
-            skip_batches(batches, progress.step)
+            skip_batches(batches, progress.step * self.accumulate)
             rngs = progress.rng or []
             ckpt.set_rng_state(rngs[distrib.rank()] if len(rngs) == distrib.world_size()
                                else rngs[0])
@@ -181,10 +182,11 @@ class Solver(SolverGuards):
         start = time.time() - progress.seconds
         every = max(1, self.steps_per_epoch // max(1, self.cfg.misc.num_prints))
         while progress.step < self.steps_per_epoch:
-            batch = next(batches, None)
-            if batch is None:
+            micro = [b for b in (next(batches, None) for _ in range(self.accumulate))
+                     if b is not None]
+            if len(micro) < self.accumulate:
                 break
-            stop = self._train_step(batch, progress)
+            stop = self._train_step(micro, progress)
             if profiler is not None:
                 profiler.step()
             bar.update(1)
@@ -216,20 +218,32 @@ class Solver(SolverGuards):
             return partial
         return EpochProgress(epoch)
 
-    def _train_step(self, batch: torch.Tensor, progress: EpochProgress) -> bool:
-        """One optimizer step (or a skipped non-finite one); True when a stop signal
-        reached any rank. Raises TrainingDiverged past the non-finite allowance."""
-        batch = augment_batch(self.augment, batch.to(self.device))
-        mix, stems = batch[:, 0], batch[:, 1:]
-        with self._autocast():
-            estimate = self.dmodel(mix)
-        loss, _ = self._loss(estimate, stems)
+    def _backward(self, micro: tp.Sequence[torch.Tensor]) -> float:
+        """Gradients of the mean loss over the micro-batches (optim.accumulate); under DDP
+        they are all-reduced once, with the last micro-batch's backward."""
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        value = 0.0
+        for index, batch in enumerate(micro):
+            last = index == len(micro) - 1
+            sync = (self.dmodel.no_sync() if not last and hasattr(self.dmodel, "no_sync")
+                    else contextlib.nullcontext())
+            batch = augment_batch(self.augment, batch.to(self.device))
+            with sync:
+                with self._autocast():
+                    estimate = self.dmodel(batch[:, 0])
+                loss, _ = self._loss(estimate, batch[:, 1:])
+                self.scaler.scale(loss / len(micro)).backward()
+            value += float(loss.item()) / len(micro)
+        return value
+
+    def _train_step(self, micro: tp.Sequence[torch.Tensor], progress: EpochProgress) -> bool:
+        """One optimizer step over `accumulate` micro-batches (or a skipped non-finite
+        one); True when a stop signal reached any rank. Raises TrainingDiverged past the
+        non-finite allowance."""
+        value = self._backward(micro)
         self.scaler.unscale_(self.optimizer)
         clip = self.cfg.optim.clip_grad or float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip))
-        value = float(loss.item())
         bad_loss, bad_grad, stop = agree([not math.isfinite(value),
                                           not math.isfinite(grad_norm), self.stop.requested],
                                          self.device)
@@ -321,12 +335,6 @@ class Solver(SolverGuards):
             atomic_write_text(path, json.dumps(metrics, indent=2))
             self._log_epoch(-1, metrics)
         return metrics
-
-    def _over_budget(self) -> bool:
-        """Equal wall-clock comparisons: stop once the train time spent exceeds the budget."""
-        budget = self.cfg.train_budget_seconds
-        return budget is not None and sum(h.get("train_seconds", 0.0)
-                                          for h in self.history) >= budget
 
     def _close(self) -> None:
         if self.writer:

@@ -131,6 +131,17 @@ def test_data_loading_smoke(tmp_path):
     assert finite(result["ratio"]) and result["ratio"] > 0
     assert result["loader_batches_per_s"] > 0 and result["train_steps_per_s"] > 0
     assert len(result["rounds"]) == 2
+    assert finite(result["repitch_throughput_ratio"]) and result["repitch_throughput_ratio"] > 0
+
+
+@pytest.mark.timeout(120)
+def test_accumulate_smoke(tmp_path):
+    result, stdout = run_smoke("accumulate", tmp_path)
+    assert not result["errors"] and set(result["configs"]) == {"batch4", "batch1_x4"}
+    assert all(c["peak"] > 0 for c in result["configs"].values())
+    assert finite(result["memory_ratio"]) and result["memory_ratio"] > 0
+    assert f"memory ratio (batch 1 x accumulate 4 / batch 4): {result['memory_ratio']:.2f}" \
+        in stdout
 
 
 def test_cuda_without_a_device_refuses_unless_smoke(tmp_path):

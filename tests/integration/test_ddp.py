@@ -55,6 +55,15 @@ def test_ddp_two_cpu_processes(tmp_path):
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=LOSS_RTOL)
         assert b["valid_nsdr"] == pytest.approx(a["valid_nsdr"], rel=NSDR_RTOL)
     assert one[-1]["valid_nsdr"] != one[0]["valid_nsdr"]  # training moved the model
+    # optim.accumulate under DDP: 2 processes x 2 micro-batches of 1 = the same step of 4
+    # (gradients all-reduced once, with the last micro-batch; docs/data.md)
+    accumulated = tmp_path / "accumulated"
+    accumulated.mkdir()
+    dora(accumulated, "run", "-d", "--ddp_workers=2", *ARGS, "batch_size=2",
+         "optim.accumulate=2")
+    for a, b in zip(one, history(xps(accumulated)[0])):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=LOSS_RTOL)
+        assert b["valid_nsdr"] == pytest.approx(a["valid_nsdr"], rel=NSDR_RTOL)
     _run_killed_after_first_epoch(killed, ARGS)
     dora(killed, "run", "-d", "--ddp_workers=2", *ARGS)
     (resumed,) = xps(killed)
