@@ -47,9 +47,18 @@ def _argv(name, data=None):
     return shlex.split(text)[1:]
 
 
+def _small(argv):
+    """SMALL in the command's own spelling: two spellings of one key are refused
+    (`htdemucs.segment=12 dset.segment=1`), one spelling twice is "last wins"."""
+    if any(a.startswith("htdemucs.segment=") for a in argv):
+        return [a.replace("dset.segment=", "htdemucs.segment=") for a in SMALL]
+    return SMALL
+
+
 def _run(cwd, name, guide, data=None, extra=(), check=True):
     cwd.mkdir(exist_ok=True)
-    argv = _argv(name, data) + [f"pretrained_repo={guide['repo']}", *SMALL, *extra]
+    argv = _argv(name, data)
+    argv = argv + [f"pretrained_repo={guide['repo']}", *_small(argv), *extra]
     proc = dora(cwd, *argv, check=check)
     return proc, proc.stdout + proc.stderr
 
