@@ -8,8 +8,7 @@ from pathlib import Path
 import treetable as tt
 from dora import Explorer
 
-DEFAULT_SOURCES = ("drums", "bass", "other", "vocals")
-
+from demucs_lora.core.sources import DEFAULT_SOURCES
 
 UNREADABLE = "unreadable"
 

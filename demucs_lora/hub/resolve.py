@@ -224,10 +224,6 @@ class Loaded:
     segment: tp.Optional[float]
     found: Found
 
-    @property
-    def is_bag(self) -> bool:
-        return len(self.members) > 1
-
 
 def load_found(found: Found, trust_remote_code: bool = False) -> Loaded:
     """Build every member model (strict, allowlisted) of what ``find_model`` found."""

@@ -64,9 +64,6 @@ class LoRAMultiheadAttention(LoRALayer):
         self.register_forward_pre_hook(_block_fastpath)
 
     # -- low rank ---------------------------------------------------------------
-    def _enabled(self) -> tp.List[str]:
-        return [p for p, on in zip(_PROJ, self.enable_qkv) if on] + ["o"]
-
     def _lora_add(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
         """``result + scaling * B_name A_name dropout(x)`` (one addmm, see LoRALayer._addmm)."""
         a = self._cast(getattr(self, f"lora_A_{name}"), x.dtype)
