@@ -15,6 +15,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from demucs_lora.config.values import config_value
 from demucs_lora.core.errors import ConfigError
 from demucs_lora.lora.config import LoraConfig
 
@@ -29,10 +30,6 @@ CHOICES = {
 PATH_KEYS = ("dset.wav", "dset.musdb", "dset.metadata", "pretrained_repo")
 
 
-def _get(cfg: DictConfig, key: str):
-    return OmegaConf.select(cfg, key, throw_on_missing=False)
-
-
 def check_config(cfg: DictConfig) -> None:
     """Raise ConfigError on the first bad key (before data or model are touched); the
     htdemucs LoRA keys are checked by building their `LoraConfig`."""
@@ -44,7 +41,7 @@ def check_config(cfg: DictConfig) -> None:
                           "nothing: set htdemucs.lora_rank (e.g. htdemucs.lora_rank=8) for "
                           "LoRA, or remove " + ("it" if len(keys) == 1 else "them"))
     for key, allowed in CHOICES.items():
-        value = _get(cfg, key)
+        value = config_value(cfg, key)
         if value not in allowed:
             raise ConfigError(f"{key}={value!r}: allowed values are {list(allowed)}")
     sources = cfg.dset.sources  # null: the base's (resolved once the base is loaded)
@@ -91,7 +88,7 @@ def resolve_paths(cfg: DictConfig, cwd: tp.Optional[Path] = None) -> DictConfig:
         return str(path if path.is_absolute() else cwd / path)
 
     for key in PATH_KEYS:
-        value = _get(cfg, key)
+        value = config_value(cfg, key)
         if isinstance(value, str) and value and not value.startswith("???"):
             OmegaConf.update(out, key, absolute(value))
         elif OmegaConf.is_list(value):              # dset.wav=[A, B]

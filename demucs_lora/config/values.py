@@ -20,7 +20,8 @@ from demucs_lora.lora.config import LoraConfig
 logger = logging.getLogger(__name__)
 
 
-def _get(cfg: DictConfig, key: str) -> tp.Any:
+def config_value(cfg: DictConfig, key: str) -> tp.Any:
+    """The value at dotted `key`, None when it is absent or `???` (never raises)."""
     return OmegaConf.select(cfg, key, throw_on_missing=False)
 
 
@@ -34,7 +35,7 @@ def _number(value: tp.Any, integer: bool = False) -> bool:
 
 def _require(cfg: DictConfig, key: str, ok: tp.Callable[[tp.Any], bool], allowed: str,
              why: str = "", optional: bool = False) -> None:
-    value = _get(cfg, key)
+    value = config_value(cfg, key)
     if optional and value is None:
         return
     if not ok(value):
@@ -111,8 +112,8 @@ def check_base_values(cfg: DictConfig, base: tp.Any) -> None:
     if base is None:  # a new model: its layers follow the config
         return
     base = getattr(base, "models", [base])[0]  # a bag: the globs apply to every member
-    sources = list(_get(cfg, "dset.sources") or _get(cfg, "sources") or base.sources)
-    source_init = _get(cfg, "source_init")
+    sources = list(config_value(cfg, "dset.sources") or config_value(cfg, "sources") or base.sources)
+    source_init = config_value(cfg, "source_init")
     source_plan(list(base.sources), sources,
                 OmegaConf.to_container(source_init) if source_init is not None else None)
     config = LoraConfig.from_cfg(cfg.htdemucs)
