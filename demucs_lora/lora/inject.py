@@ -81,7 +81,8 @@ def _wrap(model: nn.Module, path: str, base: nn.Module, rank: int, layout: LoraL
           ) -> dict:
     """Replace ``base`` at ``path`` by its LoRA wrapper; its report row."""
     layer = wrap_module(base, rank, alpha=layout.alpha, dropout=layout.dropout,
-                        rslora=layout.rslora, bias=layout.bias, enable_qkv=layout.enable_qkv)
+                        rslora=layout.rslora, bias=layout.bias, enable_qkv=layout.enable_qkv,
+                        scaling_rank=layout.scaling_rank)
     parent_path, child = _split_path(path)
     setattr(model.get_submodule(parent_path) if parent_path else model, child, layer)
     n_lora = sum(p.numel() for p in layer.lora_parameters())
