@@ -123,6 +123,21 @@ def test_init_merge_reload_determinism(kind, init, scaling, rslora, tmp_path):
         assert header["ranks"] == {"layer": 2} and "lora_init" not in header
 
 
+def test_adapters_without_the_new_header_keys_still_load(tmp_path):
+    """Adapters written before lora_scaling / lora_init have no scaling_rank key."""
+    import json
+    base, x, model = _adapted("conv2d", "default", "per_layer", False)
+    _train_a_little(model)
+    save_adapter(model, tmp_path / "old")
+    header = json.loads((tmp_path / "old.json").read_text())
+    del header["scaling_rank"]
+    (tmp_path / "old.json").write_text(json.dumps(header))
+    fresh = load_adapter(copy.deepcopy(base), tmp_path / "old").eval()
+    with torch.no_grad():
+        assert _rel(fresh(x), model(x)) <= 1e-6
+    assert fresh.layer.scaling_rank is None and fresh.layer.scaling == 16 / 2
+
+
 def test_gradient_init_is_deterministic_and_seed_dependent():
     _, _, a = _adapted("conv1d_dilated", "gradient", "per_layer", False, seed=0)
     _, _, b = _adapted("conv1d_dilated", "gradient", "per_layer", False, seed=0)
