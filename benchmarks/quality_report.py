@@ -3,7 +3,9 @@
 `write_docs()` replaces the text between each pair of markers of docs/quality.md with the
 table of its JSON file in benchmarks/results: `quality_protocol.json` (the protocol on the
 mid-size base, benchmarks/quality_protocol.py) and `quality.json` (the tiny-base protocol,
-benchmarks/quality.py). tests/test_quality_docs.py checks that the committed docs match.
+benchmarks/quality.py), and the mid-size base's pre-training curve
+(demucs_lora/assets/base_medium_A.json). tests/test_quality_docs.py checks that the
+committed docs match.
 """
 from __future__ import annotations
 
@@ -17,7 +19,9 @@ from demucs_lora.core.files import atomic_write, atomic_write_text
 from .common import RESULTS_DIR, ROOT
 
 DOCS = ROOT / "docs" / "quality.md"
-SECTIONS = {"quality-protocol": "quality_protocol.json", "quality-tiny": "quality.json"}
+BASE_RECIPE = ROOT / "demucs_lora" / "assets" / "base_medium_A.json"
+SECTIONS = {"base-medium": "base_medium_A.json", "quality-protocol": "quality_protocol.json",
+            "quality-tiny": "quality.json"}
 
 
 def _cell(value: float, fmt: str = "{:+.2f}") -> str:
@@ -82,6 +86,30 @@ def tiny_lines(data: tp.Optional[dict]) -> tp.List[str]:
     return [line.replace("](benchmarks/", "](../benchmarks/") for line in table_lines(data)]
 
 
+def base_lines(recipe: tp.Optional[dict]) -> tp.List[str]:
+    """The mid-size base's pre-training so far: the valid nSDR curve, chunk by chunk."""
+    if not recipe:
+        return ["_Not trained yet: `make base-medium`._"]
+    lines = [f"Status: **{recipe['status']}** after {recipe['epochs']} epochs "
+             f"({len(recipe['chunks'])} chunks of {recipe['chunk_epochs']}), "
+             f"{recipe['train_hours']} h of training ({recipe['wall_hours']} h wall); "
+             f"{recipe['params']:,} parameters, stored {recipe['stored']}. Valid nSDR "
+             f"(dB, 4 stems, domain A) before training: "
+             f"{_cell(recipe.get('valid_initial_nsdr'), '{:.3f}')}; best "
+             f"{recipe['best_valid_nsdr']:.3f}.", "",
+             "| chunk | XP | seed | valid nSDR after each epoch | best | train s |",
+             "|---|---|---|---|---|---|"]
+    for c in recipe["chunks"]:
+        lines.append(f"| {c['chunk']} | {c['xp']} | {c['chunk']} | "
+                     f"{', '.join(f'{v:.3f}' for v in c['valid_nsdr'])} | "
+                     f"{c['best_valid_nsdr']:.3f} | {c['train_seconds']:.0f} |")
+    return lines
+
+
+MAKERS = {"base-medium": base_lines, "quality-protocol": protocol_lines,
+          "quality-tiny": tiny_lines}
+
+
 def render(text: str, results: tp.Mapping[str, tp.Optional[dict]]) -> str:
     """`text` with each marked section replaced by its generated lines."""
     for section, name in SECTIONS.items():
@@ -89,16 +117,16 @@ def render(text: str, results: tp.Mapping[str, tp.Optional[dict]]) -> str:
         i, j = text.find(start), text.find(end)
         if i < 0 or j < i:
             continue
-        maker = protocol_lines if section == "quality-protocol" else tiny_lines
-        body = "\n".join(maker(results.get(name)))
+        body = "\n".join(MAKERS[section](results.get(name)))
         text = text[:i + len(start)] + "\n" + body.rstrip() + "\n" + text[j:]
     return text
 
 
-def load(results_dir: Path = RESULTS_DIR) -> tp.Dict[str, tp.Optional[dict]]:
+def load(results_dir: Path = RESULTS_DIR, recipe: Path = BASE_RECIPE
+         ) -> tp.Dict[str, tp.Optional[dict]]:
     out = {}
     for name in SECTIONS.values():
-        path = results_dir / name
+        path = recipe if name == recipe.name else results_dir / name
         out[name] = json.loads(path.read_text()) if path.exists() else None
     return out
 
