@@ -14,8 +14,9 @@ The initial factors stay on the layer as buffers (``lora_A_init``, ``lora_B_init
 so that the original base weight is known exactly (``W' + scaling * B0 A0``) for the base
 fingerprint, and so that an adapter *file* is a plain adapter on the **unmodified** base:
 the trained delta ``scaling * (B A - B0 A0)`` is written as a rank-2r adapter
-``[B, -B0] [A; A0]`` (the way PEFT saves PiSSA / LoRA-GA adapters), its B side rescaled to
-the scaling of rank 2r. Merging stays exact (``W' + scaling * B A`` is the trained weight).
+``[B, -B0] [A; A0]`` (the way PEFT saves PiSSA / LoRA-GA adapters), its output-side factor
+rescaled to the scaling of rank 2r. Merging stays exact (``W' + scaling * B A`` is the
+trained weight).
 """
 from __future__ import annotations
 
