@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -64,19 +65,25 @@ def converged(chunks: tp.Sequence[dict], patience: int = PATIENCE,
     return recent < before + min_gain
 
 
-def xp_folder(args: tp.Sequence[str]) -> Path:
-    """The XP folder Dora uses for these overrides (the signature is a pure function)."""
+def xp_folder(args: tp.Sequence[str], workdir: Path = REPO_DIR) -> Path:
+    """The XP folder Dora uses for these overrides (the signature is a pure function),
+    under `workdir` (Dora makes `dora.dir` absolute against the cwd of the import)."""
     sys.path.insert(0, str(REPO_DIR))
     from demucs_lora.train import main
-    return Path(main.get_xp(list(args)).folder)
+    folder = Path(main.get_xp(list(args)).folder)
+    if folder.is_absolute():
+        folder = Path(os.path.relpath(folder, Path.cwd()))
+    return workdir / folder
 
 
-def dora_run(args: tp.Sequence[str]) -> None:
-    """`dora run ARGS` from the repository root, as a user types it; its exit status
-    ends this command when it fails."""
+def dora_run(args: tp.Sequence[str], workdir: Path = REPO_DIR) -> None:
+    """`dora run ARGS` in `workdir` (the repository root), as a user types it; its exit
+    status ends this command when it fails."""
     cmd = [sys.executable, "-m", "dora", "-P", "demucs_lora", "run", *args]
     print("$ python -m dora run " + " ".join(args), flush=True)
-    code = subprocess.run(cmd, cwd=REPO_DIR).returncode
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(REPO_DIR), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    code = subprocess.run(cmd, cwd=workdir, env=env).returncode
     if code != 0:
         print(f"error: base recipe: dora run failed (exit {code})", file=sys.stderr)
         sys.exit(code)
@@ -113,7 +120,7 @@ def read_recipe(asset: Path) -> dict:
 
 def train_base(asset: Path = MEDIUM_ASSET, base_args: tp.Sequence[str] = tuple(MEDIUM_ARGS),
                epochs: int = CHUNK_EPOCHS, max_chunks: int = MAX_CHUNKS,
-               stop_after: tp.Optional[int] = None) -> dict:
+               stop_after: tp.Optional[int] = None, workdir: Path = REPO_DIR) -> dict:
     """Run chunks until the curve stops rising (or `max_chunks`, or `stop_after` chunks in
     this call); the recipe JSON is rewritten after every chunk."""
     recipe = read_recipe(asset)
@@ -124,8 +131,8 @@ def train_base(asset: Path = MEDIUM_ASSET, base_args: tp.Sequence[str] = tuple(M
         k = len(chunks)
         args = chunk_args(base_args, k, asset, epochs)
         start = time.time()
-        dora_run(args)
-        xp = xp_folder(args)
+        dora_run(args, workdir)
+        xp = xp_folder(args, workdir)
         params = save_base(xp, asset)
         chunks.append(chunk_record(xp, k, args, time.time() - start))
         recipe = _recipe(base_args, epochs, chunks, params)
