@@ -101,6 +101,7 @@ class Protocol:
     def __init__(self, plan: dict, smoke: bool, workdir: Path, out: Path, base: Path):
         self.plan, self.smoke, self.workdir, self.out = plan, smoke, workdir, out
         self.base = str(base.relative_to(ROOT)) if workdir == ROOT else str(base)
+        self.base_sha256 = file_sha256(base)
         self.log = workdir / "outputs" / f"{NAME}_dora.log"
         self.log.parent.mkdir(parents=True, exist_ok=True)
         self.runs: tp.Dict[str, dict] = {}
@@ -134,15 +135,39 @@ class Protocol:
     def before_scores(self, task: str, args: tp.Sequence[str]) -> dict:
         """Test nSDR of the task's starting model (the base with the task's heads)."""
         if task not in self.before:
-            self.before[task] = starting_scores(args, self.workdir, task)
+            self.before[task] = starting_scores(args, self.workdir,
+                                                f"{task}_{self.base_sha256[:8]}")
         return self.before[task]
 
     def write(self, summary: tp.Optional[dict] = None) -> Path:
         data = {"benchmark": NAME, "machine": common.describe_machine("cpu"),
-                "settings": settings(self.plan, self.smoke, self.base), "runs": self.runs,
+                "settings": {**settings(self.plan, self.smoke, self.base),
+                             "base_sha256": self.base_sha256}, "runs": self.runs,
                 "before": self.before, "errors": self.errors, **(summary or {})}
         return common.write_result(NAME, data, argparse.Namespace(smoke=self.smoke,
                                                                   out=str(self.out)))
+
+
+def file_sha256(path: Path) -> str:
+    import hashlib
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_same_base(path: Path, sha256: str) -> tp.Optional[str]:
+    """Why results at `path` cannot be resumed with this base (None: they can). The XP
+    signatures name the base by its path, so a base retrained in between would mix."""
+    if not path.exists():
+        return None
+    recorded = json.loads(path.read_text()).get("settings", {}).get("base_sha256")
+    if recorded is None or recorded == sha256:
+        return None
+    return (f"{path} was measured on another version of the base (sha256 {recorded[:12]}, "
+            f"now {sha256[:12]}): the finished XPs would mix two bases. Move the results "
+            "and outputs/xps aside (or use --workdir and --out elsewhere) to start afresh")
 
 
 def starting_scores(args: tp.Sequence[str], workdir: Path, task: str) -> dict:
@@ -311,7 +336,17 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     if not base.exists():
         print(f"error: {base} does not exist: run `make base-medium` first", file=sys.stderr)
         return 1
+    recipe = base.with_suffix(".json")
+    if not args.smoke and recipe.exists() and json.loads(recipe.read_text()).get(
+            "status") != "converged":
+        print(f"warning: {recipe} says the base is still training (make base-medium): "
+              "results measured now cannot be resumed on the base it ends with", flush=True)
     protocol = Protocol(plan, args.smoke, workdir, out, base)
+    problem = check_same_base(out / f"{NAME}{'_smoke' if args.smoke else ''}.json",
+                              protocol.base_sha256)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 1
     tasks = {t: {m: sweep_and_seeds(protocol, t, m) for m in plan["methods"]}
              for t in plan["tasks"]}
     verdicts = [v for t, ms in tasks.items() for v in task_verdicts(t, ms, plan["rank"])]

@@ -59,3 +59,14 @@ def test_medium_config_is_in_the_low_rank_regime():
     params = sum(p.numel() for p in model.parameters())
     share = allocate_ranks(model, LoraConfig(lora_rank=8)).trainable_params() / params
     assert params >= 4_000_000 and share <= 0.07
+
+
+def test_protocol_refuses_to_resume_on_another_base(tmp_path):
+    import json
+    from benchmarks import quality_protocol
+    results = tmp_path / "quality_protocol.json"
+    assert quality_protocol.check_same_base(results, "a" * 64) is None
+    results.write_text(json.dumps({"settings": {"base_sha256": "a" * 64}}))
+    assert quality_protocol.check_same_base(results, "a" * 64) is None
+    problem = quality_protocol.check_same_base(results, "b" * 64)
+    assert "another version of the base" in problem and str(results) in problem
