@@ -46,7 +46,7 @@ from torch.nn import functional as F
 from demucs_lora.core.errors import ConfigError
 from demucs_lora.lora.calibration import Calibration, calibrate
 from demucs_lora.lora.config import CALIBRATED_MODES, LoraConfig
-from demucs_lora.lora.rank_table import LayerInfo, RankTable, layer_info, target_matrices
+from demucs_lora.lora.rank_table import LayerInfo, RankTable, layer_info
 from demucs_lora.lora.targets import glob_specificity, layer_role, lora_target_names, resolve_alias
 
 logger = logging.getLogger(__name__)
