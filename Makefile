@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo base bench bench-gpu clean
+.PHONY: install test demo base base-medium bench bench-gpu clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -32,6 +32,10 @@ demo: $(STAMP)
 
 base: $(STAMP)
 	$(BIN)/python -m demucs_lora.commands.demo --make-base
+
+# The quality protocol's mid-size base (docs/quality.md): resumable, run it again to go on
+base-medium: $(STAMP)
+	$(BIN)/python -m demucs_lora.commands.base_recipe
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run_all

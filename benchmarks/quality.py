@@ -203,8 +203,9 @@ def finished(history: tp.List[dict], epochs: int) -> bool:
     return len(history) >= epochs
 
 
-def _nsdr(summary: tp.Mapping[str, float]) -> tp.Dict[str, float]:
-    out = {s: summary.get(f"nsdr_{s}", float("nan")) for s in SOURCES}
+def _nsdr(summary: tp.Mapping[str, float], sources: tp.Sequence[str] = tuple(SOURCES)
+          ) -> tp.Dict[str, float]:
+    out = {s: summary.get(f"nsdr_{s}", float("nan")) for s in sources}
     out["mean"] = summary.get("nsdr", float("nan"))
     return out
 
@@ -228,7 +229,8 @@ def test_scores(model_path: Path, data_args: tp.Sequence[str], workdir: Path,
                                 model.audio_channels, progress=False)
         scores = _nsdr(evaluate_model(model, dataset, metrics=("nsdr",), progress=False,
                                       split=bool(cfg.test.split),
-                                      overlap=float(cfg.test.overlap))["summary"])
+                                      overlap=float(cfg.test.overlap))["summary"],
+                       list(model.sources))
     finally:
         os.chdir(cwd)
     if cache is not None:

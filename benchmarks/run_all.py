@@ -233,8 +233,10 @@ def _data_table(r: dict) -> tp.List[str]:
 
 
 def _quality_table(r: dict) -> tp.List[str]:
-    from .quality import table_lines
-    return table_lines(r)
+    """A pointer: the quality tables live in docs/quality.md (benchmarks.quality_report)."""
+    return ["**Quality**: [quality.md](quality.md) (tables generated from "
+            "benchmarks/results/quality*.json by `python -m benchmarks.quality_protocol "
+            "--docs`)."]
 
 
 def make_table(results: tp.Mapping[str, dict]) -> str:

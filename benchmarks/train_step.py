@@ -140,7 +140,7 @@ def build_config(name: str, size: str, segment: float, seed: int
                  ) -> tp.Tuple[nn.Module, tp.List[str]]:
     """(model of configuration `name`, trainable flags set; layers to hook for a floor)."""
     from demucs_lora.lora.config import LoraLayout
-    from demucs_lora.lora.inject import inject_lora
+    from demucs_lora.lora.adapt import inject_lora
     from demucs_lora.models.checkpointing import enable_checkpointing
     config = CONFIGS[name]
     hooks: tp.List[str] = []

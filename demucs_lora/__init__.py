@@ -26,7 +26,8 @@ _EXPORTS = {
     "models.methods": ["load_lora_weights"],
     "lora.state": ["get_lora_state", "save_adapter"],
     "lora.config": ["LoraConfig"],
-    "lora.inject": ["inject_lora", "merge_lora", "unmerge_lora", "remove_lora"],
+    "lora.adapt": ["inject_lora"],
+    "lora.inject": ["merge_lora", "unmerge_lora", "remove_lora"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted([*_WHERE, "apply_model", "__version__"])

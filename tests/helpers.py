@@ -48,7 +48,7 @@ def forward(model, x):
 def inject_all(model, rank: int = 2, targets: tp.Sequence[str] = TARGETS, **kwargs):
     """LoRA of `rank` on every layer of the target groups, in place (B = 0: identity)."""
     from demucs_lora.lora.config import LoraLayout
-    from demucs_lora.lora.inject import inject_lora
+    from demucs_lora.lora.adapt import inject_lora
     from demucs_lora.lora.targets import lora_target_names
     inject_lora(model, LoraLayout({n: rank for n in lora_target_names(model, targets)}, **kwargs))
     return model

@@ -64,6 +64,8 @@ RANGES: tp.Sequence[tp.Tuple[str, tp.Callable[[tp.Any], bool], str, str, bool]] 
      "", False),
     ("optim.accumulate", lambda v: _number(v, True) and v >= 1, "an integer >= 1",
      "micro-batches per optimizer step", False),
+    ("optim.lora_plus_ratio", lambda v: _number(v) and v > 0, "a finite number > 0",
+     "LoRA+: the lr of the B factors is this times the lr of A; 1 = plain LoRA", False),
     ("optim.skip_nonfinite", lambda v: _number(v, True) and v >= 0, "an integer >= 0",
      "NaN/inf steps skipped per epoch", True),
     ("test.every", lambda v: _number(v, True) and v >= 1, "an integer >= 1",

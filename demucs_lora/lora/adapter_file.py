@@ -145,6 +145,13 @@ def check_header(header: tp.Any, path: Path) -> dict:
         raise _bad(path, "enable_qkv", "must be three booleans [q, k, v]")
     if not _str_list(header["train_extra"]):
         raise _bad(path, "train_extra", "must be a list of module names")
+    scaling_rank = header.get("scaling_rank")
+    if scaling_rank is not None and (not _is_int(scaling_rank) or
+                                     not 1 <= scaling_rank <= MAX_RANK):
+        raise _bad(path, "scaling_rank", f"is {scaling_rank!r}: null or an integer in "
+                   f"[1, {MAX_RANK}] (htdemucs.lora_scaling=mean_rank)")
+    if header.get("lora_init") is not None and not isinstance(header["lora_init"], dict):
+        raise _bad(path, "lora_init", "must be an object {method, ...}")
     if header.get("sources") is not None and not _str_list(header["sources"]):
         raise _bad(path, "sources", "must be a list of source names")
     if header.get("source_init") is not None and not isinstance(header["source_init"], dict):

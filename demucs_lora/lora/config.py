@@ -23,7 +23,10 @@ from collections.abc import Mapping
 from demucs_lora.core.errors import ConfigError
 
 BIAS_MODES = ("none", "lora_only", "all")
-RANK_MODES = ("uniform", "heuristic", "gradient")
+RANK_MODES = ("uniform", "heuristic", "gradient", "sensitivity")
+CALIBRATED_MODES = ("gradient", "sensitivity")   # rank modes that read calibration gradients
+INIT_MODES = ("default", "gradient")
+SCALING_MODES = ("per_layer", "mean_rank")
 SAVE_DTYPE_NAMES = ("float32", "float16", "bfloat16")
 DEFAULT_ENABLE_QKV = (True, False, True)
 
@@ -135,6 +138,8 @@ class LoraConfig:
     lora_rank_adaptation: bool = False
     lora_adapt_every: int = 1
     lora_save_dtype: str = "float32"
+    lora_init: str = "default"          # gradient: LoRA-GA (lora/init_gradient.py)
+    lora_scaling: str = "per_layer"     # mean_rank: one scaling, alpha / lora_rank
 
     def __post_init__(self) -> None:
         for name, value in self._checked().items():
@@ -146,6 +151,10 @@ class LoraConfig:
             raise ConfigError("htdemucs.lora_rank_adaptation=true moves LoRA ranks between "
                               "layers, but htdemucs.lora_rank=0 is full fine-tuning: set "
                               "htdemucs.lora_rank > 0 (the starting rank)")
+        if self.lora_init == "gradient" and self.lora_rank_adaptation:
+            raise ConfigError("htdemucs.lora_init=gradient offsets the frozen base by the "
+                              "initial factors, which htdemucs.lora_rank_adaptation=true would "
+                              "resize: use one of the two")
 
     def _checked(self) -> tp.Dict[str, tp.Any]:
         """Every field, checked and normalized (tuples, ints, floats)."""
@@ -173,6 +182,9 @@ class LoraConfig:
             "lora_adapt_every": check_int(self.lora_adapt_every, key("lora_adapt_every"), 1),
             "lora_save_dtype": check_choice(self.lora_save_dtype, key("lora_save_dtype"),
                                             SAVE_DTYPE_NAMES),
+            "lora_init": check_choice(self.lora_init, key("lora_init"), INIT_MODES),
+            "lora_scaling": check_choice(self.lora_scaling, key("lora_scaling"),
+                                         SCALING_MODES),
         }
 
     @classmethod
@@ -207,12 +219,19 @@ class LoraConfig:
         """`rank_cap` further bounded by ``max_rank`` (gradient mode, rank adaptation)."""
         return min(self.rank_cap(smallest), self.max_rank)
 
+    @property
+    def needs_calibration(self) -> bool:
+        """True when building the layers reads calibration gradients (rank or init)."""
+        return self.lora_rank_mode in CALIBRATED_MODES or self.lora_init == "gradient"
+
     def layout(self, ranks: tp.Mapping[str, int], train_extra: tp.Sequence[str] = ()
                ) -> "LoraLayout":
         """The layers `inject_lora` builds with these settings and `ranks` {path: rank}."""
+        scaling_rank = self.lora_rank if self.lora_scaling == "mean_rank" else None
         return LoraLayout(ranks=ranks, alpha=self.lora_alpha, dropout=self.lora_dropout,
                           rslora=self.lora_rslora, bias=self.lora_bias,
-                          enable_qkv=self.lora_enable_qkv, train_extra=tuple(train_extra))
+                          enable_qkv=self.lora_enable_qkv, train_extra=tuple(train_extra),
+                          scaling_rank=scaling_rank)
 
 
 LORA_KEYS = tuple(f.name for f in dataclasses.fields(LoraConfig))
@@ -235,7 +254,10 @@ def _show(value: tp.Any) -> str:
 
 # ----------------------------------------------------------------------------- layout
 HEADER_KEYS = ("ranks", "alpha", "dropout", "rslora", "bias", "enable_qkv", "train_extra")
-"""The adapter header keys a layout is written to and read from."""
+"""The adapter header keys a layout is written to and read from (every adapter has them)."""
+OPTIONAL_HEADER_KEYS = ("scaling_rank",)
+"""Layout keys that adapters written before them lack (their default then applies)."""
+LAYOUT_KEYS = HEADER_KEYS + OPTIONAL_HEADER_KEYS
 
 
 @dataclasses.dataclass(frozen=True, eq=True)
@@ -249,6 +271,8 @@ class LoraLayout(Mapping):
     bias: str = "none"
     enable_qkv: tp.Tuple[bool, bool, bool] = DEFAULT_ENABLE_QKV
     train_extra: tp.Tuple[str, ...] = ()
+    # htdemucs.lora_scaling=mean_rank: every layer's scaling uses this rank (None: its own)
+    scaling_rank: tp.Optional[int] = None
     # the parameter names injection left trainable: what an adapter file holds
     trained: tp.Tuple[str, ...] = dataclasses.field(default=(), compare=False, repr=False)
 
@@ -261,6 +285,8 @@ class LoraLayout(Mapping):
                   "bias": check_choice(self.bias, "htdemucs.lora_bias", BIAS_MODES),
                   "enable_qkv": check_enable_qkv(self.enable_qkv),
                   "train_extra": tuple(str(p) for p in self.train_extra),
+                  "scaling_rank": None if self.scaling_rank is None else
+                  check_int(self.scaling_rank, "scaling_rank", 1),
                   "trained": tuple(self.trained)}
         for name, value in fields.items():
             object.__setattr__(self, name, value)
@@ -268,13 +294,15 @@ class LoraLayout(Mapping):
     @classmethod
     def from_header(cls, header: tp.Mapping[str, tp.Any]) -> "LoraLayout":
         """The layout an adapter header (`lora.adapter_file.check_header`ed) records."""
-        return cls(**{k: header[k] for k in HEADER_KEYS})
+        return cls(**{k: header[k] for k in HEADER_KEYS},
+                   **{k: header[k] for k in OPTIONAL_HEADER_KEYS if k in header})
 
     def to_header(self) -> tp.Dict[str, tp.Any]:
         """The header keys of this layout, as JSON values."""
         return {"ranks": dict(self.ranks), "alpha": self.alpha, "dropout": self.dropout,
                 "rslora": self.rslora, "bias": self.bias,
-                "enable_qkv": list(self.enable_qkv), "train_extra": list(self.train_extra)}
+                "enable_qkv": list(self.enable_qkv), "train_extra": list(self.train_extra),
+                "scaling_rank": self.scaling_rank}
 
     def differences(self, other: "LoraLayout") -> tp.List[str]:
         """One readable item per compared field that differs, e.g. ``alpha: model 16.0,
@@ -296,12 +324,12 @@ class LoraLayout(Mapping):
 
     # -- the header's JSON object view (the guide's model.lora_config["ranks"]) --------
     def __getitem__(self, key: str) -> tp.Any:
-        if key not in HEADER_KEYS:
+        if key not in LAYOUT_KEYS:
             raise KeyError(key)
         return getattr(self, key)
 
     def __iter__(self) -> tp.Iterator[str]:
-        return iter(HEADER_KEYS)
+        return iter(LAYOUT_KEYS)
 
     def __len__(self) -> int:
-        return len(HEADER_KEYS)
+        return len(LAYOUT_KEYS)

@@ -13,7 +13,7 @@ import typing as tp
 from torch import nn
 
 from demucs_lora.core.errors import ConfigError
-from demucs_lora.lora.config import LoraConfig, LoraLayout
+from demucs_lora.lora.config import LoraLayout
 from demucs_lora.lora.layers import LoRALayer, wrap_module
 
 logger = logging.getLogger(__name__)
@@ -45,32 +45,6 @@ def iter_lora_layers(model: nn.Module) -> tp.Iterator[tp.Tuple[str, LoRALayer]]:
 
 def has_lora(model: nn.Module) -> bool:
     return any(True for _ in iter_lora_layers(model))
-
-
-def inject_lora(model: nn.Module, config: tp.Union[LoraConfig, LoraLayout],
-                batches: tp.Optional[tp.Iterable] = None,
-                loss_fn: tp.Optional[tp.Callable] = None,
-                train_extra: tp.Sequence[str] = ()) -> nn.Module:
-    """Put LoRA adapters on `model` in place and freeze the rest; returns `model`.
-
-    PEFT's ``get_peft_model(model, config)`` shape, for your own training loop: a
-    `LoraConfig` (the ``htdemucs.lora_*`` keys) gets its ranks allocated on this model
-    (gradient mode measures them on `batches` of (mix, sources), with `loss_fn`, default
-    L1); a `LoraLayout` (explicit ranks per layer) is used as it is. `train_extra` names
-    modules trained fully (e.g. output heads). Then `save_adapter` / `load_lora_weights`.
-    """
-    if isinstance(config, LoraConfig):
-        from demucs_lora.lora.ranks import allocate_ranks
-        if config.lora_rank <= 0:
-            raise ConfigError("inject_lora: LoraConfig(lora_rank=0) is full fine-tuning, "
-                              "there is nothing to inject; set lora_rank > 0")
-        table = allocate_ranks(model, config, batches=batches, loss_fn=loss_fn)
-        ranks = {name: int(rank) for name, rank in dict(table).items() if int(rank) > 0}
-        config = config.layout(ranks, train_extra)
-    elif train_extra:
-        config = dataclasses.replace(config, train_extra=tuple(train_extra))
-    wrap_layers(model, config)
-    return model
 
 
 def wrap_layers(model: nn.Module, layout: LoraLayout) -> tp.List[dict]:
@@ -107,7 +81,8 @@ def _wrap(model: nn.Module, path: str, base: nn.Module, rank: int, layout: LoraL
           ) -> dict:
     """Replace ``base`` at ``path`` by its LoRA wrapper; its report row."""
     layer = wrap_module(base, rank, alpha=layout.alpha, dropout=layout.dropout,
-                        rslora=layout.rslora, bias=layout.bias, enable_qkv=layout.enable_qkv)
+                        rslora=layout.rslora, bias=layout.bias, enable_qkv=layout.enable_qkv,
+                        scaling_rank=layout.scaling_rank)
     parent_path, child = _split_path(path)
     setattr(model.get_submodule(parent_path) if parent_path else model, child, layer)
     n_lora = sum(p.numel() for p in layer.lora_parameters())

@@ -270,13 +270,19 @@ def params_per_rank(module: nn.Module,
 
 def wrap_module(module: nn.Module, r: int, alpha: float = 16, dropout: float = 0.0,
                 rslora: bool = False, bias: str = "none",
-                enable_qkv: tp.Sequence[bool] = DEFAULT_ENABLE_QKV) -> LoRALayer:
-    """Wrap ``module`` in the LoRA layer for its type (ConfigError if unsupported)."""
+                enable_qkv: tp.Sequence[bool] = DEFAULT_ENABLE_QKV,
+                scaling_rank: tp.Optional[int] = None) -> LoRALayer:
+    """Wrap ``module`` in the LoRA layer for its type (ConfigError if unsupported);
+    `scaling_rank`: scale by that rank instead of `r` (see `LoRALayer.scaling_for`)."""
     if isinstance(module, LoRALayer):
         raise ConfigError(f"{type(module).__name__} is already a LoRA wrapper")
     for kind, wrapper in _WRAPPERS:
         if isinstance(module, kind):
             if wrapper is LoRAMultiheadAttention:
-                return wrapper(module, r, alpha, dropout, rslora, bias, enable_qkv=enable_qkv)
-            return wrapper(module, r, alpha, dropout, rslora, bias)
+                layer = wrapper(module, r, alpha, dropout, rslora, bias, enable_qkv=enable_qkv)
+            else:
+                layer = wrapper(module, r, alpha, dropout, rslora, bias)
+            if scaling_rank is not None:
+                layer.set_scaling_rank(scaling_rank)
+            return layer
     raise _unsupported(module)

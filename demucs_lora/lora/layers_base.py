@@ -54,11 +54,28 @@ class LoRALayer(nn.Module):
         self.alpha = alpha
         self.rslora = bool(rslora)
         self.bias_mode = bias
-        self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
+        self.scaling_rank: tp.Optional[int] = None
+        self.scaling = self.scaling_for(r)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
         self._freeze_base()
         self.train(base.training)  # a wrapper made in an eval model stays in eval
+
+    # -- scaling ----------------------------------------------------------------
+    def scaling_for(self, rank: int) -> float:
+        """The scaling of this layer at `rank`: alpha / r (alpha / sqrt(r) with rslora),
+        with r = `scaling_rank` when set (``htdemucs.lora_scaling=mean_rank``: one
+        scaling for every layer whatever its rank, so an allocation that doubles a layer's
+        rank does not halve its update scale)."""
+        ref = self.scaling_rank or rank
+        return self.alpha / math.sqrt(ref) if self.rslora else self.alpha / ref
+
+    def set_scaling_rank(self, rank: tp.Optional[int]) -> None:
+        """Scale by `rank` instead of the layer's own (None: back to its own rank)."""
+        if self.merged:
+            raise RuntimeError("set_scaling_rank on a merged layer: unmerge first")
+        self.scaling_rank = rank
+        self.scaling = self.scaling_for(self.r)
 
     # -- parameters -------------------------------------------------------------
     def _freeze_base(self) -> None:
@@ -172,4 +189,5 @@ class LoRALayer(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:.4g}, "
+                f"scaling_rank={self.scaling_rank}, "
                 f"rslora={self.rslora}, bias={self.bias_mode!r}, merged={self.merged}")

@@ -9,6 +9,10 @@ Modes (``htdemucs.lora_rank_mode``):
 - ``heuristic``: ``lora_rank`` scaled per role by `HEURISTIC_SCALE` (below). Measured
   on full HTDemucs: the outermost encoder/decoder layers see the largest activations,
   so an adapter there costs as much memory as full fine-tuning saves; they get 0.
+- ``sensitivity``: budget-matched, data-driven (AdaLoRA / GoRA's importance): a layer's
+  score is |W * G| summed over its weights and over the calibration batches; each layer
+  gets the share of the parameter budget its score has (rank = share / params per rank
+  unit, rounded), never below rank 1 (``min_rank``), then units move to fill the budget.
 - ``gradient``: budget-matched, data-driven. The full-weight gradient of each target
   is accumulated over ``lora_gradient_batches`` calibration batches; rank units go,
   one at a time, to the layer whose next singular value gives the most gradient
@@ -32,7 +36,6 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import heapq
-import itertools
 import logging
 import typing as tp
 
@@ -41,8 +44,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from demucs_lora.core.errors import ConfigError
-from demucs_lora.lora.config import LoraConfig
-from demucs_lora.lora.rank_table import LayerInfo, RankTable, layer_info, target_matrices
+from demucs_lora.lora.calibration import Calibration, calibrate
+from demucs_lora.lora.config import CALIBRATED_MODES, LoraConfig
+from demucs_lora.lora.rank_table import LayerInfo, RankTable, layer_info
 from demucs_lora.lora.targets import glob_specificity, layer_role, lora_target_names, resolve_alias
 
 logger = logging.getLogger(__name__)
@@ -126,57 +130,6 @@ def heuristic_ranks(names: tp.Sequence[str], rank: float, depth: int,
     return out
 
 
-def _gradient_spectra(model: nn.Module, names: tp.Sequence[str], enable_qkv,
-                      batches: tp.Iterable, loss_fn: tp.Callable, n_batches: int
-                      ) -> tp.Dict[str, torch.Tensor]:
-    """Per layer: squared singular values of the accumulated full-weight gradient
-    (summed over the matrices of an attention adapter)."""
-    mats = {n: target_matrices(model.get_submodule(n), enable_qkv) for n in names}
-    targets = list({id(p): p for ms in mats.values() for p, _ in ms}.values())
-    all_params = list(model.parameters())
-    saved_rg = [p.requires_grad for p in all_params]
-    saved_grad = [p.grad for p in targets]
-    saved_training = [(m, m.training) for m in model.modules()]
-    device = all_params[0].device if all_params else torch.device("cpu")
-    fork = [device.index if device.index is not None else torch.cuda.current_device()] \
-        if device.type == "cuda" else []
-    try:
-        for p in all_params:
-            p.requires_grad_(False)
-        for p in targets:
-            p.grad = None
-            p.requires_grad_(True)
-        model.eval()
-        seen = 0
-        with torch.random.fork_rng(devices=fork), torch.enable_grad():
-            torch.manual_seed(0)
-            for mix, sources in itertools.islice(iter(batches), n_batches):
-                loss = loss_fn(model(mix.to(device)), sources.to(device))
-                loss.backward()
-                seen += 1
-        if seen == 0:
-            raise ConfigError("htdemucs.lora_rank_mode=gradient: the calibration data "
-                              "yielded no batch")
-        spectra = {}
-        for name in names:
-            total = None
-            for p, fn in mats[name]:
-                g = fn(p.grad) if p.grad is not None else fn(torch.zeros_like(p))
-                s2 = torch.linalg.svdvals(g.detach().double()) ** 2
-                total = s2 if total is None else total + s2
-            spectra[name] = total.cpu()
-            for p, _ in mats[name]:
-                p.grad = None  # memory-bounded: one layer's gradient at a time
-        return spectra
-    finally:
-        for p, rg in zip(all_params, saved_rg):
-            p.requires_grad_(rg)
-        for p, g in zip(targets, saved_grad):
-            p.grad = g
-        for m, training in saved_training:
-            m.training = training
-
-
 def _greedy(ranks: tp.Dict[str, int], free: tp.Sequence[str], caps: tp.Mapping[str, int],
             spectra: tp.Mapping[str, torch.Tensor], info: tp.Mapping[str, LayerInfo],
             budget: int) -> None:
@@ -207,12 +160,14 @@ def _greedy(ranks: tp.Dict[str, int], free: tp.Sequence[str], caps: tp.Mapping[s
 def allocate_ranks(model: nn.Module, config: LoraConfig,
                    batches: tp.Optional[tp.Iterable] = None,
                    loss_fn: tp.Optional[tp.Callable] = None,
-                   names: tp.Optional[tp.Sequence[str]] = None) -> RankTable:
+                   names: tp.Optional[tp.Sequence[str]] = None,
+                   calibration: tp.Optional[Calibration] = None) -> RankTable:
     """Rank per target layer of `model` for `config`.
 
     `names` defaults to ``lora_target_names(model, config.lora_targets)``. `batches`
     (iterable of (mix (B,C,T), sources (B,S,C,T))) and `loss_fn(output, sources)`
-    (default L1) are used by the gradient mode only.
+    (default L1) are used by the gradient and sensitivity modes only, unless a
+    `calibration` of these layers (`lora.calibration.calibrate`) is given.
     """
     rank, mode = config.lora_rank, config.lora_rank_mode
     if rank == 0:
@@ -238,29 +193,70 @@ def allocate_ranks(model: nn.Module, config: LoraConfig,
         ranks = {n: rank for n in names}
     pinned = apply_layer_ranks(ranks, config)
     _clamp(ranks, info, config)
-    if mode == "gradient":
-        budget = _gradient_budget(model, config, ranks, pinned, info, batches, loss_fn)
+    if mode in CALIBRATED_MODES:
+        budget = _calibrated_budget(model, config, ranks, pinned, info, batches, loss_fn,
+                                    calibration)
     return RankTable(ranks, info, mode, budget=budget, model_params=model_params)
 
 
-def _gradient_budget(model: nn.Module, config: LoraConfig, ranks: tp.Dict[str, int],
-                     pinned: tp.Set[str], info: tp.Mapping[str, LayerInfo],
-                     batches: tp.Optional[tp.Iterable], loss_fn: tp.Optional[tp.Callable]
-                     ) -> int:
-    """Gradient mode, in place on `ranks`: returns the parameter budget it matched."""
-    if batches is None:
-        raise ConfigError("htdemucs.lora_rank_mode=gradient needs calibration data: pass "
-                          "batches of (mix, sources) to allocate_ranks (the train loader)")
+def _calibrated_budget(model: nn.Module, config: LoraConfig, ranks: tp.Dict[str, int],
+                       pinned: tp.Set[str], info: tp.Mapping[str, LayerInfo],
+                       batches: tp.Optional[tp.Iterable], loss_fn: tp.Optional[tp.Callable],
+                       calibration: tp.Optional[Calibration]) -> int:
+    """Gradient / sensitivity mode, in place on `ranks`: the parameter budget it matched."""
+    key = f"htdemucs.lora_rank_mode={config.lora_rank_mode}"
+    if batches is None and calibration is None:
+        raise ConfigError(f"{key} needs calibration data: pass batches of (mix, sources) to "
+                          "allocate_ranks (the train loader)")
     budget = _uniform_budget(info, config)
     free = [n for n in info if n not in pinned]
     caps = {n: config.gradient_cap(info[n].max_rank) for n in free}
     for n in free:
         ranks[n] = min(config.min_rank, caps[n])
-    if free:
-        spectra = _gradient_spectra(model, free, config.lora_enable_qkv, batches,
-                                    loss_fn or F.l1_loss, config.lora_gradient_batches)
+    if not free:
+        return budget
+    if calibration is None:
+        calibration = calibrate(model, free, config.lora_enable_qkv, batches,
+                                loss_fn or F.l1_loss, config.lora_gradient_batches, key)
+    if config.lora_rank_mode == "gradient":
+        spectra = {n: calibration.spectrum(n) for n in free}
         _greedy(ranks, free, caps, spectra, info, budget)
+    else:
+        _by_sensitivity(ranks, free, caps, {n: calibration.sensitivity[n] for n in free},
+                        info, budget)
     return budget
+
+
+def _by_sensitivity(ranks: tp.Dict[str, int], free: tp.Sequence[str],
+                    caps: tp.Mapping[str, int], scores: tp.Mapping[str, float],
+                    info: tp.Mapping[str, LayerInfo], budget: int) -> None:
+    """Each free layer's rank from its share of the scores: the share of the budget left
+    by the pinned layers, in rank units, rounded, within [its starting rank (>= 1), cap];
+    then one unit at a time is taken from the layer furthest above its share while over
+    budget, and given to the layer furthest below it while one fits."""
+    cost = {n: info[n].params_per_rank for n in free}
+    floor = {n: max(1, min(ranks[n], caps[n])) if caps[n] >= 1 else 0 for n in free}
+    left = budget - sum(r * info[n].params_per_rank for n, r in ranks.items() if n not in free)
+    total = sum(scores.values())
+    share = {n: (scores[n] / total if total > 0 else 1 / len(free)) * left / cost[n]
+             for n in free}
+    for n in free:
+        ranks[n] = min(caps[n], max(floor[n], int(round(share[n]))))
+    spent = sum(ranks[n] * cost[n] for n in free)
+    while spent > left:
+        over = [n for n in free if ranks[n] > floor[n]]
+        if not over:
+            break
+        n = max(over, key=lambda m: ((ranks[m] - share[m]) * cost[m], -free.index(m)))
+        ranks[n] -= 1
+        spent -= cost[n]
+    while True:
+        room = [n for n in free if ranks[n] < caps[n] and spent + cost[n] <= left]
+        if not room:
+            break
+        n = max(room, key=lambda m: ((share[m] - ranks[m]) * cost[m], -free.index(m)))
+        ranks[n] += 1
+        spent += cost[n]
 
 
 def _cost(ranks: tp.Mapping[str, float], info: tp.Mapping[str, LayerInfo],

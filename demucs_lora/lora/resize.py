@@ -49,22 +49,33 @@ def matrix_pairs(layer: LoRALayer) -> tp.List[_Pair]:
 
 def factors(layer: LoRALayer, pair: _Pair) -> tp.Tuple[torch.Tensor, torch.Tensor]:
     """(L (m, r), R (r, n)) in float64, detached."""
-    a, b = getattr(layer, pair.a).detach(), getattr(layer, pair.b).detach()
+    return factors_of(pair, getattr(layer, pair.a), getattr(layer, pair.b))
+
+
+def factors_of(pair: _Pair, a: torch.Tensor, b: torch.Tensor
+               ) -> tp.Tuple[torch.Tensor, torch.Tensor]:
+    """(L, R) in float64 of factor tensors `a`, `b` laid out as the pair's A and B."""
+    a, b = a.detach(), b.detach()
     if pair.transposed:
         return a.double().t(), b.double().reshape(b.shape[0], -1)
     return b.double().reshape(b.shape[0], b.shape[1]), a.double().reshape(a.shape[0], -1)
+
+
+def factor_tensors(layer: LoRALayer, pair: _Pair, left: torch.Tensor, right: torch.Tensor
+                   ) -> tp.Tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) laid out as the layer's factors (any rank) from L (m, r), R (r, n)."""
+    a, b = getattr(layer, pair.a), getattr(layer, pair.b)
+    rank = left.shape[1]
+    if pair.transposed:
+        return left.t(), right.reshape(rank, *b.shape[1:])
+    return right.reshape(rank, *a.shape[1:]), left.reshape(b.shape[0], rank, *b.shape[2:])
 
 
 def _set_factors(layer: LoRALayer, pair: _Pair, left: torch.Tensor, right: torch.Tensor
                  ) -> tp.List[tp.Tuple[nn.Parameter, nn.Parameter]]:
     """Replace the pair's factors by new Parameters holding L, R; returns (old, new) pairs."""
     a, b = getattr(layer, pair.a), getattr(layer, pair.b)
-    rank = left.shape[1]
-    if pair.transposed:
-        new_a, new_b = left.t(), right.reshape(rank, *b.shape[1:])
-    else:
-        new_b, new_a = left.reshape(b.shape[0], rank, *b.shape[2:]), \
-            right.reshape(rank, *a.shape[1:])
+    new_a, new_b = factor_tensors(layer, pair, left, right)
     swaps = []
     for name, old, value in ((pair.a, a, new_a), (pair.b, b, new_b)):
         new = nn.Parameter(value.to(device=old.device, dtype=old.dtype).contiguous(),
@@ -84,19 +95,24 @@ def low_rank_svd(left: torch.Tensor, right: torch.Tensor
 
 
 def _scaling(layer: LoRALayer, rank: int) -> float:
-    return layer.alpha / math.sqrt(rank) if layer.rslora else layer.alpha / rank
+    return layer.scaling_for(rank)
 
 
 def gradient_matrix(layer: LoRALayer, pair: _Pair) -> torch.Tensor:
     """The full-weight gradient of the pair's matrix, oriented like ``L @ R``."""
     param = layer.base.get_parameter(pair.weight)
     grad = param.grad if param.grad is not None else torch.zeros_like(param)
-    grad = grad.detach().double()
+    return oriented(layer, pair, grad.detach().double())
+
+
+def oriented(layer: LoRALayer, pair: _Pair, tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` (shaped as the pair's base weight) as the matrix ``L @ R`` approximates;
+    a view when it can be (``weight_matrix(...).sub_(...)`` then edits the weight)."""
     if pair.rows is not None:
-        grad = grad[pair.rows]
+        tensor = tensor[pair.rows]
     if isinstance(layer.base, nn.Embedding):
-        return grad.t()
-    return grad.reshape(grad.shape[0], -1)
+        return tensor.t()
+    return tensor.reshape(tensor.shape[0], -1)
 
 
 def base_weights(layer: LoRALayer) -> tp.List[nn.Parameter]:

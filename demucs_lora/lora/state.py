@@ -9,6 +9,7 @@ Remapping a model's heads to an adapter's sources is the layer above's
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import typing as tp
 from pathlib import Path
@@ -21,8 +22,9 @@ from demucs_lora.core.version import __version__
 from demucs_lora.lora.adapter_file import (FORMAT, adapter_paths, read_header, read_tensors,
                                            write_adapter)
 from demucs_lora.lora.config import LoraLayout
-from demucs_lora.lora.inject import (carried_layout, has_lora, inject_lora, iter_lora_layers,
-                                     lora_config)
+from demucs_lora.lora.init_gradient import original_weights, plain_adapter
+from demucs_lora.lora.inject import (carried_layout, has_lora, iter_lora_layers, lora_config,
+                                     wrap_layers)
 from demucs_lora.lora.rank_table import layer_info
 
 RANK_SLACK = 64  # ranks above a layer's smallest dim are useless, but inject_lora allows
@@ -51,7 +53,8 @@ def base_fingerprint(model: nn.Module, exclude: tp.Iterable[str] = ()) -> dict:
     """Shapes hash + per-tensor statistics of the frozen base weights.
 
     Statistics (not raw bytes) so that a float16-stored copy of the same base matches.
-    Merged layers are compared on their unmerged weights.
+    Merged layers are compared on their unmerged weights, gradient-initialised layers
+    (``htdemucs.lora_init=gradient``) on their weights without the offset: the original.
     """
     exclude = set(exclude)
     merged = [layer for _, layer in iter_lora_layers(model) if layer.merged]
@@ -60,7 +63,8 @@ def base_fingerprint(model: nn.Module, exclude: tp.Iterable[str] = ()) -> dict:
     try:
         shapes = hashlib.sha256()
         stats = []
-        for name, tensor in sorted(model.state_dict().items()):
+        state = {**model.state_dict(), **original_weights(model)}
+        for name, tensor in sorted(state.items()):
             leaf = name.rsplit(".", 1)[-1]
             canon = _canonical(name)
             if leaf.startswith("lora_") or name in exclude or canon in exclude:
@@ -83,9 +87,26 @@ def fingerprints_match(a: dict, b: dict, rtol: float = 2e-2, atol: float = 1e-4)
     return bool(torch.allclose(ta, tb, rtol=rtol, atol=atol))
 
 
-def adapter_header(model: nn.Module, **extra) -> dict:
-    """The JSON header of `model`'s adapter: format, versions, layout, sources, base."""
+def adapter_file_state(model: nn.Module) -> tp.Tuple[LoraLayout, tp.Dict[str, torch.Tensor]]:
+    """(layout, tensors) an adapter file holds: `get_lora_state`, except that layers
+    initialised from the gradient are written as plain rank-2r adapters on the original
+    base (`lora.init_gradient.plain_adapter`)."""
     layout = lora_config(model)
+    ranks, tensors = plain_adapter(model, get_lora_state(model))
+    if ranks:
+        layout = dataclasses.replace(layout, ranks={**layout.ranks, **ranks})
+    return layout, tensors
+
+
+def adapter_header(model: nn.Module, **extra) -> dict:
+    """The JSON header of `model`'s adapter: format, versions, layout, sources, base;
+    ``lora_init`` says how the factors started when they came from the gradient."""
+    layout, _ = adapter_file_state(model)
+    trained = lora_config(model)
+    if layout.ranks != trained.ranks:
+        extra.setdefault("lora_init", {
+            "method": "gradient", "trained_ranks": dict(trained.ranks),
+            "stored_as": "rank-2r adapters [B, -B0] [A; A0] on the original base"})
     header = {
         "format": FORMAT,
         "demucs_lora_version": __version__,
@@ -113,7 +134,7 @@ def save_adapter(model: nn.Module, path: tp.Union[str, Path], save_dtype: str = 
     in the header; loading casts them back to the model's dtype, so only float32 reloads
     bit-exactly."""
     header = adapter_header(model, save_dtype=save_dtype, **extra)
-    return write_adapter(path, get_lora_state(model), header, save_dtype)
+    return write_adapter(path, adapter_file_state(model)[1], header, save_dtype)
 
 
 # ---------------------------------------------------------------------------- loading
@@ -204,7 +225,7 @@ def load_adapter(model: nn.Module, path: tp.Union[str, Path], check_base: bool =
     if not has_lora(model):
         check_ranks_fit(model, layout, path)
         tensors = read_tensors(adapter_paths(path)[0], header)
-        inject_lora(model, layout)
+        wrap_layers(model, layout)
     else:
         check_same_layout(lora_config(model), header, path)
         tensors = read_tensors(adapter_paths(path)[0], header)

@@ -133,7 +133,8 @@ def build_model(cfg: DictConfig, root: tp.Optional[Path] = None,
                 base: tp.Optional[HTDemucs] = None) -> tp.Tuple[HTDemucs, dict]:
     """Load base -> remap sources -> allocate ranks -> inject -> freeze.
 
-    `calibration()` yields (mix, sources) batches (gradient rank mode only).
+    `calibration()` yields (mix, sources) batches (read by the gradient and sensitivity
+    rank modes and ``htdemucs.lora_init=gradient``: `LoraConfig.needs_calibration`).
     `base`: the already loaded base (else loaded from cfg.continue_from / built fresh).
     Returns the model and a report {ranks, layers, trainable, train_heads}.
     """
@@ -165,25 +166,52 @@ def build_model(cfg: DictConfig, root: tp.Optional[Path] = None,
             p.requires_grad_(True)
         report["trainable"] = trainable_summary(model)
         return model, report
-    from demucs_lora.lora.ranks import allocate_ranks
-    from demucs_lora.lora.targets import lora_target_names
-    table = {}
-    for prefix, member in members:
-        names = [n for n in lora_target_names(member, config.lora_targets)
-                 if prefix + n not in heads]
-        batches = calibration() if (calibration is not None
-                                    and config.lora_rank_mode == "gradient") else None
-        member_table = allocate_ranks(member, config, batches=batches, names=names)
-        table.update({prefix + k: v for k, v in dict(member_table).items()})
-    ranks = {k: int(v) for k, v in table.items() if int(v) > 0}
+    if config.lora_init == "gradient" and cfg.get("lora_checkpoint"):
+        raise ConfigError(f"lora_checkpoint={cfg.lora_checkpoint} starts the LoRA factors "
+                          "from an adapter, htdemucs.lora_init=gradient from the gradient: "
+                          "drop one (an adapter file is a plain adapter: lora_init=default)")
+    tables, calibrations = _allocate(members, heads, config, calibration)
+    ranks = {k: int(v) for t in tables for k, v in dict(t).items() if int(v) > 0}
     report["layers"] = wrap_layers(model, config.layout(ranks, heads))
     report["ranks"] = ranks
-    report["rank_table"] = table if len(members) > 1 else member_table
+    report["rank_table"] = tables[0] if len(members) == 1 else \
+        {k: v for t in tables for k, v in dict(t).items()}
+    if config.lora_init == "gradient":
+        from demucs_lora.lora.init_gradient import gradient_init
+        for (prefix, _), calib in zip(members, calibrations):
+            gradient_init(model, calib, prefix)
     if cfg.get("lora_checkpoint"):
         model = start_from_adapter(model, str(cfg.lora_checkpoint), root)
         report["lora_checkpoint"] = str(cfg.lora_checkpoint)
     report["trainable"] = trainable_summary(model)
     return model, report
+
+
+def _allocate(members, heads, config: LoraConfig, calibration) -> tp.Tuple[list, list]:
+    """Per member: its rank table (names prefixed) and its calibration (None when no
+    method reads gradients). One calibration pass per member serves both the rank mode
+    and ``lora_init=gradient``."""
+    from demucs_lora.lora.calibration import calibrate
+    from demucs_lora.lora.ranks import allocate_ranks
+    from demucs_lora.lora.targets import lora_target_names
+    from torch.nn import functional as F
+    tables, calibrations = [], []
+    for prefix, member in members:
+        names = [n for n in lora_target_names(member, config.lora_targets)
+                 if prefix + n not in heads]
+        calib = None
+        if config.needs_calibration and calibration is not None:
+            what = f"htdemucs.lora_rank_mode={config.lora_rank_mode}, " \
+                f"htdemucs.lora_init={config.lora_init}"
+            calib = calibrate(member, names, config.lora_enable_qkv, calibration(), F.l1_loss,
+                              config.lora_gradient_batches, what)
+        elif config.lora_init == "gradient":
+            raise ConfigError("htdemucs.lora_init=gradient needs calibration data (the "
+                              "train batches): build_model(cfg, calibration=...)")
+        table = allocate_ranks(member, config, names=names, calibration=calib)
+        tables.append(table if not prefix else {prefix + k: v for k, v in dict(table).items()})
+        calibrations.append(calib)
+    return tables, calibrations
 
 
 def start_from_adapter(model: nn.Module, adapter: str, root: tp.Optional[Path] = None

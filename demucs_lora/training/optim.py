@@ -24,7 +24,29 @@ def build_optimizer(model: nn.Module, cfg: DictConfig) -> torch.optim.Optimizer:
                           "layers of the model), train_heads=true, or htdemucs.lora_rank=0 for a "
                           "full fine-tune")
     klass = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[cfg.optim]
-    return klass(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    return klass(param_groups(model, params, cfg.lr, float(cfg.get("lora_plus_ratio", 1.0))),
+                 lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+
+
+def is_lora_b(name: str) -> bool:
+    """A LoRA B factor (``lora_B``, ``lora_B_q``, ...): the output side of an adapter."""
+    leaf = name.rsplit(".", 1)[-1]
+    return leaf == "lora_B" or leaf.startswith("lora_B_")
+
+
+def param_groups(model: nn.Module, params: tp.List[nn.Parameter], lr: float, ratio: float
+                 ) -> tp.List[dict]:
+    """One group, or with LoRA+ (``optim.lora_plus_ratio`` != 1) two: the B factors at
+    ``ratio * lr``, everything else (A factors, heads, biases) at ``lr``. The scheduler
+    scales each group's own lr, so the ratio holds through warmup and decay."""
+    if ratio == 1.0:
+        return [{"params": params}]
+    trainable = {id(p) for p in params}
+    b_ids = {id(p) for n, p in model.named_parameters() if id(p) in trainable and is_lora_b(n)}
+    rest = [p for p in params if id(p) not in b_ids]
+    b_side = [p for p in params if id(p) in b_ids]
+    groups = [{"params": rest}] if rest else []
+    return groups + ([{"params": b_side, "lr": lr * ratio}] if b_side else [])
 
 
 def lr_lambda(schedule: str, warmup: int, total: int) -> tp.Callable[[int], float]:

@@ -111,8 +111,14 @@ def what_is_trained(cfg: DictConfig, report: dict) -> str:
     base = (f"the base {cfg.continue_from}" if cfg.continue_from is not None
             else "a RANDOMLY INITIALISED model (no continue_from)")
     if cfg.htdemucs.lora_rank > 0:
-        what = (f"LoRA adapters (rank {cfg.htdemucs.lora_rank}, {cfg.htdemucs.lora_rank_mode} "
-                f"mode) on {base}, frozen")
+        h = cfg.htdemucs
+        extra = "".join(f", {k}={h.get(k)}" for k, default in
+                        (("lora_init", "default"), ("lora_scaling", "per_layer"))
+                        if h.get(k, default) != default)
+        ratio = cfg.optim.get("lora_plus_ratio", 1.0)
+        extra += f", LoRA+ ratio {ratio}" if ratio != 1.0 else ""
+        what = (f"LoRA adapters (rank {h.lora_rank}, {h.lora_rank_mode} mode{extra}) on "
+                f"{base}, frozen")
     else:
         what = f"every weight of {base} (full fine-tune)" if cfg.continue_from is not None \
             else "a new model from scratch (every weight)"

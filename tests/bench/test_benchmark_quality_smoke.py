@@ -95,8 +95,7 @@ def test_quality_smoke(tmp_path):
         path = out / f"quality_smoke_{name}.png"
         assert path.exists() and path.stat().st_size > 1000, name
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
-    from benchmarks.run_all import make_table
-    table = make_table({"quality": result})
+    table = "\n".join(quality.table_lines(result))
     assert "best lr" in table and "old protocol" not in table
 
     # re-running re-reads the finished XPs: nothing trains again
@@ -108,11 +107,59 @@ def test_quality_smoke(tmp_path):
 
 
 def test_old_protocol_results_are_labelled():
-    from benchmarks.run_all import make_table
     gain = {**{s: 1.0 for s in SOURCES}, "mean": 1.0}
     from benchmarks.common import describe_machine
     old = {"machine": describe_machine(), "settings": {"budget_seconds": 90.0, "lora_lr": "2e-3",
                                        "full_lr": "3e-4"},
            "runs": {"full": {"label": "full FT", "params": 10, "epochs": 8, "gain": gain}},
            "targets": []}
-    assert "old protocol" in make_table({"quality": old})
+    assert "old protocol" in "\n".join(quality.table_lines(old))
+
+
+# ------------------------------------------------------------ the protocol (issue 19)
+def run_protocol(out, workdir):
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.quality_protocol", "--smoke",
+                           "--out", str(out), "--workdir", str(workdir)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=590)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+@pytest.mark.timeout(900)
+def test_quality_protocol_smoke(tmp_path):
+    """Both tasks, uniform and GoRA at 1 lr and 2 seeds, 1 step each; then a re-run that
+    trains nothing; the docs table renders from the JSON."""
+    from benchmarks import quality_protocol, quality_report
+    out, workdir = tmp_path / "results", tmp_path / "work"
+    stdout = run_protocol(out, workdir)
+    result = json.loads((out / "quality_protocol_smoke.json").read_text())
+    assert not result["errors"] and set(result["tasks"]) == {"five_stem", "four_stem"}
+    assert len(result["runs"]) == 2 * 2 * 2   # tasks x methods x seeds (1 lr)
+    for key, run in result["runs"].items():
+        assert run["steps"] == 1 and finite(run["test_gain"]) and finite(run["valid_gain"]), key
+        assert len(run["valid_curve"]) == 1, key
+    assert {r["model_params"] for r in result["runs"].values() if "five_stem" in r["task"]}
+    for task, methods in result["tasks"].items():
+        uniform, gora = methods["uniform"], methods["gora"]
+        assert uniform["seeds"] == gora["seeds"] == [0, 1]
+        assert uniform["test_gain"]["n"] == 2 and finite(uniform["test_gain"]["ci"])
+        assert uniform["test_gain"]["mean"] == pytest.approx(
+            sum(uniform["test_gains"]) / 2)
+        assert abs(gora["params"] / uniform["params"] - 1) <= 0.05   # budget-matched
+    names = [v["name"] for v in result["verdicts"]]
+    assert any("params vs uniform" in n for n in names)
+    assert any("- uniform, test gain dB" in n for n in names)
+    assert any("steps" in n for n in names)
+    for v in result["verdicts"]:
+        assert f"[{'PASS' if v['pass'] else 'MISS'}] {v['name']}" in stdout, v["name"]
+    figure = out / "quality_protocol_smoke_gain_vs_steps.png"
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = "\n".join(quality_report.protocol_lines(result))
+    assert "GoRA" in table and "five_stem: test gain" in table
+    assert quality_protocol.method_args("gora", 8)[1][-1] == "htdemucs.lora_init=gradient"
+    stdout = run_protocol(out, workdir)   # resumable: finished XPs are not run again
+    assert stdout.count("not run again") == 8, stdout[-2000:]
+    again = json.loads((out / "quality_protocol_smoke.json").read_text())
+    assert again["tasks"]["four_stem"]["uniform"]["test_gains"] == \
+        result["tasks"]["four_stem"]["uniform"]["test_gains"]

@@ -9,7 +9,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from demucs_lora.core.errors import ConfigError
-from demucs_lora.lora.config import HEADER_KEYS, LORA_KEYS, LoraConfig, LoraLayout
+from demucs_lora.lora.config import LAYOUT_KEYS, LORA_KEYS, LoraConfig, LoraLayout
 
 CONF = Path(__file__).resolve().parents[2] / "conf" / "model"
 
@@ -64,7 +64,7 @@ def test_clamps():
 def test_layout_round_trips_the_header_and_compares_the_tensor_layout():
     layout = LoraConfig(lora_alpha=8, lora_dropout=0.1).layout({"a": 2, "b": 0}, ["head"])
     header = layout.to_header()
-    assert list(header) == list(HEADER_KEYS) and header["ranks"] == {"a": 2}
+    assert list(header) == list(LAYOUT_KEYS) and header["ranks"] == {"a": 2}
     assert LoraLayout.from_header(header) == layout
     assert dict(layout)["alpha"] == 8.0 and layout["enable_qkv"] == (True, False, True)
     assert layout == LoraLayout({"a": 2}, alpha=8, dropout=0.3, train_extra=["head"])  # no tensor

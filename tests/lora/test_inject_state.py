@@ -13,8 +13,9 @@ from safetensors import safe_open
 
 from demucs_lora.core.errors import AdapterMismatch, ConfigError
 from demucs_lora.lora.config import LoraLayout
-from demucs_lora.lora.inject import (inject_lora, iter_lora_layers, merge_lora, remove_lora,
-                                     unmerge_lora, wrap_layers)
+from demucs_lora.lora.adapt import inject_lora
+from demucs_lora.lora.inject import (iter_lora_layers, merge_lora, remove_lora, unmerge_lora,
+                                     wrap_layers)
 from demucs_lora.lora.state import get_lora_state, save_adapter
 from demucs_lora.models.methods import load_lora_weights
 from demucs_lora.lora.targets import lora_target_names

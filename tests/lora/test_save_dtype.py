@@ -14,7 +14,7 @@ from safetensors import safe_open
 from demucs_lora.config.check import check_config
 from demucs_lora.core.errors import ConfigError
 from demucs_lora.lora.config import LoraLayout
-from demucs_lora.lora.inject import inject_lora
+from demucs_lora.lora.adapt import inject_lora
 from demucs_lora.lora.adapter_file import adapter_paths
 from demucs_lora.models.methods import load_lora_weights
 from demucs_lora.lora.state import save_adapter

@@ -75,6 +75,10 @@ def test_what_is_trained_says_it():
                               report)
     assert "LoRA adapters" in line and "RANDOMLY INITIALISED" in line and "frozen" in line
     assert "full fine-tune" in rc.what_is_trained(cfg(), report)
+    assert "lora_init" not in line and "LoRA+" not in line
+    line = rc.what_is_trained(compose(["htdemucs.lora_rank=4", "htdemucs.lora_init=gradient",
+                                       "optim.lora_plus_ratio=4"]), report)
+    assert "lora_init=gradient" in line and "LoRA+ ratio 4" in line
 
 
 def test_sources_default_to_the_base_and_new_ones_follow_the_taxonomy(base):

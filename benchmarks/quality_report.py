@@ -1,0 +1,165 @@
+"""docs/quality.md's tables and the gain-vs-steps figure, generated from the results JSON.
+
+`write_docs()` replaces the text between each pair of markers of docs/quality.md with the
+table of its JSON file in benchmarks/results: `quality_protocol.json` (the protocol on the
+mid-size base, benchmarks/quality_protocol.py) and `quality.json` (the tiny-base protocol,
+benchmarks/quality.py), and the mid-size base's pre-training curve
+(demucs_lora/assets/base_medium_A.json). tests/test_quality_docs.py checks that the
+committed docs match.
+"""
+from __future__ import annotations
+
+import json
+import math
+import typing as tp
+from pathlib import Path
+
+from demucs_lora.core.files import atomic_write, atomic_write_text
+
+from .common import RESULTS_DIR, ROOT
+
+DOCS = ROOT / "docs" / "quality.md"
+BASE_RECIPE = ROOT / "demucs_lora" / "assets" / "base_medium_A.json"
+SECTIONS = {"base-medium": "base_medium_A.json", "quality-protocol": "quality_protocol.json",
+            "quality-tiny": "quality.json"}
+
+
+def _cell(value: float, fmt: str = "{:+.2f}") -> str:
+    return fmt.format(value) if isinstance(value, (int, float)) and math.isfinite(value) \
+        else "-"
+
+
+def _gain(m: dict) -> str:
+    g = m["test_gain"]
+    ci = f" ± {g['ci']:.2f}" if math.isfinite(g.get("ci", math.nan)) else ""
+    edge = ", edge" if m["best_at_edge"] else ""
+    return f"{_cell(g['mean'])}{ci} ({g['n']} seeds, lr {m['lr']}{edge})"
+
+
+def _steps(m: dict, uniform: tp.Optional[dict]) -> str:
+    from .quality_stats import steps_to
+    if not uniform or not uniform["valid_curve"] or not m["valid_curve"]:
+        return "-"
+    per = uniform["steps"] // max(1, len(uniform["valid_curve"]))
+    need = steps_to(m["valid_curve"], uniform["valid_curve"][-1], per)
+    return f"{need} / {m['steps']}" if need else f"> {m['steps']}"
+
+
+def protocol_lines(data: tp.Optional[dict]) -> tp.List[str]:
+    """The protocol's table: method, params (% of model), gain ± CI per task, steps."""
+    if not data or "tasks" not in data:
+        return ["_Not measured yet: the protocol has not been run on the mid-size base "
+                "(command and cost above)._"]
+    s = data["settings"]
+    tasks = list(data["tasks"])
+    lines = [f"Base {s['base']}; {s['steps']} steps per run; test gain over the starting "
+             f"model, dB, mean ± 95 % CI over the seeds at the best lr (valid-selected); "
+             "steps to target: steps to reach uniform's final valid gain / steps per run.",
+             "", "| method | trainable params | " +
+             " | ".join(f"{t}: test gain" for t in tasks) + " | " +
+             " | ".join(f"{t}: steps to target" for t in tasks) + " |",
+             "|---|---|" + "---|" * (2 * len(tasks))]
+    first = data["tasks"][tasks[0]]
+    for key, m in first.items():
+        share = f" ({100 * m['params'] / m['model_params']:.1f} %)" \
+            if m["params"] and m["model_params"] else ""
+        cells = [_gain(data["tasks"][t][key]) for t in tasks if key in data["tasks"][t]]
+        steps = [_steps(data["tasks"][t][key], data["tasks"][t].get("uniform"))
+                 for t in tasks if key in data["tasks"][t]]
+        lines.append(f"| {m['label']} | {m['params']:,}{share} | " + " | ".join(cells) +
+                     " | " + " | ".join(steps) + " |")
+    lines.append("")
+    for v in data.get("verdicts", []):
+        lines.append(f"- {v['name']}: {_cell(v['value'], '{:.3f}')} (target {v['op']} "
+                     f"{v['target']}) **{'PASS' if v['pass'] else 'MISS'}** {v['note']}")
+    stem = "../benchmarks/results/" + ("quality_protocol_smoke" if s["smoke"] else
+                                       "quality_protocol")
+    lines.append(f"\n![valid gain vs steps]({stem}_gain_vs_steps.png)")
+    return lines
+
+
+def tiny_lines(data: tp.Optional[dict]) -> tp.List[str]:
+    """The tiny-base protocol's table (benchmarks/quality.py), links made docs-relative."""
+    if not data:
+        return ["_No tiny-base results (python -m benchmarks.quality)._"]
+    from .quality import table_lines
+    return [line.replace("](benchmarks/", "](../benchmarks/") for line in table_lines(data)]
+
+
+def base_lines(recipe: tp.Optional[dict]) -> tp.List[str]:
+    """The mid-size base's pre-training so far: the valid nSDR curve, chunk by chunk."""
+    if not recipe:
+        return ["_Not trained yet: `make base-medium`._"]
+    lines = [f"Status: **{recipe['status']}** after {recipe['epochs']} epochs "
+             f"({len(recipe['chunks'])} chunks of {recipe['chunk_epochs']}), "
+             f"{recipe['train_hours']} h of training ({recipe['wall_hours']} h wall); "
+             f"{recipe['params']:,} parameters, stored {recipe['stored']}. Valid nSDR "
+             f"(dB, 4 stems, domain A) before training: "
+             f"{_cell(recipe.get('valid_initial_nsdr'), '{:.3f}')}; best "
+             f"{recipe['best_valid_nsdr']:.3f}.", "",
+             "| chunk | XP | seed | valid nSDR after each epoch | best | train s |",
+             "|---|---|---|---|---|---|"]
+    for c in recipe["chunks"]:
+        lines.append(f"| {c['chunk']} | {c['xp']} | {c['chunk']} | "
+                     f"{', '.join(f'{v:.3f}' for v in c['valid_nsdr'])} | "
+                     f"{c['best_valid_nsdr']:.3f} | {c['train_seconds']:.0f} |")
+    return lines
+
+
+MAKERS = {"base-medium": base_lines, "quality-protocol": protocol_lines,
+          "quality-tiny": tiny_lines}
+
+
+def render(text: str, results: tp.Mapping[str, tp.Optional[dict]]) -> str:
+    """`text` with each marked section replaced by its generated lines."""
+    for section, name in SECTIONS.items():
+        start, end = f"<!-- {section}:start -->", f"<!-- {section}:end -->"
+        i, j = text.find(start), text.find(end)
+        if i < 0 or j < i:
+            continue
+        body = "\n".join(MAKERS[section](results.get(name)))
+        text = text[:i + len(start)] + "\n" + body.rstrip() + "\n" + text[j:]
+    return text
+
+
+def load(results_dir: Path = RESULTS_DIR, recipe: Path = BASE_RECIPE
+         ) -> tp.Dict[str, tp.Optional[dict]]:
+    out = {}
+    for name in SECTIONS.values():
+        path = recipe if name == recipe.name else results_dir / name
+        out[name] = json.loads(path.read_text()) if path.exists() else None
+    return out
+
+
+def write_docs(path: Path = DOCS, results_dir: Path = RESULTS_DIR) -> Path:
+    text = path.read_text()
+    new = render(text, load(results_dir))
+    if new != text:
+        atomic_write_text(path, new)
+    return path
+
+
+def write_figure(tasks: tp.Mapping[str, tp.Mapping[str, dict]], path: Path) -> Path:
+    """Seed-mean valid gain against optimizer steps, one panel per task."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, max(1, len(tasks)), figsize=(6 * max(1, len(tasks)), 4.2),
+                             squeeze=False)
+    for ax, (task, methods) in zip(axes[0], tasks.items()):
+        for m in methods.values():
+            curve = m["valid_curve"]
+            if not curve or not m["steps"]:
+                continue
+            per = m["steps"] / len(curve)
+            ax.plot([per * (i + 1) for i in range(len(curve))], curve, marker="o", ms=3,
+                    lw=1.2, label=m["label"])
+        ax.set_title(task, fontsize=10)
+        ax.set_xlabel("optimizer steps")
+        ax.set_ylabel("valid gain (dB, mean over seeds)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+    return path

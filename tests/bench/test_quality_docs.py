@@ -1,0 +1,72 @@
+"""docs/quality.md holds the tables its JSON files give; the protocol's statistics; the
+mid-size base's chunked recipe."""
+import math
+from pathlib import Path
+
+import pytest
+
+from benchmarks import quality_report, quality_stats as stats
+from demucs_lora.commands import base_recipe
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_docs_tables_match_the_json():
+    """Run `python -m benchmarks.quality_protocol --docs` after new results."""
+    text = quality_report.DOCS.read_text()
+    assert quality_report.render(text, quality_report.load()) == text
+    for section in quality_report.SECTIONS:
+        assert f"<!-- {section}:start -->" in text and f"<!-- {section}:end -->" in text
+
+
+def test_mean_ci_and_welch_difference():
+    out = stats.mean_ci([1.0, 2.0, 3.0])
+    assert out["mean"] == 2.0 and out["n"] == 3
+    assert out["ci"] == pytest.approx(4.303 * 1.0 / math.sqrt(3))  # t(0.975, 2) * s / sqrt(n)
+    assert math.isnan(stats.mean_ci([1.0])["ci"]) and stats.mean_ci([])["n"] == 0
+    diff = stats.difference_ci([3.0, 3.2, 3.4], [1.0, 1.2, 1.4])
+    assert diff["diff"] == pytest.approx(2.0) and diff["low"] > 0   # clearly apart
+    noisy = stats.difference_ci([1.0, 3.0, 5.0], [0.0, 4.0, 2.0])
+    assert noisy["low"] < 0 < noisy["high"]
+    assert stats.t975(4.5) == stats.T975[4] and stats.t975(1000) == 1.96
+
+
+def test_steps_to_target_and_curves():
+    assert stats.steps_to([0.1, 0.5, 0.9], 0.5, 12) == 24
+    assert stats.steps_to([0.1, 0.2], 0.5, 12) is None
+    assert stats.mean_curve([[1, 2, 3], [3, 4]]) == [2, 3]
+
+
+def test_base_recipe_chunks_and_plateau(tmp_path):
+    asset = base_recipe.REPO_DIR / "demucs_lora" / "assets" / "x.th"
+    first = base_recipe.chunk_args(["model=htdemucs_medium"], 0, asset)
+    assert first == ["model=htdemucs_medium", f"epochs={base_recipe.CHUNK_EPOCHS}", "seed=0"]
+    later = base_recipe.chunk_args(["model=htdemucs_medium"], 3, asset)
+    assert "seed=3" in later and "continue_from=demucs_lora/assets/x.th" in later
+    assert "test.initial=false" in later
+    chunk = lambda v: {"best_valid_nsdr": v}  # noqa: E731
+    assert not base_recipe.converged([chunk(1.0), chunk(2.0)])
+    assert not base_recipe.converged([chunk(1.0), chunk(2.0), chunk(2.5)])
+    assert base_recipe.converged([chunk(1.0), chunk(2.0), chunk(2.05), chunk(1.9)])
+
+
+def test_medium_config_is_in_the_low_rank_regime():
+    from demucs_lora.config.compose import compose
+    from demucs_lora.lora.config import LoraConfig
+    from demucs_lora.lora.ranks import allocate_ranks
+    from demucs_lora.models.build import build_model
+    model, _ = build_model(compose(["model=htdemucs_medium"]))
+    params = sum(p.numel() for p in model.parameters())
+    share = allocate_ranks(model, LoraConfig(lora_rank=8)).trainable_params() / params
+    assert params >= 4_000_000 and share <= 0.07
+
+
+def test_protocol_refuses_to_resume_on_another_base(tmp_path):
+    import json
+    from benchmarks import quality_protocol
+    results = tmp_path / "quality_protocol.json"
+    assert quality_protocol.check_same_base(results, "a" * 64) is None
+    results.write_text(json.dumps({"settings": {"base_sha256": "a" * 64}}))
+    assert quality_protocol.check_same_base(results, "a" * 64) is None
+    problem = quality_protocol.check_same_base(results, "b" * 64)
+    assert "another version of the base" in problem and str(results) in problem
