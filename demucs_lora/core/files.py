@@ -11,6 +11,7 @@ left behind.
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import re
 import tempfile
@@ -184,3 +185,12 @@ def remove_stale_temps(folder: PathLike, min_age: float = 0.0,
         except OSError:
             continue
     return removed
+
+
+def file_sha256(path: PathLike) -> str:
+    """The sha256 of a file's bytes (hex), read in 1 MiB blocks."""
+    sha = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            sha.update(block)
+    return sha.hexdigest()

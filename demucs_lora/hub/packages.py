@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import fractions
-import hashlib
 import json
 import re
 import typing as tp
@@ -26,6 +25,7 @@ from pathlib import Path
 import torch
 
 from demucs_lora.core.errors import ModelLoadError
+from demucs_lora.core.files import file_sha256
 from demucs_lora.hub.safe_load import MODEL_CLASSES, load_package, model_from_package
 
 PathLike = tp.Union[str, Path]
@@ -40,15 +40,6 @@ def checksum_of(path: Path) -> tp.Optional[str]:
     """The checksum a ``SIG-CHECKSUM.th`` name promises, or None for other names."""
     match = _CHECKSUMMED.match(path.stem) if path.suffix == ".th" else None
     return match.group("checksum") if match else None
-
-
-def file_sha256(path: PathLike) -> str:
-    """The sha256 of a file's bytes (hex), read in 1 MiB blocks."""
-    sha = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            sha.update(block)
-    return sha.hexdigest()
 
 
 def verify_checksum(path: Path) -> None:

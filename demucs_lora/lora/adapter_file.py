@@ -8,7 +8,6 @@ detected. Everything here is checked before any tensor is allocated on a model.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import typing as tp
@@ -19,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from demucs_lora.core.errors import AdapterMismatch
-from demucs_lora.core.files import atomic_write_group
+from demucs_lora.core.files import atomic_write_group, file_sha256
 from demucs_lora.core.finite import nonfinite_names
 from demucs_lora.lora.config import BIAS_MODES, HEADER_KEYS, SAVE_DTYPE_NAMES
 
@@ -49,14 +48,6 @@ def check_adapter_path(path: tp.Union[str, Path]) -> None:
             "(NAME.lora); pass that path, with or without its suffix, or an XP signature")
 
 
-def _sha256(path: tp.Union[str, Path]) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _stored(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """LoRA factors in `dtype` (other trained tensors, e.g. heads, stay as they are)."""
     if dtype == torch.float32 or not name.rsplit(".", 1)[-1].startswith("lora_"):
@@ -82,7 +73,7 @@ def write_adapter(path: tp.Union[str, Path], tensors: tp.Mapping[str, torch.Tens
 
     def write_tensors(tmp: str) -> None:
         save_file(tensors, tmp, metadata=metadata)
-        digest["sha256"] = _sha256(tmp)
+        digest["sha256"] = file_sha256(tmp)
 
     def write_header(tmp: str) -> None:
         Path(tmp).write_text(json.dumps(dict(header, tensors_sha256=digest["sha256"]),
@@ -188,7 +179,7 @@ def read_tensors(tensors_path: Path, header: dict) -> tp.Dict[str, torch.Tensor]
         raise AdapterMismatch(f"adapter file {tensors_path} does not exist (an adapter is "
                               "a .safetensors file plus its .json header)")
     expected = header.get("tensors_sha256")
-    if expected is not None and _sha256(tensors_path) != expected:
+    if expected is not None and file_sha256(tensors_path) != expected:
         raise AdapterMismatch(
             f"{tensors_path} does not match its header {tensors_path.with_suffix('.json')} "
             "(checksum): the pair was torn (a write cut short?) or one file was replaced; "

@@ -88,7 +88,7 @@ def _log_base_files(name: str, found) -> None:
     adapted stays known after the cache or repo changes)."""
     if not logger.isEnabledFor(logging.INFO):
         return
-    from demucs_lora.hub.packages import file_sha256
+    from demucs_lora.core.files import file_sha256
     for path in found.files:
         logger.info("base %s: %s from %s (sha256 %s)", name, path, found.where,
                     file_sha256(path))
