@@ -49,7 +49,7 @@ setup(
             "demucs-lora-export=demucs_lora.commands.export:main",
             "demucs-lora-verify=demucs_lora.commands.verify_dataset:main",
             "demucs-lora-prepare=demucs_lora.commands.prepare_dataset:main",
-            "demucs-lora-test=demucs_lora.commands.test_pretrained:main",
+            "demucs-lora-test=demucs_lora.commands.score_model:main",
         ],
     },
 )

@@ -57,7 +57,7 @@ def _separate(model: torch.nn.Module, mix: torch.Tensor) -> torch.Tensor:
 def output_error(size: str, folder: Path, name: str, reference: torch.Tensor,
                  plain: torch.Tensor, mix: torch.Tensor, seed: int) -> dict:
     """Output of the base + reloaded adapter `name` vs the float32 adapter's output."""
-    from demucs_lora.models.methods import load_lora_weights
+    from demucs_lora.models.guide_methods import load_lora_weights
     base, _ = common.build(common.model_config(size, SECONDS, lora_rank=0), seed)
     out = _separate(load_lora_weights(base, folder / name), mix)
     diff = (out - reference).abs().max().item()

@@ -23,7 +23,7 @@ from demucs_lora.core.version import __version__  # noqa: F401 (public)
 _EXPORTS = {
     "api": ["get_model"],
     "hub.int8": ["quantize"],
-    "models.methods": ["load_lora_weights"],
+    "models.guide_methods": ["load_lora_weights"],
     "lora.state": ["get_lora_state", "save_adapter"],
     "lora.config": ["LoraConfig"],
     "lora.adapt": ["inject_lora"],

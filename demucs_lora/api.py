@@ -85,7 +85,7 @@ def with_adapter(base: "nn.Module", adapter: PathLike,
     inference; the next swap unmerges first).
     """
     from demucs_lora.lora.inject import merge_lora
-    from demucs_lora.models.methods import load_lora_weights
+    from demucs_lora.models.guide_methods import load_lora_weights
     if current is not None and can_swap(current, adapter):
         model = load_lora_weights(current, adapter)
     else:
@@ -118,7 +118,7 @@ def get_model(name_or_sig: PathLike, repo: tp.Optional[PathLike] = None,
     model = check_finite_model(load_plain_model(name_or_sig, repo, trust_remote_code, root),
                                str(name_or_sig))
     if adapter is not None:
-        from demucs_lora.models.methods import load_lora_weights
+        from demucs_lora.models.guide_methods import load_lora_weights
         path = resolve_adapter(adapter, root)
         try:
             model = load_lora_weights(model, path)
@@ -128,5 +128,5 @@ def get_model(name_or_sig: PathLike, repo: tp.Optional[PathLike] = None,
                 hint = (f"; {name_or_sig} is an XP whose best.th has its adapter merged in: "
                         "load adapters on its base (continue_from in its config.yaml)")
             raise AdapterMismatch(f"{exc} [base: {name_or_sig}]{hint}") from None
-    from demucs_lora.models.methods import attach  # model.load_lora_weights(path), .quantize(...), ...
+    from demucs_lora.models.guide_methods import attach  # model.load_lora_weights(path), .quantize(...), ...
     return attach(model.eval())

@@ -9,7 +9,7 @@ are Drums, Bass, Other, Vocals and 6 add Guitar, Piano (demucs' order); any othe
 read as the 4-stem layout, so a 5-stem model's stems come out under wrong names and the
 5th is dropped, silently. UVR does the same and takes 6 stems only from a name holding
 ``6s``. So this export refuses every other layout in one line, and ``--reorder-stems``
-permutes the heads (``models.adapters.remap_model``: weights copied, nothing summed) when
+permutes the heads (``models.source_remap.remap_model``: weights copied, nothing summed) when
 the model's stems are exactly those of a layout in another order.
 """
 from __future__ import annotations
@@ -71,7 +71,7 @@ def reorder(model: "nn.Module", layout: tp.Sequence[str]) -> "nn.Module":
     """``model`` with its heads permuted into ``layout`` (the same model when it is)."""
     if list(model.sources) == list(layout):
         return model
-    from demucs_lora.models.adapters import remap_model
+    from demucs_lora.models.source_remap import remap_model
     return remap_model(model, list(layout)).eval()
 
 

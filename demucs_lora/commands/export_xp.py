@@ -22,7 +22,7 @@ def load_xp_model(folder: Path, which: str = "best", trust_remote_code: bool = F
     from demucs_lora.config.compose import load_xp_config
     from demucs_lora.core.finite import check_finite_model
     from demucs_lora.lora.inject import remove_lora
-    from demucs_lora.models.methods import load_lora_weights
+    from demucs_lora.models.guide_methods import load_lora_weights
     from demucs_lora.models.build import load_base
     cfg = load_xp_config(folder / "config.yaml")
     if which == "best":

@@ -5,7 +5,7 @@ LoRA factors and whatever else was trained (heads, biases). The header (see
 `lora.adapter_file`) records the layout and a fingerprint of the frozen base weights,
 so that an adapter loaded on the wrong base is an `AdapterMismatch`, not garbage output.
 Remapping a model's heads to an adapter's sources is the layer above's
-(`demucs_lora.models.adapters`).
+(`demucs_lora.models.source_remap`).
 """
 from __future__ import annotations
 

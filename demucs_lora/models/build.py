@@ -19,7 +19,7 @@ from torch import nn
 from demucs_lora.core.errors import AdapterMismatch, ConfigError, ModelLoadError
 from demucs_lora.lora.config import LoraConfig
 from demucs_lora.lora.targets import head_names
-from demucs_lora.models.adapters import remap_model
+from demucs_lora.models.source_remap import remap_model
 
 logger = logging.getLogger(__name__)
 
@@ -220,7 +220,7 @@ def start_from_adapter(model: nn.Module, adapter: str, root: tp.Optional[Path] =
     existing adapter, loaded strictly: same layout (ranks, alpha, ...), same keys and
     shapes, and trained on this very base (fingerprint), else AdapterMismatch."""
     from demucs_lora.hub.resolve import resolve_adapter
-    from demucs_lora.models.methods import load_lora_weights
+    from demucs_lora.models.guide_methods import load_lora_weights
     path = resolve_adapter(adapter, root)
     try:
         model = load_lora_weights(model, path)

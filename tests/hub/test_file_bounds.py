@@ -16,7 +16,7 @@ from demucs.states import serialize_model
 from omegaconf import OmegaConf
 
 from demucs_lora.core.errors import AdapterMismatch, ModelLoadError
-from demucs_lora.models.methods import load_lora_weights
+from demucs_lora.models.guide_methods import load_lora_weights
 from demucs_lora.lora.state import save_adapter
 
 from solver_helpers import lora, tiny_base

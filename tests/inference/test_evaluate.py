@@ -13,7 +13,7 @@ from helpers import REPO, check_table_matches_json
 
 
 def test_xp_with_shifts_prints_table_equal_to_json(xp, monkeypatch, capsys):
-    from demucs_lora.commands.test_pretrained import main
+    from demucs_lora.commands.score_model import main
     monkeypatch.chdir(xp.root)
     main(["-n", xp.sig, "test.shifts=2", "--no-progress"])
     printed = capsys.readouterr().out
@@ -31,7 +31,7 @@ def test_xp_with_shifts_prints_table_equal_to_json(xp, monkeypatch, capsys):
 def test_base_plus_adapter_equals_xp_and_json_option(xp, tmp_path, monkeypatch, capsys):
     """best.th is base + lora_best merged: both routes give the same scores (shifts 0);
     the adapter's header names the XP, so its config (dataset) is used."""
-    from demucs_lora.commands.test_pretrained import main
+    from demucs_lora.commands.score_model import main
     monkeypatch.chdir(xp.root)
     out_a, out_b = tmp_path / "a.json", tmp_path / "b.json"
     main(["-n", xp.sig, "--split", "valid", "--json", str(out_a), "--no-progress"])
@@ -48,7 +48,7 @@ def test_base_plus_adapter_equals_xp_and_json_option(xp, tmp_path, monkeypatch, 
 
 def test_xp_config_overrides(xp):
     from demucs_lora.core.errors import ConfigError
-    from demucs_lora.commands.test_pretrained import xp_config
+    from demucs_lora.commands.score_model import xp_config
     file = xp.folder / "config.yaml"
     cfg = xp_config(file, ["test.shifts=3", "optim=adamw", "dset.wav=/elsewhere"])
     saved = OmegaConf.load(file)
@@ -72,7 +72,7 @@ def test_unknown_model_exits_with_message(xp, tmp_path):
 def test_exit_status_per_kind_of_error(xp, monkeypatch, capsys):
     """2 and one line for a config error (an override the XP's config lacks), 1 and one
     line for a model that is not found."""
-    from demucs_lora.commands.test_pretrained import main
+    from demucs_lora.commands.score_model import main
     monkeypatch.chdir(xp.root)
     with pytest.raises(SystemExit) as exc:
         main(["-n", xp.sig, "--no-progress", "test.shfts=2"])

@@ -17,7 +17,7 @@ from demucs_lora.lora.adapt import inject_lora
 from demucs_lora.lora.inject import (iter_lora_layers, merge_lora, remove_lora, unmerge_lora,
                                      wrap_layers)
 from demucs_lora.lora.state import get_lora_state, save_adapter
-from demucs_lora.models.methods import load_lora_weights
+from demucs_lora.models.guide_methods import load_lora_weights
 from demucs_lora.lora.targets import lora_target_names
 
 ALL = ["encoder", "decoder", "transformer", "freq_emb"]

@@ -145,7 +145,7 @@ def test_history_is_written_and_plotted(adapted, tmp_path):
 
 def test_adapter_reloads_with_the_new_ranks(adapted, tmp_path):
     from demucs_lora.lora.inject import remove_lora
-    from demucs_lora.models.methods import load_lora_weights
+    from demucs_lora.models.guide_methods import load_lora_weights
     from demucs_lora.lora.adapter_file import read_adapter
     from demucs_lora.lora.state import save_adapter
     model = adapted["model"]

@@ -16,7 +16,7 @@ from demucs_lora.core.errors import ConfigError
 from demucs_lora.lora.config import LoraLayout
 from demucs_lora.lora.adapt import inject_lora
 from demucs_lora.lora.adapter_file import adapter_paths
-from demucs_lora.models.methods import load_lora_weights
+from demucs_lora.models.guide_methods import load_lora_weights
 from demucs_lora.lora.state import save_adapter
 from demucs_lora.lora.targets import lora_target_names
 

@@ -123,7 +123,7 @@ def test_test_pretrained_selects_metrics(tmp_path, monkeypatch, capsys):
     override after it still counts as an override."""
     import json
     from helpers import check_table_matches_json, make_xp
-    from demucs_lora.commands.test_pretrained import main
+    from demucs_lora.commands.score_model import main
     xp = make_xp(tmp_path)
     monkeypatch.chdir(xp.root)
     chosen = ["sdr", "aura_stft", "nsdr"]

@@ -72,7 +72,7 @@ def test_bag_with_new_sources_and_one_member(bag_cache):
 
 def test_adapter_round_trip_on_a_bag(bag_cache, tmp_path):
     import json
-    from demucs_lora.models.methods import load_lora_weights
+    from demucs_lora.models.guide_methods import load_lora_weights
     from demucs_lora.lora.state import save_adapter
     from demucs_lora.models.build import load_base
     model = randomize_b(_bag_model()[0])

@@ -63,7 +63,7 @@ def test_the_adapter_is_checked_strictly(setup):
 
 
 def test_lora_checkpoint_is_a_spelling_of_adapter():
-    from demucs_lora.commands.test_pretrained import get_parser as test_parser
+    from demucs_lora.commands.score_model import get_parser as test_parser
     from demucs_lora.commands.separate import get_parser as separate_parser
     args = test_parser().parse_args(["-n", "base", "--lora_checkpoint", "a/lora_best"])
     assert args.adapter == "a/lora_best"

@@ -48,7 +48,7 @@ def test_the_error_names_model_adapter_and_stems(huge, tmp_path, monkeypatch):
 
 
 def test_test_pretrained_refuses_nan_output(huge, monkeypatch):
-    from demucs_lora.commands import test_pretrained
+    from demucs_lora.commands import score_model as test_pretrained
     monkeypatch.chdir(huge.root)
     args = test_pretrained.get_parser().parse_intermixed_args(
         ["-n", "base.th", "--adapter", "adapters/huge", "--split", "valid", "--no-progress",

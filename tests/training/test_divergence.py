@@ -119,7 +119,7 @@ def _rewrite_tensors(adapter, fn):
 @pytest.mark.parametrize("kind", ["nan", "inf", "int32"])
 def test_nonfinite_or_integer_adapter_is_refused(adapter, kind):
     from solver_helpers import tiny_base
-    from demucs_lora.models.methods import load_lora_weights
+    from demucs_lora.models.guide_methods import load_lora_weights
 
     def edit(tensors):
         name = sorted(tensors)[0]
@@ -137,7 +137,7 @@ def test_nonfinite_or_integer_adapter_is_refused(adapter, kind):
 @pytest.mark.parametrize("alpha", ["NaN", "Infinity", '"16"'])
 def test_nonfinite_alpha_is_refused(adapter, alpha):
     from solver_helpers import tiny_base
-    from demucs_lora.models.methods import load_lora_weights
+    from demucs_lora.models.guide_methods import load_lora_weights
     path = adapter.with_suffix(".json")
     text = path.read_text()
     header = json.loads(text)
@@ -178,7 +178,7 @@ def test_export_refuses_a_nan_best(tmp_path):
 
 
 def test_test_pretrained_fails_when_every_score_is_nan(tmp_path, monkeypatch, capsys):
-    from demucs_lora.commands import test_pretrained
+    from demucs_lora.commands import score_model as test_pretrained
     from helpers import make_xp
     make_xp(tmp_path, sig="xpnan")
     monkeypatch.chdir(tmp_path)

@@ -35,9 +35,9 @@ def load_lora_weights(model: "nn.Module", path, check_base: bool = True) -> "nn.
     the model has none (else swapping the tensors of same-layout layers).
 
     If the adapter was trained for other sources than the model's, the model's heads are
-    remapped first (`models.adapters`), so a new model object may be returned: always use
+    remapped first (`models.source_remap`), so a new model object may be returned: always use
     the return value; it carries the guide's methods (`attach`)."""
-    from demucs_lora.models.adapters import load_adapter_any_sources
+    from demucs_lora.models.source_remap import load_adapter_any_sources
     return attach(load_adapter_any_sources(model, path, check_base=check_base))
 
 
