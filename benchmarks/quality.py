@@ -148,8 +148,16 @@ def best_lr(scores: tp.Mapping[str, float]) -> tp.Tuple[tp.Optional[str], bool]:
 
 
 # ----------------------------------------------------------------------------- XPs
+def shared_args(shared: tp.Sequence[str], method_args: tp.Sequence[str]) -> tp.List[str]:
+    """The shared overrides a method's run takes: a full fine-tune (lora_rank=0) drops the
+    LoRA-only keys (htdemucs.lora_*), which a run refuses without a rank."""
+    if "htdemucs.lora_rank=0" not in method_args:
+        return list(shared)
+    return [a for a in shared if not a.startswith("htdemucs.lora_")]
+
+
 def overrides(run: Run, base: str, epochs: int, smoke: bool) -> tp.List[str]:
-    shared = SMOKE if smoke else COMMON
+    shared = shared_args(SMOKE if smoke else COMMON, run.method.args)
     return [f"continue_from={base}", *shared, f"dset.synth.tracks={run.tracks}",
             f"epochs={epochs}", *run.method.args, f"optim.lr={run.lr}"]
 

@@ -111,7 +111,8 @@ class Protocol:
 
     def overrides(self, run: Run) -> tp.List[str]:
         _, args = method_args(run.method, self.plan["rank"])
-        return [f"continue_from={self.base}", *(SMOKE if self.smoke else COMMON),
+        return [f"continue_from={self.base}",
+                *quality.shared_args(SMOKE if self.smoke else COMMON, args),
                 *TASKS[run.task], f"epochs={self.plan['epochs']}", *args,
                 f"optim.lr={run.lr}", f"seed={run.seed}"]
 
