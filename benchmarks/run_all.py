@@ -29,6 +29,11 @@ GPU_COMMAND = "python -m benchmarks.run_all --device cuda"  # or `make bench-gpu
 
 CUDA_BENCHMARKS = ("train_step", "inference")   # what the CUDA suite measures
 DEVICE_INDEPENDENT = ("size", "data_loading", "quality")
+# Run by hand (heavy or needing extras), shown in the table when their JSON exists:
+# `python -m benchmarks.accumulate` (peak memory of optim.accumulate, released architecture)
+# and `python -m benchmarks.onnx_runtime` (onnxruntime vs PyTorch, docs/publishing.md).
+TABLE_ONLY = {"accumulate": "Gradient accumulation (`python -m benchmarks.accumulate`)",
+              "onnx_runtime": "ONNX export (`python -m benchmarks.onnx_runtime`)"}
 
 
 def run_benchmark(name: str, extra: tp.Sequence[str]) -> int:
@@ -40,7 +45,7 @@ def run_benchmark(name: str, extra: tp.Sequence[str]) -> int:
 def load_results(folder: Path, smoke: bool = False) -> tp.Dict[str, dict]:
     """{NAME: result} of the CPU suite and {NAME_cuda: result} of the CUDA suite."""
     out = {}
-    for name in BENCHMARKS:
+    for name in (*BENCHMARKS, *TABLE_ONLY):
         for suite in ("cpu", "cuda"):
             key = f"{name}_cuda" if suite == "cuda" else name
             path = folder / f"{key}{'_smoke' if smoke else ''}.json"
@@ -232,6 +237,14 @@ def _data_table(r: dict) -> tp.List[str]:
             f"{r['ratio']:.0f}x | {_target_cell(r, *_verdicts(r))} |"]
 
 
+def _targets_table(title: str, r: dict) -> tp.List[str]:
+    """The measured targets of a benchmark: what, value, target, verdict."""
+    rows = [f"| {t['name']} | {t['value']:.3g} | {t['op']} {t['target']:g} | "
+            f"{'**PASS**' if t['pass'] else '**MISS**'} |" for t in r.get("targets", [])]
+    return [f"**{title}** (settings: {json.dumps(r.get('settings', {}))})", "",
+            "| measured | value | target | verdict |", "|---|---|---|---|", *rows]
+
+
 def _quality_table(r: dict) -> tp.List[str]:
     """A pointer: the quality tables live in docs/quality.md (benchmarks.quality_report)."""
     return ["**Quality**: [quality.md](quality.md) (tables generated from "
@@ -255,6 +268,9 @@ def make_table(results: tp.Mapping[str, dict]) -> str:
                      ("quality", _quality_table)):
         if name in results:
             lines += fn(results[name]) + [""]
+    for name, title in TABLE_ONLY.items():
+        if name in results:
+            lines += _targets_table(title, results[name]) + [""]
     if "train_step_cuda" in results:
         lines += _cuda_train_table(results["train_step_cuda"]) + [""]
     else:
