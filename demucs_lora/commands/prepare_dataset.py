@@ -11,12 +11,11 @@ without --force, OUT inside SRC, a bad override).
 from __future__ import annotations
 
 import argparse
-import sys
 import typing as tp
 from pathlib import Path
 
 from demucs_lora.config.compose import compose
-from demucs_lora.core.errors import exit_on_user_error
+from demucs_lora.core.errors import run_command
 from demucs_lora.core.sources import DEFAULT_SOURCES
 from demucs_lora.data.prepare import prepare_dataset
 
@@ -59,9 +58,7 @@ def run(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
 
 def main(argv: tp.Optional[tp.Sequence[str]] = None) -> None:
     """Console script ``demucs-lora-prepare``; a user error exits with one line."""
-    with exit_on_user_error():
-        code = run(argv)
-    sys.exit(code)
+    run_command(run, argv)
 
 
 if __name__ == "__main__":

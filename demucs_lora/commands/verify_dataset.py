@@ -10,12 +10,11 @@ warnings with --strict) or a data error; 2 a config or usage error.
 from __future__ import annotations
 
 import argparse
-import sys
 import typing as tp
 from pathlib import Path
 
 from demucs_lora.config.compose import compose
-from demucs_lora.core.errors import exit_on_user_error
+from demucs_lora.core.errors import run_command
 from demucs_lora.data.verify import verify_config
 
 
@@ -50,9 +49,7 @@ def run(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
 
 def main(argv: tp.Optional[tp.Sequence[str]] = None) -> None:
     """Console script ``demucs-lora-verify``; a user error exits with one line (exit_code)."""
-    with exit_on_user_error():
-        code = run(argv)
-    sys.exit(code)
+    run_command(run, argv)
 
 
 if __name__ == "__main__":

@@ -76,3 +76,12 @@ def exit_on_user_error(logger: tp.Optional[logging.Logger] = None):
         yield
     except DemucsLoRAError as exc:
         exit_with(exc, logger)
+
+
+def run_command(run: tp.Callable[[tp.Optional[tp.Sequence[str]]], int],
+                argv: tp.Optional[tp.Sequence[str]] = None) -> tp.NoReturn:
+    """A console script's body: exit with ``run(argv)``'s status, a user error as one
+    line (`exit_on_user_error`)."""
+    with exit_on_user_error():
+        code = run(argv)
+    sys.exit(code)
