@@ -43,6 +43,10 @@ def inject_lora(model: nn.Module, config: tp.Union[LoraConfig, LoraLayout],
     if config.lora_rank <= 0:
         raise ConfigError("inject_lora: LoraConfig(lora_rank=0) is full fine-tuning, there "
                           "is nothing to inject; set lora_rank > 0")
+    if config.lora_rank_adaptation:
+        raise ConfigError("inject_lora: lora_rank_adaptation=True moves ranks between "
+                          "epochs inside demucs-lora's training loop (dora run), not in "
+                          "yours: drop it, or train with dora run")
     names = [n for n in lora_target_names(model, config.lora_targets) if n not in train_extra]
     calibration = None
     if config.needs_calibration:

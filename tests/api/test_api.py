@@ -179,3 +179,27 @@ def test_inject_lora_takes_a_lora_config_and_returns_the_model():
         inject_lora(tiny_htdemucs(), LoraConfig(lora_rank=0))
     with pytest.raises(ConfigError, match="htdemucs.lora_rank_mode"):
         LoraConfig(lora_rank=4, lora_rank_mode="magic")
+
+
+def test_inject_lora_gradient_modes_take_batches_and_start_at_the_base():
+    """Gradient ranks + LoRA-GA through the public entry: batches are required, and the
+    offset base makes the model's output at step 0 the base's."""
+    from demucs_lora import LoraConfig, inject_lora
+    from demucs_lora.core.errors import ConfigError
+    config = LoraConfig(lora_rank=4, lora_rank_mode="gradient", lora_init="gradient",
+                        lora_gradient_batches=1)
+    with pytest.raises(ConfigError, match="pass batches="):
+        inject_lora(tiny_htdemucs(), config)
+    with pytest.raises(ConfigError, match="lora_rank_adaptation"):
+        inject_lora(tiny_htdemucs(), LoraConfig(lora_rank=4, lora_rank_adaptation=True))
+    base = tiny_htdemucs().eval()
+    sources = torch.randn(1, len(base.sources), 2, int(base.segment * base.samplerate),
+                          generator=torch.Generator().manual_seed(0))
+    mix = sources.sum(1)
+    with torch.no_grad():
+        before = base(mix)
+    model = inject_lora(copy.deepcopy(base), config, batches=[(mix, sources)]).eval()
+    with torch.no_grad():
+        after = model(mix)
+    assert (after - before).abs().max() <= 1e-5 * before.abs().max()
+    assert any("lora_A" in n for n, p in model.named_parameters() if p.requires_grad)
