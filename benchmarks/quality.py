@@ -163,18 +163,12 @@ def overrides(run: Run, base: str, epochs: int, smoke: bool) -> tp.List[str]:
 
 
 def xp_folder(args: tp.Sequence[str], workdir: Path) -> Path:
-    """The folder Dora gives these overrides (a pure function of them), under workdir.
-
-    Dora makes its `dora.dir` absolute against the cwd when the entry point is imported:
-    take the folder relative to this process's cwd and put it under workdir.
-    """
+    """The folder Dora gives these overrides (a pure function of them), under workdir
+    (`demucs_lora.train.xp_folder_in`)."""
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
-    from demucs_lora.train import main
-    folder = Path(main.get_xp(list(args)).folder)
-    if folder.is_absolute():
-        folder = Path(os.path.relpath(folder, Path.cwd()))
-    return workdir / folder
+    from demucs_lora.train import xp_folder_in
+    return xp_folder_in(args, workdir)
 
 
 def read_history(folder: Path) -> tp.List[dict]:

@@ -137,3 +137,15 @@ install_cpu_ddp_fallback()
 install_excepthook()
 # Same name as the function: Dora pickles the main as "module.function_name".
 main = _LoRAHydraMain(main, config_name="config", config_path="../conf", version_base="1.3")
+
+
+def xp_folder_in(argv: tp.Sequence[str], workdir: tp.Union[str, Path]) -> Path:
+    """The XP folder of ``dora run ARGV`` started in `workdir`.
+
+    The signature is a pure function of the overrides, but Dora makes ``dora.dir``
+    absolute against the cwd of this module's first import, which need not be `workdir`
+    (a test suite, a benchmark driving runs in a scratch folder): the folder is rebuilt
+    from the signature and conf's ``dora.dir``."""
+    from demucs_lora.core.paths import CONF_DIR
+    dora_dir = OmegaConf.load(CONF_DIR / "config.yaml").dora.dir
+    return Path(workdir) / dora_dir / "xps" / main.get_xp(list(argv)).sig

@@ -66,14 +66,10 @@ def converged(chunks: tp.Sequence[dict], patience: int = PATIENCE,
 
 
 def xp_folder(args: tp.Sequence[str], workdir: Path = REPO_DIR) -> Path:
-    """The XP folder Dora uses for these overrides (the signature is a pure function),
-    under `workdir` (Dora makes `dora.dir` absolute against the cwd of the import)."""
-    sys.path.insert(0, str(REPO_DIR))
-    from demucs_lora.train import main
-    folder = Path(main.get_xp(list(args)).folder)
-    if folder.is_absolute():
-        folder = Path(os.path.relpath(folder, Path.cwd()))
-    return workdir / folder
+    """The XP folder Dora uses for these overrides under `workdir`
+    (`demucs_lora.train.xp_folder_in`)."""
+    from demucs_lora.train import xp_folder_in
+    return xp_folder_in(args, workdir)
 
 
 def dora_run(args: tp.Sequence[str], workdir: Path = REPO_DIR) -> None:
