@@ -36,6 +36,8 @@ import sys
 import typing as tp
 from pathlib import Path
 
+from demucs_lora.core.files import file_sha256
+
 from . import common, quality
 from . import quality_stats as stats
 from .common import ROOT
@@ -148,15 +150,6 @@ class Protocol:
                 "before": self.before, "errors": self.errors, **(summary or {})}
         return common.write_result(NAME, data, argparse.Namespace(smoke=self.smoke,
                                                                   out=str(self.out)))
-
-
-def file_sha256(path: Path) -> str:
-    import hashlib
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def check_same_base(path: Path, sha256: str) -> tp.Optional[str]:
