@@ -112,13 +112,10 @@ MAKERS = {"base-medium": base_lines, "quality-protocol": protocol_lines,
 
 def render(text: str, results: tp.Mapping[str, tp.Optional[dict]]) -> str:
     """`text` with each marked section replaced by its generated lines."""
+    from tools.gen_docs import replace_block
     for section, name in SECTIONS.items():
-        start, end = f"<!-- {section}:start -->", f"<!-- {section}:end -->"
-        i, j = text.find(start), text.find(end)
-        if i < 0 or j < i:
-            continue
-        body = "\n".join(MAKERS[section](results.get(name)))
-        text = text[:i + len(start)] + "\n" + body.rstrip() + "\n" + text[j:]
+        new = replace_block(text, section, "\n".join(MAKERS[section](results.get(name))))
+        text = text if new is None else new
     return text
 
 

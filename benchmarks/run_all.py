@@ -291,11 +291,11 @@ def update_readme(path: tp.Union[str, Path], table: tp.Optional[str] = None) -> 
         table = make_table(load_results(RESULTS_DIR))
     if not path.exists():
         return False
+    from tools.gen_docs import replace_block
     text = path.read_text()
-    start, end = text.find(START), text.find(END)
-    if start < 0 or end < 0 or end < start:
+    new = replace_block(text, "bench", table)
+    if new is None:
         return False
-    new = text[:start + len(START)] + "\n" + table.rstrip() + "\n" + text[end:]
     if new != text:
         atomic_write_text(path, new)
     return True

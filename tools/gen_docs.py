@@ -30,22 +30,29 @@ GENERATED: tp.Dict[str, tp.Tuple[str, tp.Callable[[], str]]] = {
 }
 
 
-def replace_block(text: str, name: str, body: str) -> str:
-    """`text` with the block between `<!-- NAME:start -->` and `<!-- NAME:end -->` set to body."""
+def replace_block(text: str, name: str, body: str) -> tp.Optional[str]:
+    """`text` with the block between `<!-- NAME:start -->` and `<!-- NAME:end -->` set to
+    body; None when a marker is missing or they are out of order. Every generated block of
+    docs/ goes through it (this module, benchmarks.run_all, benchmarks.quality_report)."""
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    if start not in text or end not in text:
-        raise ValueError(f"markers {start} / {end} not found")
-    head, rest = text.split(start, 1)
-    _, tail = rest.split(end, 1)
-    return f"{head}{start}\n{body}\n{end}{tail}"
+    i, j = text.find(start), text.find(end)
+    if i < 0 or j < i:
+        return None
+    return text[:i + len(start)] + "\n" + body.rstrip() + "\n" + text[j:]
+
+
+def _replaced(path: Path, name: str, body: str) -> str:
+    new = replace_block(path.read_text(), name, body)
+    if new is None:
+        raise ValueError(f"{path}: markers <!-- {name}:start/end --> not found")
+    return new
 
 
 def stale(docs: Path = DOCS) -> tp.List[str]:
     """Generated docs whose block differs from what the code generates now."""
     out = []
     for name, (marker, make) in GENERATED.items():
-        text = (docs / name).read_text()
-        if replace_block(text, marker, make()) != text:
+        if _replaced(docs / name, marker, make()) != (docs / name).read_text():
             out.append(name)
     return out
 
@@ -62,7 +69,7 @@ def main(argv=None) -> int:
     from demucs_lora.core.files import atomic_write_text
     for name, (marker, make) in GENERATED.items():
         path = DOCS / name
-        atomic_write_text(path, replace_block(path.read_text(), marker, make()))
+        atomic_write_text(path, _replaced(path, marker, make()))
         print(f"wrote {path.relative_to(ROOT)}")
     return 0
 
