@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from demucs.apply import BagOfModels
 from demucs.states import serialize_model
-from omegaconf import DictConfig
+from demucs_lora.models.spec import BaseSpec
 from torch import nn
 
 from demucs_lora.training.epoch import partial_problem
@@ -67,7 +67,7 @@ def set_rng_state(state: dict) -> None:
 
 
 # ---------------------------------------------------------------------------- base
-def base_record(model: nn.Module, cfg: DictConfig) -> dict:
+def base_record(model: nn.Module, base: BaseSpec) -> dict:
     """What the XP's frozen base is: the config that named it and a fingerprint of its
     loaded tensors (independent of how it was found). No fingerprint for a full fine-tune:
     every weight is then in the checkpoint, and the base does not matter on resume."""
@@ -75,8 +75,8 @@ def base_record(model: nn.Module, cfg: DictConfig) -> dict:
     trained = [n for n, p in model.named_parameters() if p.requires_grad]
     fingerprint = base_fingerprint(model, exclude=trained) if has_lora(model) else None
     return {"fingerprint": fingerprint,
-            "continue_from": _text(cfg.get("continue_from")),
-            "pretrained_repo": _text(cfg.get("pretrained_repo"))}
+            "continue_from": _text(base.continue_from),
+            "pretrained_repo": _text(base.pretrained_repo)}
 
 
 def _text(value) -> tp.Optional[str]:
@@ -211,16 +211,17 @@ def plain_model(model: nn.Module, state: tp.Optional[tp.Mapping] = None) -> nn.M
     return plain
 
 
-def save_best_model(model: nn.Module, state, cfg: DictConfig, path: Path,
+def save_best_model(model: nn.Module, state, training_args: tp.Any, path: Path,
                     half: bool = False) -> None:
-    """demucs' own serialized format (klass, args, kwargs, state, training_args); a bag
-    is written as demucs lays bags out: ``best.yaml`` + ``best_mK.th`` (``bag.write_bag``)."""
+    """demucs' own serialized format (klass, args, kwargs, state, training_args: the run's
+    composed config, stored as demucs stores it); a bag is written as demucs lays bags
+    out: ``best.yaml`` + ``best_mK.th`` (``bag.write_bag``)."""
     plain = plain_model(model, state)
     if isinstance(plain, BagOfModels):
         from demucs_lora.models.bag import write_bag
-        write_bag(plain, path.parent, path.stem, cfg, half=half)
+        write_bag(plain, path.parent, path.stem, training_args, half=half)
         return
-    package = serialize_model(plain, cfg, half=half)
+    package = serialize_model(plain, training_args, half=half)
     atomic_torch_save(package, path)
 
 

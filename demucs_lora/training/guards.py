@@ -40,11 +40,12 @@ class SolverGuards:
     # ---------------------------------------------------------------- divergence
     def _diverged(self, progress: EpochProgress, what: str) -> TrainingDiverged:
         where = f"epoch {progress.epoch + 1}, step {progress.step}/{self.steps_per_epoch}"
-        return divergence_error(self.cfg, where, what, self.saved)
+        return divergence_error(self.cfg.optim, self.cfg.mixed_precision, where, what,
+                                self.saved)
 
     def _skip_nonfinite(self, progress: EpochProgress, what: str) -> None:
         progress.skipped += 1
-        allowed = int(self.cfg.optim.get("skip_nonfinite") or 0)
+        allowed = self.cfg.optim.skip_nonfinite
         if progress.skipped > allowed:
             raise self._diverged(progress, what)
         logger.warning("epoch %d step %d/%d: %s; step skipped (%d of optim.skip_nonfinite=%d "
@@ -102,7 +103,8 @@ class SolverGuards:
             bad += [f"ema.{n}" for n in nonfinite_names(self.ema.shadow)]
         if bad:
             where = f"the end of epoch {epoch + 1}"
-            raise divergence_error(self.cfg, where, f"the weights hold NaN/inf ({bad[:3]})",
+            raise divergence_error(self.cfg.optim, self.cfg.mixed_precision, where,
+                                   f"the weights hold NaN/inf ({bad[:3]})",
                                    self.saved)
 
     def _over_budget(self) -> bool:

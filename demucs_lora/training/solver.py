@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 import tqdm
 from dora import distrib, get_xp
-from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from demucs_lora.config.run_config import RunConfig
 from demucs_lora.core.errors import CheckpointError, TrainingDiverged
 from demucs_lora.core.files import atomic_torch_save, atomic_write_text
 from demucs_lora.data.stems import augment_batch
@@ -42,7 +42,7 @@ FP16_MAX_SKIPS = 24  # consecutive overflowing fp16 steps (loss scale / 2**24) =
 
 
 class Solver(SolverGuards):
-    def __init__(self, cfg: DictConfig, model: nn.Module, loaders: dict, augment: nn.Module,
+    def __init__(self, cfg: RunConfig, model: nn.Module, loaders: dict, augment: nn.Module,
                  device: torch.device):
         self.cfg = cfg
         self.device = device
@@ -54,7 +54,7 @@ class Solver(SolverGuards):
         self.is_master = distrib.is_master()
         self._wrap_ddp()
         self.optimizer = build_optimizer(self.model, cfg.optim)
-        self.accumulate = int(cfg.optim.get("accumulate") or 1)  # micro-batches per step
+        self.accumulate = cfg.optim.accumulate  # micro-batches per step
         self.steps_per_epoch = optimizer_steps(len(loaders["train"]), cfg.max_batches,
                                                self.accumulate)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim,
@@ -69,20 +69,18 @@ class Solver(SolverGuards):
         if self.is_master:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(str(self.folder / "tensorboard"))
-        self.sources = list(model.sources)  # the run's (cfg.dset.sources once resolved)
+        self.sources = list(model.sources)  # the run's (cfg.dset.sources)
         weights = cfg.weights or [1.0] * len(self.sources)
         self.weights = torch.tensor(list(weights), dtype=torch.float32, device=device)
-        self.base = ckpt.base_record(self.model, cfg)  # checked against checkpoint.th
+        self.base = ckpt.base_record(self.model, cfg.base)  # checked against checkpoint.th
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.stop = active_stop_signals() or StopSignals()  # train.main installs one
         self.partial: tp.Optional[EpochProgress] = None  # a stopped epoch to finish
         self.saved = "no epoch had finished, so nothing was saved"  # what checkpoint.th is
         self.adaptation = None  # htdemucs.lora_rank_adaptation (lora/rank_adaptation.py)
-        if cfg.htdemucs.get("lora_rank_adaptation") and cfg.htdemucs.lora_rank > 0:
-            from demucs_lora.lora.config import LoraConfig
+        if cfg.lora.lora_rank_adaptation and cfg.lora.lora_rank > 0:
             from demucs_lora.lora.rank_adaptation import RankAdaptation
-            self.adaptation = RankAdaptation(self.model, LoraConfig.from_cfg(cfg.htdemucs),
-                                             seed=cfg.seed)
+            self.adaptation = RankAdaptation(self.model, cfg.lora, seed=cfg.seed)
 
     def _wrap_ddp(self) -> None:
         """DDP all-reduces the trainable parameters only (rewrapped when ranks change: the
@@ -175,7 +173,7 @@ class Solver(SolverGuards):
                                else rngs[0])
         bar = tqdm.tqdm(total=self.steps_per_epoch, initial=progress.step, leave=False,
                         desc=f"train {epoch + 1}", disable=not self.is_master, mininterval=1.0)
-        memory = bool(self.cfg.get("profile_memory"))  # memory timeline in the trace
+        memory = self.cfg.profile_memory  # memory timeline in the trace
         profiler = (start_profiler(self.folder / "profile", self.device, memory)
                     if (self.cfg.enable_profiling or memory) and epoch == 0 and not progress.step
                     else None)
@@ -287,12 +285,12 @@ class Solver(SolverGuards):
         logger.info("Epoch %d/%d: %s", epoch + 1, self.cfg.epochs, text)
 
     def _adapter_header(self) -> dict:
-        return {"targets": list(self.cfg.htdemucs.lora_targets),
-                "rank_mode": self.cfg.htdemucs.lora_rank_mode,
+        lora, init = self.cfg.lora, self.cfg.model.source_init
+        return {"targets": list(lora.lora_targets),
+                "rank_mode": lora.lora_rank_mode,
                 "rank_adaptation": self.adaptation is not None,
-                "save_dtype": self.cfg.htdemucs.get("lora_save_dtype", "float32"),
-                "source_init": OmegaConf.to_container(self.cfg.source_init)
-                if self.cfg.source_init is not None else None,
+                "save_dtype": lora.lora_save_dtype,
+                "source_init": dict(init) if init is not None else None,
                 "xp": self.xp.sig}
 
     def _save_epoch(self, epoch: int, metrics: dict) -> None:
@@ -303,7 +301,8 @@ class Solver(SolverGuards):
         state = self.ema.shadow if self.ema else None
         ckpt.save_adapter_with_state(self.model, state, folder / "lora_last", **header)
         if metrics.get("is_best"):
-            ckpt.save_best_model(self.model, self.best_state, self.cfg, folder / "best.th")
+            ckpt.save_best_model(self.model, self.best_state, self.cfg.training_args,
+                                 folder / "best.th")
             ckpt.save_adapter_with_state(self.model, self.best_state, folder / "lora_best",
                                          **header)
 

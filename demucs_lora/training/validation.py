@@ -9,14 +9,14 @@ import torch
 import tqdm
 from demucs.apply import apply_model
 from dora import distrib
-from omegaconf import DictConfig
 from torch import nn
 
+from demucs_lora.config.run_config import TestConfig
 from demucs_lora.metrics import nsdr
 
 
 @torch.no_grad()
-def valid_nsdr(model: nn.Module, dataset, sources: tp.Sequence[str], test: DictConfig,
+def valid_nsdr(model: nn.Module, dataset, sources: tp.Sequence[str], test: TestConfig,
                device: torch.device, desc: str = "valid",
                progress: bool = True) -> tp.Dict[str, float]:
     """``{"nsdr_SOURCE": mean over tracks, ..., "nsdr": mean over sources}``."""
