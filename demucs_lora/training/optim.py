@@ -5,6 +5,7 @@ whole state dict, which for a LoRA run would duplicate the frozen base for nothi
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import typing as tp
 
@@ -26,6 +27,15 @@ def build_optimizer(model: nn.Module, cfg: DictConfig) -> torch.optim.Optimizer:
     klass = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[cfg.optim]
     return klass(param_groups(model, params, cfg.lr, float(cfg.get("lora_plus_ratio", 1.0))),
                  lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+
+
+def autocast(mixed_precision: tp.Union[str, bool, None], device_type: str):
+    """The forward's autocast for ``mixed_precision`` (fp16 / bf16); none when it is off.
+    fp16 also needs the Solver's GradScaler (bf16 has float32's range and does not)."""
+    if not mixed_precision:
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float16
+    return torch.autocast(device_type, dtype=dtype)
 
 
 def is_lora_b(name: str) -> bool:
