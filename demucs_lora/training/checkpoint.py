@@ -5,7 +5,9 @@ EMA, RNG, epoch, history) plus a fingerprint of the frozen base; the base itself
 rebuilt from the config on resume. It holds tensors and plain Python values only (the RNG
 states too), so it is read back with ``torch.load(weights_only=True)``: an XP folder is
 untrusted input, and a checkpoint.th carrying anything else is refused before any of it
-runs. `best.th` is a plain demucs package (adapters merged) that the stock CLI loads.
+runs. Which entries it holds is the Solver's `StateRegistry`; what each entry must look
+like is below (its ``check``). `best.th` is a plain demucs package (adapters merged) that
+the stock CLI loads.
 """
 from __future__ import annotations
 
