@@ -48,6 +48,8 @@ FP16_MAX_SKIPS = 24  # consecutive overflowing fp16 steps (loss scale / 2**24) =
 
 
 class Solver:
+    """One XP's training: epochs of optimizer steps, validation, best and checkpoints."""
+
     def __init__(self, cfg: DictConfig, model: nn.Module, loaders: dict, augment: nn.Module,
                  device: torch.device):
         self.cfg = cfg
