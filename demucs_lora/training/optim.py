@@ -5,6 +5,7 @@ whole state dict, which for a LoRA run would duplicate the frozen base for nothi
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import typing as tp
 
@@ -26,6 +27,15 @@ def build_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.Optimiz
     klass = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[optim.optim]
     return klass(param_groups(model, params, optim.lr, float(optim.lora_plus_ratio)),
                  lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay)
+
+
+def autocast(mixed_precision: tp.Union[str, bool, None], device_type: str):
+    """The forward's autocast for ``mixed_precision`` (fp16 / bf16); none when it is off.
+    fp16 also needs the Solver's GradScaler (bf16 has float32's range and does not)."""
+    if not mixed_precision:
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float16
+    return torch.autocast(device_type, dtype=dtype)
 
 
 def is_lora_b(name: str) -> bool:
