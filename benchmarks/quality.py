@@ -221,12 +221,12 @@ def test_scores(model_path: Path, data_args: tp.Sequence[str], workdir: Path,
         return json.loads(cache.read_text())
     from demucs_lora.config.compose import compose
     from demucs_lora.inference.evaluation import build_dataset, evaluate_model
-    from demucs_lora.hub.packages import load_model_file
+    from demucs_lora.models.load import load_model
     cwd = Path.cwd()
     os.chdir(workdir)   # dset.metadata (./metadata) is relative to where dora ran
     try:
         cfg = compose([a for a in data_args if not a.startswith("continue_from=")])
-        model = load_model_file(model_path)
+        model = load_model(model_path)
         dataset = build_dataset(cfg, list(model.sources), "test", model.samplerate,
                                 model.audio_channels, progress=False)
         scores = _nsdr(evaluate_model(model, dataset, metrics=("nsdr",), progress=False,

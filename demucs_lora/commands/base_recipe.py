@@ -89,8 +89,8 @@ def save_base(xp: Path, asset: Path) -> int:
     """The XP's best.th as a float16 demucs package at `asset`; its parameter count."""
     from demucs.states import serialize_model
     from omegaconf import OmegaConf
-    from demucs_lora.hub.packages import load_model_file
-    model = load_model_file(xp / "best.th")
+    from demucs_lora.models.load import load_model
+    model = load_model(xp / "best.th")
     atomic_torch_save(serialize_model(model, OmegaConf.create({}), half=True), asset)
     return sum(p.numel() for p in model.parameters())
 

@@ -71,11 +71,11 @@ def make_base() -> Path:
     """Train the base on domain A and write the fp16 asset plus how it was made."""
     from demucs.states import serialize_model
     from omegaconf import OmegaConf
-    from demucs_lora.hub.packages import load_model_file
+    from demucs_lora.models.load import load_model
     _step("Training the base on synthetic domain A (dora run " + " ".join(BASE_ARGS) + ")")
     _dora("run", *BASE_ARGS)
     xp = _xp_of(BASE_ARGS)
-    model = load_model_file(xp / "best.th")
+    model = load_model(xp / "best.th")
     atomic_torch_save(serialize_model(model, OmegaConf.create({}), half=True), ASSET)
     history = json.loads((xp / "history.json").read_text())
     best = max(history, key=lambda h: h.get("valid_nsdr", float("-inf")))

@@ -160,7 +160,7 @@ def _nsdr_cost(model: "nn.Module", quantized_path: Path, cfg: "DictConfig",
     """nSDR of float vs int8 on the first ``tracks`` valid tracks (shifts 0): one line."""
     from demucs_lora.core.errors import DatasetError
     from demucs_lora.inference.evaluation import build_dataset, evaluate_model
-    from demucs_lora.hub.packages import load_model_file
+    from demucs_lora.models.load import load_model
     try:
         data = build_dataset(cfg, list(model.sources), "valid", model.samplerate,
                              model.audio_channels, progress=False)
@@ -169,7 +169,7 @@ def _nsdr_cost(model: "nn.Module", quantized_path: Path, cfg: "DictConfig",
     settings = dict(shifts=0, overlap=float(cfg.test.overlap), split=bool(cfg.test.split),
                     metrics=("nsdr",), max_tracks=tracks, progress=False)
     ref = evaluate_model(model, data, **settings)["summary"]["nsdr"]
-    quant = load_model_file(quantized_path).eval()
+    quant = load_model(quantized_path)
     got = evaluate_model(quant, data, **settings)["summary"]["nsdr"]
     count = min(tracks, len(data.metadata))
     return (f"nSDR on {count} valid track(s): float {ref:.3f} dB, int8 {got:.3f} dB, "

@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 from helpers import tiny_htdemucs
 
 from demucs_lora.core.errors import ConfigError, ModelLoadError
-from demucs_lora.models.build import load_base
+from demucs_lora.models.load import load_model
 from demucs_lora.models.heads import _head_blocks, remap_sources
 
 SOURCES = ["drums", "bass", "other", "vocals"]
@@ -67,7 +67,7 @@ def test_new_sources_follow_the_taxonomy_and_bad_names_fail(caplog):
         remap_sources(base, ["drums", "kick"], {"kick": "cowbell"})
 
 
-def test_load_base_from_path_repo_and_errors(tmp_path):
+def test_load_model_from_path_repo_and_errors(tmp_path):
     model = tiny_htdemucs(SOURCES).eval()
     package = serialize_model(model, OmegaConf.create({}), half=False)
     repo = tmp_path / "repo"
@@ -78,13 +78,13 @@ def test_load_base_from_path_repo_and_errors(tmp_path):
     x = torch.randn(1, 2, 44100)
     with torch.no_grad():
         ref = model(x)
-        for loaded in (load_base(str(repo / "abcd1234.th")),
-                       load_base("abcd1234", pretrained_repo=str(repo)),
-                       load_base("mybag", pretrained_repo=str(repo))):
+        for loaded in (load_model(str(repo / "abcd1234.th")),
+                       load_model("abcd1234", repo=str(repo)),
+                       load_model("mybag", repo=str(repo))):
             assert (loaded.eval()(x) - ref).abs().max() < 1e-5
     with pytest.raises(ModelLoadError, match=r"bigbag.*\['ffff0000'\].*not there"):
-        load_base("bigbag", pretrained_repo=str(repo))
+        load_model("bigbag", repo=str(repo))
     with pytest.raises(ModelLoadError, match="available"):
-        load_base("htdemucs", pretrained_repo=str(repo))
+        load_model("htdemucs", repo=str(repo))
     with pytest.raises(ModelLoadError, match="pretrained_repo"):
-        load_base("htdemucs", root=tmp_path)
+        load_model("htdemucs", root=tmp_path)
