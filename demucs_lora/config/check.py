@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from demucs_lora.config.values import config_value
 from demucs_lora.core.errors import ConfigError
+from demucs_lora.data.layout import check_residual_source
 from demucs_lora.lora.config import LoraConfig
 
 CHOICES = {
@@ -48,10 +49,7 @@ def check_config(cfg: DictConfig) -> None:
     sources = list(sources) if sources is not None else None
     if sources is not None and (len(set(sources)) != len(sources) or not sources):
         raise ConfigError(f"dset.sources={sources}: names must be unique and non-empty")
-    if cfg.residual_source is not None and sources is not None and \
-            cfg.residual_source not in sources:
-        raise ConfigError(f"residual_source={cfg.residual_source!r} must be one of "
-                          f"dset.sources={sources}")
+    check_residual_source(cfg.residual_source, sources)
     check_weights(cfg.weights, sources)
     if cfg.source_init is not None and not isinstance(cfg.source_init, DictConfig):
         raise ConfigError(f"source_init={cfg.source_init!r}: give a mapping new_source -> "
