@@ -1,4 +1,4 @@
-"""Base loading and source remapping (demucs_lora.models.build)."""
+"""Loading a model (demucs_lora.models.load) and source remapping (models.heads)."""
 import logging
 
 import pytest
@@ -88,3 +88,26 @@ def test_load_model_from_path_repo_and_errors(tmp_path):
         load_model("htdemucs", repo=str(repo))
     with pytest.raises(ModelLoadError, match="pretrained_repo"):
         load_model("htdemucs", root=tmp_path)
+
+
+def test_load_model_refuses_nan_and_says_where_an_adapter_was_going(tmp_path):
+    """The one entry: eval mode, NaN weights refused for every caller (training's base
+    too), an adapter's mismatch names the base it was loaded onto."""
+    from demucs_lora.core.errors import AdapterMismatch
+    from demucs_lora.lora.state import save_adapter
+    from demucs_lora.models.load import put_adapter
+    from helpers import adapted_copy
+    base, other = tiny_htdemucs(SOURCES, seed=0), tiny_htdemucs(SOURCES, seed=5)
+    torch.save(serialize_model(base, OmegaConf.create({}), half=False), tmp_path / "base.th")
+    save_adapter(adapted_copy(other, seed=3), tmp_path / "other_adapter")
+    assert not load_model(tmp_path / "base.th").training
+    with pytest.raises(AdapterMismatch, match=r"different base(.|\n)*\[base: .*base\.th\]$"):
+        load_model(tmp_path / "base.th", adapter=tmp_path / "other_adapter")
+    with pytest.raises(AdapterMismatch, match=r"^lora_checkpoint=X: .*different base.* Fix!$"):
+        put_adapter(tiny_htdemucs(SOURCES), tmp_path / "other_adapter",
+                    prefix="lora_checkpoint=X: ", suffix=" Fix!")
+    with torch.no_grad():
+        base.decoder[0].conv_tr.weight[0, 0, 0] = float("nan")
+    torch.save(serialize_model(base, OmegaConf.create({}), half=False), tmp_path / "nan.th")
+    with pytest.raises(ModelLoadError, match=r"nan\.th holds NaN/inf weights"):
+        load_model(tmp_path / "nan.th")
