@@ -218,17 +218,19 @@ def _model_writes(job: Job, args: argparse.Namespace, model: "nn.Module",
     NAME.yaml, which names its members) in the format the arguments ask for."""
     import torch
     from demucs.states import serialize_model
+    from omegaconf import OmegaConf
     fmt = getattr(args, "format", "th")
+    training_args = OmegaConf.to_container(cfg, resolve=True)
     if job.members:
         from demucs_lora.models.bag import bag_writes
         if args.quantize:
             raise ConfigError(f"XP {job.sig} is a bag: --quantize writes single models only")
-        writes = bag_writes(model, job.model_path.parent, job.name, _plain(cfg),
+        writes = bag_writes(model, job.model_path.parent, job.name, training_args,
                             half=args.half, fmt=fmt)
         return writes[:-1], writes[-1:]
     if args.quantize:
         from demucs_lora.hub.int8 import quantize
-        package = quantize(model, bits=args.quantize, training_args=_plain(cfg))
+        package = quantize(model, bits=args.quantize, training_args=training_args)
     elif fmt == "hf":
         from demucs_lora.hub.packages import safetensors_writer
         spec = f"models: ['{job.sig}']\n"
@@ -256,11 +258,6 @@ def _model_line(job: Job, args: argparse.Namespace, size: int, float_size: int) 
     kind = f"float16, {size / float_size:.2f}x float32" if args.half else "float32"
     return (f"wrote {job.model_path} ({size:,} bytes, {kind}); stock CLI: python -m "
             f"demucs --repo {job.model_path.parent} -n {job.name} TRACK")
-
-
-def _plain(cfg: "DictConfig") -> dict:
-    from omegaconf import OmegaConf
-    return OmegaConf.to_container(cfg, resolve=True)
 
 
 def get_parser() -> argparse.ArgumentParser:

@@ -15,6 +15,7 @@ import typing as tp
 from omegaconf import DictConfig, OmegaConf
 
 from demucs_lora.core.errors import ConfigError
+from demucs_lora.core.plain import plain
 from demucs_lora.lora.config import LoraConfig
 
 logger = logging.getLogger(__name__)
@@ -116,8 +117,7 @@ def check_base_values(cfg: DictConfig, base: tp.Any) -> None:
     base = getattr(base, "models", [base])[0]  # a bag: the globs apply to every member
     sources = list(config_value(cfg, "dset.sources") or config_value(cfg, "sources") or base.sources)
     source_init = config_value(cfg, "source_init")
-    source_plan(list(base.sources), sources,
-                OmegaConf.to_container(source_init) if source_init is not None else None)
+    source_plan(list(base.sources), sources, plain(source_init))
     config = LoraConfig.from_cfg(cfg.htdemucs)
     if config.lora_rank <= 0 or config.layer_ranks is None:
         return

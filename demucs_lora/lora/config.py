@@ -21,6 +21,7 @@ import typing as tp
 from collections.abc import Mapping
 
 from demucs_lora.core.errors import ConfigError
+from demucs_lora.core.plain import plain
 
 BIAS_MODES = ("none", "lora_only", "all")
 RANK_MODES = ("uniform", "heuristic", "gradient", "sensitivity")
@@ -199,7 +200,7 @@ class LoraConfig:
             else:
                 value = getattr(node, name, _MISSING)
             if value is not _MISSING:
-                values[name] = _plain(value)
+                values[name] = plain(value, tuple)
         return cls(**values)
 
     def lora_only_changes(self) -> tp.List[str]:
@@ -237,15 +238,6 @@ class LoraConfig:
 LORA_KEYS = tuple(f.name for f in dataclasses.fields(LoraConfig))
 """The ``htdemucs.*`` keys LoraConfig owns; the other htdemucs keys are HTDemucs'."""
 _MISSING = object()
-
-
-def _plain(value: tp.Any) -> tp.Any:
-    """OmegaConf lists / dicts as tuples / dicts (so the dataclass stays comparable)."""
-    if _items(value) is not None and not isinstance(value, dict):
-        return {k: v for k, v in _items(value)}
-    if isinstance(value, (str, bytes, dict)) or not hasattr(value, "__iter__"):
-        return value
-    return tuple(value)
 
 
 def _show(value: tp.Any) -> str:
