@@ -319,10 +319,11 @@ def model_config(size: str = "released", segment: float = 4.0,
 
 
 def build(cfg, seed: int = 0):
-    """(model, report) of `build_model(cfg)` with a fixed seed (same base weights)."""
+    """(model, report) of `build_model` with a fixed seed (same base weights)."""
+    from demucs_lora.config.run_config import model_spec
     from demucs_lora.models.build import build_model
     torch.manual_seed(seed)
-    return build_model(cfg)
+    return build_model(model_spec(cfg))
 
 
 def count_params(model: torch.nn.Module) -> tp.Tuple[int, int]:

@@ -32,12 +32,12 @@ REPITCH = {**AUGMENT, "repitch": {"proba": 0.2, "max_pitch": 2, "max_tempo": 12.
 
 
 def build_loader(root: Path, cache: Path, p: dict, augment: dict = AUGMENT):
-    from omegaconf import OmegaConf
     from torch.utils.data import DataLoader
+    from demucs_lora.data.settings import DataConfig
     from demucs_lora.data.stems import StemDataset, build_augment, build_metadata, train_segment
     meta = build_metadata(root, common.SOURCES, cache)
-    seconds = train_segment(OmegaConf.create({"segment": p["segment"], "shift": p["shift"],
-                                              "augment": augment}))
+    seconds = train_segment(DataConfig.of(segment=p["segment"], shift=p["shift"],
+                                          augment=augment))
     dataset = StemDataset(root, "train", common.SOURCES, meta, segment=seconds,
                           shift=p["shift"], samplerate=common.SAMPLERATE, channels=2)
     loader = DataLoader(dataset, batch_size=p["batch"], shuffle=True, drop_last=True,

@@ -210,6 +210,7 @@ def test_scores(model_path: Path, data_args: tp.Sequence[str], workdir: Path,
             cache.stat().st_mtime >= model_path.stat().st_mtime:
         return json.loads(cache.read_text())
     from demucs_lora.config.compose import compose
+    from demucs_lora.config.run_config import data_config
     from demucs_lora.inference.evaluation import build_dataset, evaluate_model
     from demucs_lora.models.load import load_model
     cwd = Path.cwd()
@@ -217,7 +218,7 @@ def test_scores(model_path: Path, data_args: tp.Sequence[str], workdir: Path,
     try:
         cfg = compose([a for a in data_args if not a.startswith("continue_from=")])
         model = load_model(model_path)
-        dataset = build_dataset(cfg, list(model.sources), "test", model.samplerate,
+        dataset = build_dataset(data_config(cfg, model.sources), "test", model.samplerate,
                                 model.audio_channels, progress=False)
         scores = _nsdr(evaluate_model(model, dataset, metrics=("nsdr",), progress=False,
                                       split=bool(cfg.test.split),

@@ -176,12 +176,13 @@ def starting_scores(args: tp.Sequence[str], workdir: Path, task: str) -> dict:
     from omegaconf import OmegaConf
     from demucs_lora.config.compose import compose
     from demucs_lora.core.files import atomic_torch_save
+    from demucs_lora.config.run_config import model_spec
     from demucs_lora.models.build import build_model
     cwd = Path.cwd()
     os.chdir(workdir)
     try:
         plain = [a for a in args if not a.startswith(("htdemucs.lora", "optim.lora"))]
-        model, _ = build_model(compose([*plain, "htdemucs.lora_rank=0"]))
+        model, _ = build_model(model_spec(compose([*plain, "htdemucs.lora_rank=0"])))
         path = workdir / "outputs" / f"{NAME}_start_{task}.th"
         atomic_torch_save(serialize_model(model, OmegaConf.create({}), half=False), path)
     finally:

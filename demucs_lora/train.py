@@ -30,23 +30,60 @@ logger = logging.getLogger("demucs_lora")
 
 def run(cfg: DictConfig) -> tp.List[dict]:
     """One training run of the XP Dora made (demucs_lora.training.run has the steps)."""
-    from demucs_lora.training.run import (build_loaders, build_run_model, prepare_run,
+    from demucs_lora.config.run_config import run_config
+    from demucs_lora.training.run import (build_loaders, build_run_model,
                                           write_config_and_verify_data)
     from demucs_lora.training.solver import Solver
     xp = get_xp()
     folder = Path(xp.folder)
     cfg, base, device = prepare_run(cfg, xp)
-    write_config_and_verify_data(cfg, folder)
-    loaders, augment = build_loaders(cfg)
-    model = build_run_model(cfg, loaders, augment, base, folder)
-    if cfg.misc.show:
+    run_cfg = run_config(cfg)   # the raw config stops here: each room gets its typed piece
+    write_config_and_verify_data(OmegaConf.to_yaml(cfg, resolve=True), run_cfg.dset, folder)
+    loaders, augment = build_loaders(run_cfg)
+    model = build_run_model(run_cfg, loaders, augment, base, folder)
+    if run_cfg.misc.show:
         print(model)
         return []
-    if cfg.enable_checkpointing:
+    if run_cfg.enable_checkpointing:
         from demucs_lora.models.checkpointing import enable_checkpointing
         enable_checkpointing(model)
-    solver = Solver(cfg, model, loaders, augment, device)
+    solver = Solver(run_cfg, model, loaders, augment, device)
     return solver.run()
+
+
+def prepare_run(cfg: DictConfig, xp) -> tp.Tuple[DictConfig, tp.Any, tp.Any]:
+    """(the config that runs, the base or None, the device): config checked, processes
+    joined, the base loaded and checked against the config. No data is touched yet."""
+    import torch
+    from demucs_lora.config.resolve import (apply_runtime_kwargs, data_banner,
+                                            prepare_config, resolve_precision,
+                                            resolve_with_base)
+    from demucs_lora.config.run_config import base_spec
+    from demucs_lora.config.values import check_base_values
+    from demucs_lora.models.build import check_audio_format, load_base
+    from demucs_lora.training.run import pick_device, start_processes
+    cfg = prepare_config(cfg)  # checks the config (the LoRA keys: lora.config.LoraConfig)
+    device = pick_device(cfg.device, cfg.mixed_precision)
+    cfg, notes = resolve_precision(cfg, device.type)
+    start_processes(device, xp)
+    torch.manual_seed(cfg.seed)
+    # The base first (continue_from, its sample rate, sources, architecture): before any
+    # data is made, so a wrong name or key costs nothing.
+    b = base_spec(cfg)
+    base = load_base(b.continue_from, b.pretrained_repo, b.trust_remote_code, None,
+                     b.bag_member)
+    if base is not None:
+        check_audio_format(base, int(cfg.dset.samplerate), int(cfg.dset.channels))
+    cfg, lines = resolve_with_base(cfg, base)
+    if base is not None:
+        apply_runtime_kwargs(base, cfg)
+    check_base_values(cfg, base)  # source_init, layer_ranks globs against the base
+    for line in notes + lines:
+        logger.info(line)
+    banner = data_banner(cfg)
+    if banner:
+        logger.warning(banner)
+    return cfg, base, device
 
 
 class _LoRAHydraMain(HydraMain):

@@ -58,7 +58,7 @@ def _examples(count: int, seconds: float, seed: int) -> tp.List[torch.Tensor]:
 def loaders(cfg, seed: int = 0, train_examples: int = 8, num_workers: int = 0) -> dict:
     from torch.utils.data import DataLoader
     from demucs_lora.data.stems import train_segment
-    train = _examples(train_examples, train_segment(cfg.dset), seed)
+    train = _examples(train_examples, train_segment(cfg.dset), seed)  # cfg: a RunConfig
     valid = _examples(1, 0.5, seed + 1)
     return {"train": DataLoader(train, batch_size=cfg.batch_size, shuffle=True,
                                 drop_last=True, num_workers=num_workers),
@@ -76,11 +76,12 @@ def make_solver(monkeypatch, folder: Path, *overrides: str, model=None, base_see
                 num_workers: int = 0):
     from demucs_lora.data.stems import build_augment
     from demucs_lora.training.solver import Solver
-    cfg = config(*overrides)
+    from demucs_lora.config.run_config import run_config
+    cfg = run_config(config(*overrides))
     fake_xp(monkeypatch, folder)
     model = model if model is not None else lora(tiny_base(base_seed))
     torch.manual_seed(cfg.seed)
-    augment = build_augment(cfg.dset.augment, SR, cfg.dset.segment)
+    augment = build_augment(dict(cfg.dset.augment), SR, cfg.dset.segment)
     return Solver(cfg, model, loaders(cfg, num_workers=num_workers),
                   augment, torch.device("cpu"))
 

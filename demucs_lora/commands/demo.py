@@ -103,9 +103,10 @@ def _table(before: dict, after: dict) -> str:
 def _test_mixture(xp: Path) -> tp.Optional[Path]:
     """A mixture of the test split the XP was trained on (for the stock CLI)."""
     from omegaconf import OmegaConf
+    from demucs_lora.config.run_config import data_config
     from demucs_lora.data.stems import dataset_root
     cfg = OmegaConf.load(xp / "config.yaml")
-    mixes = sorted(dataset_root(cfg, list(cfg.dset.sources), progress=False).glob(
+    mixes = sorted(dataset_root(data_config(cfg), progress=False).glob(
         "test/*/mixture.wav"))
     return mixes[0] if mixes else None
 

@@ -159,10 +159,11 @@ def _nsdr_cost(model: "nn.Module", quantized_path: Path, cfg: "DictConfig",
                tracks: int) -> str:
     """nSDR of float vs int8 on the first ``tracks`` valid tracks (shifts 0): one line."""
     from demucs_lora.core.errors import DatasetError
+    from demucs_lora.config.run_config import data_config
     from demucs_lora.inference.evaluation import build_dataset, evaluate_model
     from demucs_lora.models.load import load_model
     try:
-        data = build_dataset(cfg, list(model.sources), "valid", model.samplerate,
+        data = build_dataset(data_config(cfg, model.sources), "valid", model.samplerate,
                              model.audio_channels, progress=False)
     except (DatasetError, ConfigError, OSError) as exc:
         return f"nSDR change not measured (valid set unavailable: {exc})"

@@ -30,6 +30,7 @@ from demucs_lora.commands.arguments import positive_int
 from demucs_lora.config.compose import compose, hydra_errors_as_config_errors, load_xp_config
 from demucs_lora.core.errors import ConfigError, DemucsLoRAError, exit_on_user_error
 from demucs_lora.core.files import atomic_write_text
+from demucs_lora.config.run_config import data_config
 from demucs_lora.inference.evaluation import build_dataset, evaluate_model, format_table
 from demucs_lora.inference.separation import inference_device
 
@@ -164,7 +165,7 @@ def run(args: argparse.Namespace) -> dict:
     if sources is not None and list(sources) != list(model.sources):
         print(f"note: evaluating the model's sources {list(model.sources)} (config has "
               f"{list(sources)})", file=sys.stderr)
-    dataset = build_dataset(cfg, list(model.sources), args.split, model.samplerate,
+    dataset = build_dataset(data_config(cfg, model.sources), args.split, model.samplerate,
                             model.audio_channels, progress=not args.no_progress)
     test = cfg.test
     results = {"model": str(args.name), "adapter": args.adapter, "split": args.split,

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from demucs_lora.config.compose import compose
 from demucs_lora.core.errors import run_command
+from demucs_lora.config.run_config import data_config
 from demucs_lora.data.verify import verify_config
 
 
@@ -42,7 +43,7 @@ def run(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     cfg = compose([a for a in args.args if "=" in a])
     if paths:
         cfg = OmegaConf.merge(cfg, {"dset": {"wav": str(Path(paths[0]).expanduser().resolve())}})
-    report = verify_config(cfg, strict=args.strict, progress=not args.no_progress)
+    report = verify_config(data_config(cfg), strict=args.strict, progress=not args.no_progress)
     print(report.format())
     return 0 if report.ok else 1
 

@@ -43,7 +43,7 @@ def check_config(cfg: DictConfig) -> None:
 def check_weights(weights: tp.Any, sources: tp.Optional[tp.Sequence[str]]) -> None:
     """`weights` (per-source loss weights): null, or finite numbers >= 0 with a positive
     sum, one per source once the sources are known (`sources` None: not yet, the base's:
-    checked again against them, training.run_config.resolve_with_base)."""
+    checked again against them, config.resolve.resolve_with_base)."""
     if weights is None:
         return
     values = list(weights) if OmegaConf.is_list(weights) or isinstance(weights, (list, tuple)) \

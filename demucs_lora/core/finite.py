@@ -10,7 +10,6 @@ import math
 import typing as tp
 
 import torch
-from omegaconf import DictConfig
 from torch import nn
 
 from demucs_lora.core.errors import ModelLoadError, TrainingDiverged
@@ -52,13 +51,14 @@ def check_finite_output(stems: torch.Tensor, sources: tp.Sequence[str], what: st
     return stems
 
 
-def divergence_error(cfg: DictConfig, where: str, what: str, kept: str) -> TrainingDiverged:
-    """The one-line error of a diverged run: where, what is kept, what to try."""
-    optim = cfg.optim
+def divergence_error(optim: tp.Any, mixed_precision: tp.Any, where: str, what: str,
+                     kept: str) -> TrainingDiverged:
+    """The one-line error of a diverged run: where, what is kept, what to try (`optim`:
+    the run's optim settings, its lr and clip_grad)."""
     tips = [f"a lower optim.lr (now {optim.lr:g})"]
     if not optim.clip_grad:
         tips.append("gradient clipping optim.clip_grad=1.0 (now off)")
-    if cfg.mixed_precision == "fp16":
+    if mixed_precision == "fp16":
         tips.append("mixed_precision=bf16 or false (fp16 overflows above 65504)")
     tips.append("optim.skip_nonfinite=N to skip up to N such steps per epoch")
     return TrainingDiverged(f"training diverged at {where}: {what}. {kept}. Try "

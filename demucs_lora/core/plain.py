@@ -3,8 +3,9 @@ model records (tuples, ``fractions.Fraction``).
 
 Why one: a value read from a Hydra config (ListConfig, DictConfig), from a model's
 constructor arguments (tuples, fractions) or from YAML (lists) must compare equal and
-print the same wherever it is checked or recorded. Duck-typed (``.items()``, iteration),
-so rooms that must not import omegaconf (``lora/``) use it too.
+print the same wherever it is checked or recorded. An OmegaConf node is converted by
+OmegaConf itself (interpolations resolved, a required ``???`` read as the string '???');
+omegaconf is imported only then.
 """
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ def plain(value: tp.Any, sequence: tp.Callable[[tp.Iterable], tp.Any] = list) ->
     """``value`` with every mapping (DictConfig included) a dict, every list, tuple or
     ListConfig a ``sequence`` (``list``, or ``tuple`` for a hashable dataclass field) and
     every Fraction a float, recursively; strings, numbers and None as they are."""
+    if type(value).__module__.startswith("omegaconf."):   # DictConfig, ListConfig
+        from omegaconf import OmegaConf
+        value = OmegaConf.to_container(value, resolve=True, throw_on_missing=False)
     if isinstance(value, fractions.Fraction):
         return float(value)
     if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):

@@ -97,16 +97,16 @@ class Repitch(nn.Module):
         return out
 
 
-def repitch_settings(cfg: tp.Any) -> tp.Optional[dict]:
+def repitch_settings(node: tp.Any) -> tp.Optional[dict]:
     """The `dset.augment.repitch` settings when it is on (proba > 0), else None."""
-    if cfg is None or cfg is False:
+    if node is None or node is False:
         return None
-    settings = {**DEFAULTS, **({} if cfg is True else dict(cfg))}
+    settings = {**DEFAULTS, **({} if node is True else dict(node))}
     return settings if float(settings["proba"]) > 0 else None
 
 
-def room(cfg: tp.Any) -> float:
+def room(node: tp.Any) -> float:
     """How much longer a training example must be read so that the fastest tempo still
     fills it: 1 + max_tempo / 100 with repitch on, else 1."""
-    settings = repitch_settings(cfg)
+    settings = repitch_settings(node)
     return 1.0 if settings is None else 1 + float(settings["max_tempo"]) / 100

@@ -16,7 +16,6 @@ import julius
 import numpy as np
 import soundfile as sf
 import torch
-from omegaconf import OmegaConf
 from torch.nn import functional as F
 
 from demucs_lora.core.errors import ConfigError, DatasetError
@@ -28,6 +27,7 @@ from demucs_lora.data.layout import (MIXTURE, LayoutError, TrackFiles,
                                      check_residual_source, folder_stamp, track_files,
                                      wanted_names)
 from demucs_lora.data.repitch import room
+from demucs_lora.data.settings import DataConfig
 from demucs_lora.data.roots import (SPLITS, Root, TrackRef, check_valid_tracks,  # noqa: F401
                                     config_roots, list_tracks, split_tracks)
 
@@ -275,100 +275,62 @@ class StemDataset:
 
 
 # ----------------------------------------------------------------------------- from config
-def _abspath(path):
-    try:
-        from hydra.utils import to_absolute_path
-        return Path(to_absolute_path(str(path)))
-    except Exception:  # no hydra run: relative to the cwd
-        return Path(path).expanduser().resolve()
-
-
-def _wav_paths(value) -> tp.List[Path]:
-    if value is None:
-        return []
-    if OmegaConf.is_config(value):
-        value = OmegaConf.to_container(value)
-    values = value if isinstance(value, (list, tuple)) else [value]
-    return [_abspath(Path(str(v)).expanduser()) for v in values]
-
-
-def dataset_roots(cfg, sources, progress=True, check=True) -> tp.List[Root]:
-    """The roots of dset.wav (a folder or a list) and dset.musdb, absolute; the synthetic
-    dataset (generated once) when both are null."""
-    dset = cfg.dset
-    if OmegaConf.is_config(dset) and OmegaConf.is_missing(dset, "wav"):
-        if dset.get("musdb") is None:
-            raise ConfigError("dset.wav is required with dset=wav. Fix: dset.wav=/path/to/"
-                              "stems (root/{train,valid}/TRACK/{mixture,SOURCE}.wav), "
-                              "dset.musdb=/path/to/musdb18hq, or dset=synth.")
-        wav = None
-    else:
-        wav = dset.get("wav")
-    musdb = dset.get("musdb")
-    if wav is None and musdb is None:
+def dataset_roots(data: DataConfig, progress=True, check=True) -> tp.List[Root]:
+    """The roots of dset.wav (a folder or a list) and dset.musdb; the synthetic dataset
+    (generated once) when both are null."""
+    if data.wav_required and data.musdb is None:
+        raise ConfigError("dset.wav is required with dset=wav. Fix: dset.wav=/path/to/"
+                          "stems (root/{train,valid}/TRACK/{mixture,SOURCE}.wav), "
+                          "dset.musdb=/path/to/musdb18hq, or dset=synth.")
+    if data.synthetic:
         from demucs_lora.data.synth import ensure_synth
-        cfg_dset = dict(dset)
-        cfg_dset["metadata"] = str(_abspath(dset.metadata))
-        path = ensure_synth(cfg_dset, sources, cfg.get("residual_source"), progress=progress,
-                            stem_files=stem_files(cfg))
+        path = ensure_synth(data.synth_dset(), data.sources, data.residual_source,
+                            progress=progress, stem_files=data.stem_files)
         return [Root(Path(path), "wav", "")]
-    musdb = None if musdb is None else _abspath(Path(str(musdb)).expanduser())
-    return config_roots(_wav_paths(wav), musdb, check=check)
+    return config_roots(list(data.wav), data.musdb, check=check)
 
 
-def dataset_root(cfg, sources, progress=True, check=True):
+def dataset_root(data: DataConfig, progress=True, check=True):
     """The first root's folder (the synthetic dataset's, or dset.wav's)."""
-    return dataset_roots(cfg, sources, progress, check)[0].path
+    return dataset_roots(data, progress, check)[0].path
 
 
-def stem_files(cfg):
-    """dset.stem_files as a dict (source -> file name or list of names), {} when unset."""
-    files = cfg.dset.get("stem_files") if "dset" in cfg else None
-    return dict(OmegaConf.to_container(files) if OmegaConf.is_config(files) else files or {})
-
-
-def train_segment(cfg_dset):
+def train_segment(data: DataConfig) -> float:
     """Seconds read per training example: segment + shift (room for the random shift),
     times 1 + max_tempo / 100 with dset.augment.repitch on (room for a faster tempo)."""
-    augment = cfg_dset.get("augment") or {}
-    return (float(cfg_dset.segment) + float(cfg_dset.shift or 0)) * room(augment.get("repitch"))
+    return (data.segment + data.shift) * room(data.augment.get("repitch"))
 
 
-def config_metadata(cfg, sources, progress=True) -> Metadata:
-    """build_metadata for a composed config (its roots, stem files, mixture, hold-out)."""
-    dset = cfg.dset
-    check_valid_tracks(dset.get("valid_tracks"))
-    roots = dataset_roots(cfg, sources, progress=progress)
-    return build_metadata(roots, sources, _abspath(dset.metadata), cfg.get("residual_source"),
-                          stem_files(cfg), dset.get("mixture") or "auto",
-                          dset.get("valid_tracks"))
+def config_metadata(data: DataConfig, progress=True) -> Metadata:
+    """build_metadata for a run's data (its roots, stem files, mixture, hold-out)."""
+    check_valid_tracks(data.valid_tracks)
+    roots = dataset_roots(data, progress=progress)
+    return build_metadata(roots, list(data.sources), data.metadata, data.residual_source,
+                          dict(data.stem_files), data.mixture, data.valid_tracks)
 
 
-def log_splits(meta: Metadata, cfg) -> None:
+def log_splits(meta: Metadata, data: DataConfig) -> None:
     """Which tracks were held out or taken as MUSDB's validation, and which are summed."""
     valid = list(meta["valid"])
-    if cfg.dset.get("valid_tracks") is not None or cfg.dset.get("musdb") is not None:
+    if data.valid_tracks is not None or data.musdb is not None:
         logger.info("valid tracks (%d): %s", len(valid), ", ".join(valid))
     summed = [f"{split}/{name}" for split in SPLITS for name, m in meta[split].items()
               if m.get("summed")]
     if summed:
         logger.info("mixture = sum of the stems (no mixture file, dset.mixture=%s) in %d "
-                    "tracks: %s", cfg.dset.get("mixture") or "auto", len(summed),
-                    ", ".join(summed))
+                    "tracks: %s", data.mixture, len(summed), ", ".join(summed))
 
 
-def get_datasets(cfg, sources):
-    """(train, valid, test) StemDatasets from cfg.dset; valid/test are whole tracks.
+def get_datasets(data: DataConfig):
+    """(train, valid, test) StemDatasets of `data.sources`; valid/test are whole tracks.
 
     Train examples are `train_segment` long; `build_augment` crops them to dset.segment.
     """
-    dset = cfg.dset
-    residual = cfg.get("residual_source")
-    meta = config_metadata(cfg, sources)
-    log_splits(meta, cfg)
-    common = dict(sources=sources, metadata=meta, samplerate=dset.samplerate,
-                  channels=dset.channels, residual_source=residual)
-    train = StemDataset(None, "train", segment=train_segment(dset), shift=dset.shift,
+    meta = config_metadata(data)
+    log_splits(meta, data)
+    common = dict(sources=list(data.sources), metadata=meta, samplerate=data.samplerate,
+                  channels=data.channels, residual_source=data.residual_source)
+    train = StemDataset(None, "train", segment=train_segment(data), shift=data.shift,
                         **common)
     valid = StemDataset(None, "valid", **common)
     test = StemDataset(None, "test", **common)
@@ -376,6 +338,6 @@ def get_datasets(cfg, sources):
         split = "train" if len(train) == 0 else "valid"
         fix = ("set dset.valid_tracks=N to hold out N train tracks"
                if split == "valid" else "add tracks")
-        raise DatasetError(f"no tracks in {split}/ of {dataset_root(cfg, sources)}. Fix: "
+        raise DatasetError(f"no tracks in {split}/ of {dataset_root(data)}. Fix: "
                            f"{fix}, or run `python -m tools.verify_dataset` on it.")
     return train, valid, test

@@ -25,6 +25,7 @@ from demucs_lora.data.layout import (MIXTURE, PREPARE_HINT, LayoutError, audio_i
                                      check_residual_source, folder_stamp, track_files)
 from demucs_lora.data.roots import (SPLITS, Root, check_valid_tracks, config_roots,
                                     list_tracks, split_tracks)
+from demucs_lora.data.settings import DataConfig
 from demucs_lora.data.stems import BLOCK, disk_sources
 
 CLIP_LEVEL, CLIP_RATIO, SILENCE = 0.999, 1e-3, 1e-5
@@ -355,18 +356,15 @@ def _rate_and_layout_problems(report, root, rates, layouts, samplerate, channels
     report.problems += _layout_problems(root, layouts, channels)
 
 
-def verify_config(cfg, strict=False, progress=True):
-    """verify_dataset for a composed config (cfg.dset, sources, residual_source)."""
-    from demucs_lora.core.sources import DEFAULT_SOURCES
-    from demucs_lora.data.stems import _abspath, dataset_roots, stem_files
-    sources = list(cfg.dset.get("sources") or DEFAULT_SOURCES)
-    residual = cfg.get("residual_source")
+def verify_config(data: DataConfig, strict=False, progress=True):
+    """verify_dataset for a run's data (its roots, sources, residual_source, format)."""
+    from demucs_lora.data.stems import dataset_roots
+    sources = list(data.sources)
+    residual = data.residual_source
     check_residual_source(residual, sources)
-    check_valid_tracks(cfg.dset.get("valid_tracks"))
-    roots = dataset_roots(cfg, sources, progress=progress, check=False)
-    return verify_dataset(roots, sources, int(cfg.dset.samplerate), int(cfg.dset.channels),
-                          _abspath(cfg.dset.metadata),
-                          float(cfg.dset.get("sum_tolerance", 1e-3)), residual,
-                          strict=strict, progress=progress, stem_files=stem_files(cfg),
-                          mixture=cfg.dset.get("mixture") or "auto",
-                          valid_tracks=cfg.dset.get("valid_tracks"))
+    check_valid_tracks(data.valid_tracks)
+    roots = dataset_roots(data, progress=progress, check=False)
+    return verify_dataset(roots, sources, data.samplerate, data.channels, data.metadata,
+                          data.sum_tolerance, residual, strict=strict, progress=progress,
+                          stem_files=dict(data.stem_files), mixture=data.mixture,
+                          valid_tracks=data.valid_tracks)

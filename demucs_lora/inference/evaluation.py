@@ -18,24 +18,25 @@ import typing as tp
 from demucs_lora.core.errors import DatasetError
 
 if tp.TYPE_CHECKING:  # pragma: no cover
-    from omegaconf import DictConfig
+    from demucs_lora.data.settings import DataConfig
     from torch import nn
 
 DECIMALS = 4
 
 
 # ----------------------------------------------------------------------------- data
-def build_dataset(cfg: "DictConfig", sources: tp.Sequence[str], split: str,
-                  samplerate: int, channels: int, progress: bool = True):
-    """Whole-track, un-normalized StemDataset of ``split`` for ``sources``."""
+def build_dataset(data: "DataConfig", split: str, samplerate: int, channels: int,
+                  progress: bool = True):
+    """Whole-track, un-normalized StemDataset of ``split`` for ``data.sources`` (the
+    model's stems: `DataConfig.with_sources`), read at the model's rate and channels."""
     from demucs_lora.data.stems import StemDataset, config_metadata, dataset_root
-    residual = cfg.get("residual_source")
-    meta = config_metadata(cfg, list(sources), progress=progress)
-    dataset = StemDataset(None, split, list(sources), meta, segment=None,
+    sources = list(data.sources)
+    meta = config_metadata(data, progress=progress)
+    dataset = StemDataset(None, split, sources, meta, segment=None,
                           samplerate=samplerate, channels=channels, normalize=False,
-                          residual_source=residual)
+                          residual_source=data.residual_source)
     if len(dataset) == 0:
-        root = dataset_root(cfg, list(sources), progress=False)
+        root = dataset_root(data, progress=False)
         raise DatasetError(f"{root}: no tracks in {split}/ (expected {root / split}/TRACK/"
                            f"{{mixture,{','.join(sources)}}}.wav); use --split valid or "
                            "another dset.wav")

@@ -1,6 +1,6 @@
 """Build the model a run trains: load the base strictly, remap sources, attach LoRA.
 
-`build_model(cfg)` = load base -> remap sources (heads sliced / copied per `source_init`)
+`build_model(spec)` = load base -> remap sources (heads sliced / copied per `source_init`)
 -> allocate ranks -> inject LoRA -> freeze. `lora_rank: 0` means full fine-tuning through
 the same path, so LoRA and full fine-tuning are compared like for like.
 """
@@ -13,7 +13,6 @@ from pathlib import Path
 
 from demucs.apply import BagOfModels
 from demucs.htdemucs import HTDemucs
-from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from demucs_lora.core.errors import ConfigError
@@ -21,6 +20,7 @@ from demucs_lora.lora.config import LoraConfig
 from demucs_lora.lora.targets import head_names
 from demucs_lora.models.load import load_model, put_adapter
 from demucs_lora.models.source_remap import remap_model
+from demucs_lora.models.spec import ModelSpec
 
 logger = logging.getLogger(__name__)
 
@@ -34,18 +34,6 @@ def htdemucs_kwargs() -> tp.Dict[str, tp.Any]:
     return {name: p.default for name, p in params.items() if name not in NOT_HTDEMUCS}
 
 
-def architecture_kwargs(cfg: DictConfig) -> dict:
-    """HTDemucs constructor kwargs from the config (the htdemucs.* keys that HTDemucs takes;
-    the lora keys, `lora.config.LORA_KEYS`, and the derived hop_length are not among
-    them)."""
-    known = htdemucs_kwargs()
-    kwargs = {k: v for k, v in OmegaConf.to_container(cfg.htdemucs, resolve=True).items()
-              if k in known}
-    kwargs.update(samplerate=cfg.dset.samplerate, audio_channels=cfg.dset.channels,
-                  segment=cfg.dset.segment)
-    return kwargs
-
-
 def load_base(continue_from: tp.Optional[str], pretrained_repo: tp.Optional[str] = None,
               trust_remote_code: bool = False, root: tp.Optional[Path] = None,
               bag_member: tp.Optional[int] = None) -> tp.Optional[nn.Module]:
@@ -55,54 +43,47 @@ def load_base(continue_from: tp.Optional[str], pretrained_repo: tp.Optional[str]
         continue_from, pretrained_repo, None, trust_remote_code, root, bag_member)
 
 
-def build_base(cfg: DictConfig, root: tp.Optional[Path] = None) -> HTDemucs:
+def build_base(spec: ModelSpec, root: tp.Optional[Path] = None) -> HTDemucs:
     """The base model of a run: loaded from `continue_from` or freshly initialised."""
-    base = load_base(cfg.continue_from, cfg.pretrained_repo, cfg.trust_remote_code, root,
-                     cfg.get("bag_member"))
+    b = spec.base
+    base = load_base(b.continue_from, b.pretrained_repo, b.trust_remote_code, root,
+                     b.bag_member)
     if base is None:
-        kwargs = architecture_kwargs(cfg)
-        return HTDemucs(sources=list(run_sources(cfg)), **kwargs)
-    check_audio_format(cfg, base)
+        return HTDemucs(sources=spec.sources_of(None), **spec.architecture)
+    check_audio_format(base, spec.samplerate, spec.channels)
     return base
 
 
-def check_audio_format(cfg: DictConfig, base: nn.Module) -> None:
-    if base.samplerate != cfg.dset.samplerate or base.audio_channels != cfg.dset.channels:
+def check_audio_format(base: nn.Module, samplerate: int, channels: int) -> None:
+    """ConfigError unless the run's dset.samplerate / dset.channels are the base's."""
+    if base.samplerate != samplerate or base.audio_channels != channels:
         raise ConfigError(
             f"the base model works at {base.samplerate} Hz / {base.audio_channels} channels but "
-            f"dset.samplerate={cfg.dset.samplerate} dset.channels={cfg.dset.channels}: set "
+            f"dset.samplerate={samplerate} dset.channels={channels}: set "
             "them to the model's values")
 
 
-def run_sources(cfg: DictConfig, base: tp.Optional[nn.Module] = None) -> tp.List[str]:
-    """dset.sources, or (null) the base's sources, or the 4 demucs stems for a new model."""
-    sources = cfg.dset.get("sources")
-    if sources is not None:
-        return list(sources)
-    from demucs_lora.core.sources import DEFAULT_SOURCES
-    return list(base.sources) if base is not None else list(DEFAULT_SOURCES)
+def should_train_heads(spec: ModelSpec, base_sources: tp.Sequence[str]) -> bool:
+    if spec.train_heads is not None:
+        return bool(spec.train_heads)
+    return spec.sources is not None and list(spec.sources) != list(base_sources)
 
 
-def should_train_heads(cfg: DictConfig, base_sources: tp.Sequence[str]) -> bool:
-    if cfg.train_heads is not None:
-        return bool(cfg.train_heads)
-    return run_sources(cfg) != list(base_sources)
-
-
-def build_model(cfg: DictConfig, root: tp.Optional[Path] = None,
+def build_model(spec: ModelSpec, root: tp.Optional[Path] = None,
                 calibration: tp.Optional[tp.Callable[[], tp.Iterable]] = None,
                 base: tp.Optional[HTDemucs] = None) -> tp.Tuple[HTDemucs, dict]:
     """Load base -> remap sources -> allocate ranks -> inject -> freeze.
 
     `calibration()` yields (mix, sources) batches (read by the gradient and sensitivity
     rank modes and ``htdemucs.lora_init=gradient``: `LoraConfig.needs_calibration`).
-    `base`: the already loaded base (else loaded from cfg.continue_from / built fresh).
+    `base`: the already loaded base (else loaded from spec.base / built fresh).
     Returns the model and a report {ranks, layers, trainable, train_heads}.
     """
     from demucs_lora.lora.inject import trainable_summary, wrap_layers
-    base = build_base(cfg, root) if base is None else base
+    base = build_base(spec, root) if base is None else base
     base_sources = list(base.sources)
-    model = remap_model(base, run_sources(cfg, base), cfg.source_init)
+    init = dict(spec.source_init) if spec.source_init is not None else None
+    model = remap_model(base, spec.sources_of(base), init)
     if isinstance(model, BagOfModels):
         from demucs_lora.models.bag import TrainableBag
         model = model if isinstance(model, TrainableBag) else TrainableBag(
@@ -111,15 +92,15 @@ def build_model(cfg: DictConfig, root: tp.Optional[Path] = None,
         logger.info("continue_from=%s is a bag of %d models: each member gets its own "
                     "adapters and every step runs all %d (about %dx the time and activation "
                     "memory of one model; bag_member=K adapts one member alone)",
-                    cfg.continue_from, len(members), len(members), len(members))
+                    spec.base.continue_from, len(members), len(members), len(members))
     else:
         members = [("", model)]
-    train_heads = should_train_heads(cfg, base_sources)
+    train_heads = should_train_heads(spec, base_sources)
     heads = [p + h for p, m in members for h in head_names(m)] if train_heads else []
-    config = LoraConfig.from_cfg(cfg.htdemucs)
+    config, adapter = spec.lora, spec.lora_checkpoint
     report = {"ranks": {}, "layers": [], "train_heads": heads, "base_sources": base_sources}
-    if config.lora_rank <= 0 and cfg.get("lora_checkpoint"):
-        raise ConfigError(f"lora_checkpoint={cfg.lora_checkpoint} starts LoRA factors, but "
+    if config.lora_rank <= 0 and adapter:
+        raise ConfigError(f"lora_checkpoint={adapter} starts LoRA factors, but "
                           "htdemucs.lora_rank=0 is full fine-tuning: set htdemucs.lora_rank "
                           "(and the other htdemucs.lora_* keys) to the adapter's")
     if config.lora_rank <= 0:
@@ -127,8 +108,8 @@ def build_model(cfg: DictConfig, root: tp.Optional[Path] = None,
             p.requires_grad_(True)
         report["trainable"] = trainable_summary(model)
         return model, report
-    if config.lora_init == "gradient" and cfg.get("lora_checkpoint"):
-        raise ConfigError(f"lora_checkpoint={cfg.lora_checkpoint} starts the LoRA factors "
+    if config.lora_init == "gradient" and adapter:
+        raise ConfigError(f"lora_checkpoint={adapter} starts the LoRA factors "
                           "from an adapter, htdemucs.lora_init=gradient from the gradient: "
                           "drop one (an adapter file is a plain adapter: lora_init=default)")
     tables, calibrations = _allocate(members, heads, config, calibration)
@@ -141,9 +122,9 @@ def build_model(cfg: DictConfig, root: tp.Optional[Path] = None,
         from demucs_lora.lora.init_gradient import gradient_init
         for (prefix, _), calib in zip(members, calibrations):
             gradient_init(model, calib, prefix)
-    if cfg.get("lora_checkpoint"):
-        model = start_from_adapter(model, str(cfg.lora_checkpoint), root)
-        report["lora_checkpoint"] = str(cfg.lora_checkpoint)
+    if adapter:
+        model = start_from_adapter(model, str(adapter), root)
+        report["lora_checkpoint"] = str(adapter)
     report["trainable"] = trainable_summary(model)
     return model, report
 
@@ -168,7 +149,7 @@ def _allocate(members, heads, config: LoraConfig, calibration) -> tp.Tuple[list,
                               config.lora_gradient_batches, what)
         elif config.lora_init == "gradient":
             raise ConfigError("htdemucs.lora_init=gradient needs calibration data (the "
-                              "train batches): build_model(cfg, calibration=...)")
+                              "train batches): build_model(spec, calibration=...)")
         table = allocate_ranks(member, config, names=names, calibration=calib)
         tables.append(table if not prefix else {prefix + k: v for k, v in dict(table).items()})
         calibrations.append(calib)

@@ -5,69 +5,39 @@ EMA, RNG, epoch, history) plus a fingerprint of the frozen base; the base itself
 rebuilt from the config on resume. It holds tensors and plain Python values only (the RNG
 states too), so it is read back with ``torch.load(weights_only=True)``: an XP folder is
 untrusted input, and a checkpoint.th carrying anything else is refused before any of it
-runs. `best.th` is a plain demucs package (adapters merged) that the stock CLI loads.
+runs. Which entries it holds is the Solver's `StateRegistry`; what each entry must look
+like is below (its ``check``). `best.th` is a plain demucs package (adapters merged) that
+the stock CLI loads.
 """
 from __future__ import annotations
 
 import copy
+import json
+import logging
 import pickle
-import random
 import typing as tp
 from pathlib import Path
 
-import numpy as np
 import torch
 from demucs.apply import BagOfModels
 from demucs.states import serialize_model
-from omegaconf import DictConfig
+from demucs_lora.models.spec import BaseSpec
 from torch import nn
 
 from demucs_lora.training.epoch import partial_problem
+from demucs_lora.training.state_registry import StateRegistry
 from demucs_lora.core.errors import CheckpointError
 from demucs_lora.core.files import atomic_torch_save
 from demucs_lora.lora.inject import has_lora, remove_lora
 from demucs_lora.lora.state import base_fingerprint, fingerprints_match, save_adapter
 from demucs_lora.models.trainable import swapped_trainables
 
-CHECKPOINT_FORMAT = "demucs-lora-checkpoint/2"
-RESUME_KEYS = ("format", "model", "optimizer", "scheduler", "scaler", "ema", "rng", "epoch",
-               "history", "best_state", "best_nsdr", "base", "partial", "rank_adaptation")
-
-
-# ---------------------------------------------------------------------------- RNG
-def rng_state() -> dict:
-    """Every RNG as tensors and plain values (what weights_only=True can read back)."""
-    _, keys, pos, has_gauss, gauss = np.random.get_state()
-    version, py_state, py_gauss = random.getstate()
-    return {"torch": torch.get_rng_state(),
-            "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                      "has_gauss": int(has_gauss), "gauss": float(gauss)},
-            "python": {"version": int(version), "state": torch.tensor(py_state,
-                                                                      dtype=torch.int64),
-                       "gauss": py_gauss},
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def set_rng_state(state: dict) -> None:
-    """Inverse of `rng_state`; ValueError/TypeError/KeyError on a malformed state."""
-    np_state, py = state["numpy"], state["python"]
-    keys = np_state["keys"]
-    if not isinstance(keys, torch.Tensor) or tuple(keys.shape) != (624,):
-        raise ValueError("numpy RNG state: expected 624 keys")
-    if not isinstance(py["state"], torch.Tensor) or py["state"].numel() != 625:
-        raise ValueError("python RNG state: expected 625 words")
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), int(np_state["pos"]),
-                         int(np_state["has_gauss"]), float(np_state["gauss"])))
-    gauss = py["gauss"]
-    random.setstate((int(py["version"]), tuple(int(x) for x in py["state"].tolist()),
-                     None if gauss is None else float(gauss)))
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+logger = logging.getLogger(__name__)
+CHECKPOINT_FORMAT = "demucs-lora-checkpoint/2"  # the Solver's StateRegistry writes it
 
 
 # ---------------------------------------------------------------------------- base
-def base_record(model: nn.Module, cfg: DictConfig) -> dict:
+def base_record(model: nn.Module, base: BaseSpec) -> dict:
     """What the XP's frozen base is: the config that named it and a fingerprint of its
     loaded tensors (independent of how it was found). No fingerprint for a full fine-tune:
     every weight is then in the checkpoint, and the base does not matter on resume."""
@@ -75,8 +45,8 @@ def base_record(model: nn.Module, cfg: DictConfig) -> dict:
     trained = [n for n, p in model.named_parameters() if p.requires_grad]
     fingerprint = base_fingerprint(model, exclude=trained) if has_lora(model) else None
     return {"fingerprint": fingerprint,
-            "continue_from": _text(cfg.get("continue_from")),
-            "pretrained_repo": _text(cfg.get("pretrained_repo"))}
+            "continue_from": _text(base.continue_from),
+            "pretrained_repo": _text(base.pretrained_repo)}
 
 
 def _text(value) -> tp.Optional[str]:
@@ -113,8 +83,10 @@ def _short(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0][:200] if text else ''}"
 
 
-def load_resume_state(path: Path) -> tp.Optional[dict]:
-    """checkpoint.th read with weights_only=True and checked; None if there is none.
+def load_resume_state(path: Path, problem: tp.Callable[[tp.Any], tp.Optional[str]]
+                      ) -> tp.Optional[dict]:
+    """checkpoint.th read with weights_only=True and checked by `problem` (the Solver's
+    `StateRegistry.problem`: what is wrong with it, or None); None if there is none.
 
     Raises CheckpointError (one line: the file, what is wrong, how to start over) for an
     empty, truncated, hostile, foreign or other-version file. Nothing in it is executed."""
@@ -139,15 +111,72 @@ def load_resume_state(path: Path) -> tp.Optional[dict]:
     except Exception as exc:  # truncated zips, junk bytes: many exception types
         raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt: "
                               f"{_short(exc)}): {hint}") from None
-    problem = resume_state_problem(state)
-    if problem:
-        raise CheckpointError(f"{path} is not a checkpoint of this XP ({problem}): {hint}")
+    wrong = problem(state)
+    if wrong:
+        raise CheckpointError(f"{path} is not a checkpoint of this XP ({wrong}): {hint}")
     return state
 
 
-def _tensor_dict(value) -> bool:
+def restore_checkpoint(path: Path, registry: StateRegistry) -> bool:
+    """Load every part of `registry` from checkpoint.th (read with weights_only=True and
+    checked by the registry first); False when there is none. CheckpointError, one line
+    with the fix, when it cannot be used."""
+    state = load_resume_state(path, registry.problem)
+    if state is None:
+        return False
+    try:
+        registry.restore(state)
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
+        raise CheckpointError(
+            f"{path} does not fit this run's model or optimizer ({str(exc)[:300]}): was "
+            f"it copied from another XP or config? {restart_hint(path)}") from None
+    return True
+
+
+# ------------------------------------------------------------- entry checks
+# What each checkpoint.th entry must look like: the ``check`` of its stateful part
+# (`state_registry.StateRegistry`), called with the entry and the whole loaded dict.
+def tensor_dict(value, state=None) -> bool:
     return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                            for k, v in value.items())
+
+
+def optional_tensor_dict(value, state=None) -> bool:
+    return value is None or tensor_dict(value)
+
+
+def is_dict(value, state=None) -> bool:
+    return isinstance(value, dict)
+
+
+def optimizer_ok(value, state=None) -> bool:
+    return isinstance(value, dict) and {"state", "param_groups"} <= set(value)
+
+
+def ema_ok(value, state=None) -> bool:
+    return value is None or (isinstance(value, dict) and tensor_dict(value.get("shadow")))
+
+
+def rng_ok(value, state=None) -> bool:
+    return isinstance(value, dict) and {"torch", "numpy", "python"} <= set(value)
+
+
+def epoch_ok(value, state=None) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def history_ok(value, state) -> bool:
+    """A list of per-epoch dicts, one per finished epoch."""
+    return (isinstance(value, list) and all(isinstance(h, dict) for h in value)
+            and len(value) == state["epoch"])
+
+
+def number_ok(value, state=None) -> bool:
+    return isinstance(value, (int, float))
+
+
+def base_ok(value, state=None) -> bool:
+    return isinstance(value, dict) and _fingerprint_ok(value.get("fingerprint"))
 
 
 def _fingerprint_ok(value) -> bool:
@@ -159,43 +188,13 @@ def _fingerprint_ok(value) -> bool:
                     and all(isinstance(x, (int, float)) for x in s) for s in value["stats"]))
 
 
-def resume_state_problem(state) -> tp.Optional[str]:
-    """What is wrong with a loaded checkpoint.th, or None when it has the right shape."""
-    if not isinstance(state, dict):
-        return f"a {type(state).__name__}, not a checkpoint dict"
-    if state.get("format") != CHECKPOINT_FORMAT:
-        return (f"format {state.get('format')!r}, expected {CHECKPOINT_FORMAT!r}: another "
-                "program or demucs-lora version wrote it")
-    unknown = sorted(map(str, set(state) - set(RESUME_KEYS)))
-    missing = sorted(set(RESUME_KEYS) - set(state))
-    if unknown or missing:
-        return f"unexpected keys {unknown[:5]}, missing keys {missing[:5]}"
-    checks = {
-        "model": _tensor_dict(state["model"]),
-        "best_state": state["best_state"] is None or _tensor_dict(state["best_state"]),
-        "ema": state["ema"] is None or (isinstance(state["ema"], dict)
-                                        and _tensor_dict(state["ema"].get("shadow"))),
-        "optimizer": isinstance(state["optimizer"], dict)
-        and {"state", "param_groups"} <= set(state["optimizer"]),
-        "scheduler": isinstance(state["scheduler"], dict),
-        "scaler": isinstance(state["scaler"], dict),
-        "rng": isinstance(state["rng"], dict)
-        and {"torch", "numpy", "python"} <= set(state["rng"]),
-        "epoch": isinstance(state["epoch"], int) and not isinstance(state["epoch"], bool)
-        and state["epoch"] >= 0,
-        "history": isinstance(state["history"], list)
-        and all(isinstance(h, dict) for h in state["history"])
-        and len(state["history"]) == state["epoch"],
-        "best_nsdr": isinstance(state["best_nsdr"], (int, float)),
-        "base": isinstance(state["base"], dict)
-        and _fingerprint_ok(state["base"].get("fingerprint")),
-        "partial": partial_problem(state["partial"], state["epoch"]) is None,
-        "rank_adaptation": state["rank_adaptation"] is None or (
-            isinstance(state["rank_adaptation"], dict)
-            and isinstance(state["rank_adaptation"].get("ranks"), dict)),
-    }
-    bad = [k for k, ok in checks.items() if not ok]
-    return f"malformed entries {bad}" if bad else None
+def partial_ok(value, state) -> bool:
+    """A stopped epoch's progress (or None), for the epoch after the finished ones."""
+    return partial_problem(value, state["epoch"]) is None
+
+
+def rank_adaptation_ok(value, state=None) -> bool:
+    return value is None or (isinstance(value, dict) and isinstance(value.get("ranks"), dict))
 
 
 # ---------------------------------------------------------------------------- outputs
@@ -211,16 +210,17 @@ def plain_model(model: nn.Module, state: tp.Optional[tp.Mapping] = None) -> nn.M
     return plain
 
 
-def save_best_model(model: nn.Module, state, cfg: DictConfig, path: Path,
+def save_best_model(model: nn.Module, state, training_args: tp.Any, path: Path,
                     half: bool = False) -> None:
-    """demucs' own serialized format (klass, args, kwargs, state, training_args); a bag
-    is written as demucs lays bags out: ``best.yaml`` + ``best_mK.th`` (``bag.write_bag``)."""
+    """demucs' own serialized format (klass, args, kwargs, state, training_args: the run's
+    composed config, stored as demucs stores it); a bag is written as demucs lays bags
+    out: ``best.yaml`` + ``best_mK.th`` (``bag.write_bag``)."""
     plain = plain_model(model, state)
     if isinstance(plain, BagOfModels):
         from demucs_lora.models.bag import write_bag
-        write_bag(plain, path.parent, path.stem, cfg, half=half)
+        write_bag(plain, path.parent, path.stem, training_args, half=half)
         return
-    package = serialize_model(plain, cfg, half=half)
+    package = serialize_model(plain, training_args, half=half)
     atomic_torch_save(package, path)
 
 
@@ -231,3 +231,20 @@ def save_adapter_with_state(model: nn.Module, state, path: Path, **header) -> No
         return
     with swapped_trainables(model, state):
         save_adapter(model, path, **header)
+
+
+# ---------------------------------------------------------------------------- XP folder
+def forget_other_base(folder: Path, base: tp.Mapping) -> None:
+    """No checkpoint yet, but an earlier start of this XP (lora_init) was on another
+    base: nothing was trained, so start over, dropping its initial validation."""
+    header = folder / "lora_init.json"
+    try:
+        saved = json.loads(header.read_text()).get("base_fingerprint")
+        other = not fingerprints_match(saved, base["fingerprint"])
+    except Exception:  # no, unreadable or foreign header: it is rewritten by the run
+        return
+    if other:
+        logger.warning("%s was made on another base than this run's (%s): no epoch was "
+                       "finished, starting over on this base", header, base["continue_from"])
+        (folder / "validation" / "epoch_000.json").unlink(missing_ok=True)
+

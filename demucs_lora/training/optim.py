@@ -5,27 +5,37 @@ whole state dict, which for a LoRA run would duplicate the frozen base for nothi
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import typing as tp
 
 import torch
-from omegaconf import DictConfig
 from torch import nn
 
+from demucs_lora.config.run_config import OptimConfig
 from demucs_lora.core.errors import ConfigError
 from demucs_lora.models.trainable import swapped_trainables
 
 
-def build_optimizer(model: nn.Module, cfg: DictConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ConfigError("nothing to train: no parameter requires a gradient; set "
                           "htdemucs.lora_rank > 0 (and htdemucs.lora_targets that match "
                           "layers of the model), train_heads=true, or htdemucs.lora_rank=0 for a "
                           "full fine-tune")
-    klass = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[cfg.optim]
-    return klass(param_groups(model, params, cfg.lr, float(cfg.get("lora_plus_ratio", 1.0))),
-                 lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    klass = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[optim.optim]
+    return klass(param_groups(model, params, optim.lr, float(optim.lora_plus_ratio)),
+                 lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay)
+
+
+def autocast(mixed_precision: tp.Union[str, bool, None], device_type: str):
+    """The forward's autocast for ``mixed_precision`` (fp16 / bf16); none when it is off.
+    fp16 also needs the Solver's GradScaler (bf16 has float32's range and does not)."""
+    if not mixed_precision:
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float16
+    return torch.autocast(device_type, dtype=dtype)
 
 
 def is_lora_b(name: str) -> bool:
@@ -63,9 +73,9 @@ def lr_lambda(schedule: str, warmup: int, total: int) -> tp.Callable[[int], floa
     return factor
 
 
-def build_scheduler(optimizer, cfg: DictConfig, total_steps: int):
+def build_scheduler(optimizer, optim: OptimConfig, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(cfg.schedule, cfg.warmup_steps, total_steps))
+        optimizer, lr_lambda(optim.schedule, optim.warmup_steps, total_steps))
 
 
 class TrainableEMA:

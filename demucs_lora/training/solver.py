@@ -1,17 +1,18 @@
 """Train / valid loop with exact resume, Dora history, tensorboard and checkpoints.
 
-Stateful parts (trainable tensors, optimizer, scheduler, EMA, RNG, history) are saved
-together in checkpoint.th at the end of every epoch, so a run killed at any point
+Stateful parts (trainable tensors, optimizer, scheduler, EMA, RNG, history, ...) are
+registered once (`_register_state`): checkpoint.th, saved at the end of every epoch, the
+resume validator and the restore all follow that list, so a run killed at any point
 restarts the interrupted epoch from the same state and reproduces the same history.
 SIGTERM / SIGUSR1 stop at the next step boundary with a checkpoint that resumes exactly
-there (`epoch.EpochProgress`). A NaN/inf loss, gradient or weight stops the run
-(`finite.divergence_error`) without overwriting the last finite checkpoint, and a
-non-finite validation score is never the best.
+there (`epoch.EpochProgress`). The NaN policy (docs/safety.md): a non-finite loss or
+gradient is skipped up to ``optim.skip_nonfinite`` times per epoch, then the run stops
+(`finite.divergence_error`) without overwriting the last finite checkpoint; non-finite
+weights stop it too; a non-finite validation score or state is never the best.
 """
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import time
@@ -22,27 +23,34 @@ import torch
 import torch.nn.functional as F
 import tqdm
 from dora import distrib, get_xp
-from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from demucs_lora.core.errors import CheckpointError, TrainingDiverged
-from demucs_lora.core.files import atomic_torch_save, atomic_write_text
+from demucs_lora.config.run_config import RunConfig
+from demucs_lora.core.errors import TrainingDiverged
+from demucs_lora.core.files import atomic_torch_save
+from demucs_lora.core.finite import divergence_error, nonfinite_names
+from demucs_lora.core.rng import rng_state, set_rng_state
 from demucs_lora.data.stems import augment_batch
 from demucs_lora.models.trainable import load_trainable_state, trainable_state
 from demucs_lora.training import checkpoint as ckpt
-from demucs_lora.training.epoch import EpochProgress, agree, optimizer_steps, skip_batches
-from demucs_lora.training.guards import SolverGuards
-from demucs_lora.training.optim import TrainableEMA, build_optimizer, build_scheduler
+from demucs_lora.training.epoch import (EpochProgress, agree, budget_spent, ddp_wrap,
+                                        gather_rng, optimizer_steps, start_epoch)
+from demucs_lora.training.optim import (TrainableEMA, autocast, build_optimizer,
+                                        build_scheduler)
 from demucs_lora.training.profiling import start_profiler
-from demucs_lora.training.validation import valid_nsdr
+from demucs_lora.training.run_report import RunReport
+from demucs_lora.training.state_registry import StateRegistry
+from demucs_lora.training.validation import best_candidate, valid_nsdr
 from demucs_lora.training.xp_guard import StopSignals, active_stop_signals
 
 logger = logging.getLogger(__name__)
 FP16_MAX_SKIPS = 24  # consecutive overflowing fp16 steps (loss scale / 2**24) = diverged
 
 
-class Solver(SolverGuards):
-    def __init__(self, cfg: DictConfig, model: nn.Module, loaders: dict, augment: nn.Module,
+class Solver:
+    """One XP's training: epochs of optimizer steps, validation, best and checkpoints."""
+
+    def __init__(self, cfg: RunConfig, model: nn.Module, loaders: dict, augment: nn.Module,
                  device: torch.device):
         self.cfg = cfg
         self.device = device
@@ -54,7 +62,7 @@ class Solver(SolverGuards):
         self.is_master = distrib.is_master()
         self._wrap_ddp()
         self.optimizer = build_optimizer(self.model, cfg.optim)
-        self.accumulate = int(cfg.optim.get("accumulate") or 1)  # micro-batches per step
+        self.accumulate = cfg.optim.accumulate  # micro-batches per step
         self.steps_per_epoch = optimizer_steps(len(loaders["train"]), cfg.max_batches,
                                                self.accumulate)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim,
@@ -65,24 +73,20 @@ class Solver(SolverGuards):
         self.history: tp.List[dict] = []
         self.best_state = None
         self.best_nsdr = -float("inf")
-        self.writer = None
-        if self.is_master:
-            from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(str(self.folder / "tensorboard"))
-        self.sources = list(model.sources)  # the run's (cfg.dset.sources once resolved)
+        self.report = RunReport(self.folder, logger, self.is_master)  # log, tensorboard, JSON
+        self.sources = list(model.sources)  # the run's (cfg.dset.sources)
         weights = cfg.weights or [1.0] * len(self.sources)
         self.weights = torch.tensor(list(weights), dtype=torch.float32, device=device)
-        self.base = ckpt.base_record(self.model, cfg)  # checked against checkpoint.th
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.base = ckpt.base_record(self.model, cfg.base)  # checked against checkpoint.th
         self.stop = active_stop_signals() or StopSignals()  # train.main installs one
         self.partial: tp.Optional[EpochProgress] = None  # a stopped epoch to finish
         self.saved = "no epoch had finished, so nothing was saved"  # what checkpoint.th is
         self.adaptation = None  # htdemucs.lora_rank_adaptation (lora/rank_adaptation.py)
-        if cfg.htdemucs.get("lora_rank_adaptation") and cfg.htdemucs.lora_rank > 0:
-            from demucs_lora.lora.config import LoraConfig
+        if cfg.lora.lora_rank_adaptation and cfg.lora.lora_rank > 0:
             from demucs_lora.lora.rank_adaptation import RankAdaptation
-            self.adaptation = RankAdaptation(self.model, LoraConfig.from_cfg(cfg.htdemucs),
-                                             seed=cfg.seed)
+            self.adaptation = RankAdaptation(self.model, cfg.lora, seed=cfg.seed)
+        self.state = StateRegistry(ckpt.CHECKPOINT_FORMAT)  # what checkpoint.th holds
+        self._register_state()
 
     def _wrap_ddp(self) -> None:
         """DDP all-reduces the trainable parameters only (rewrapped when ranks change: the
@@ -91,67 +95,49 @@ class Solver(SolverGuards):
             import gc
             self.dmodel = None
             gc.collect()
-        self.dmodel = self.model
-        if distrib.world_size() > 1:
-            from torch.nn.parallel import DistributedDataParallel
-            ids = [self.device.index or 0] if self.device.type == "cuda" else None
-            self.dmodel = DistributedDataParallel(self.model, device_ids=ids)
+        self.dmodel = ddp_wrap(self.model, self.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
 
     # ---------------------------------------------------------------- state
-    def _state(self, partial: tp.Optional[dict] = None) -> dict:
-        return {"format": ckpt.CHECKPOINT_FORMAT,
-                "model": trainable_state(self.model),
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict(),
-                "ema": self.ema.state_dict() if self.ema else None,
-                "rng": ckpt.rng_state(), "epoch": len(self.history),
-                "history": self.history, "best_state": self.best_state,
-                "best_nsdr": self.best_nsdr, "base": self.base, "partial": partial,
-                "rank_adaptation": self.adaptation.state_dict() if self.adaptation else None}
+    def _register_state(self) -> None:
+        """Every stateful part, once, in restore order (the base is checked first, the
+        adapted ranks come before the tensors of those ranks). A new part is one line."""
+        state, path = self.state, self.folder / "checkpoint.th"
+        state.register("base", lambda: self.base,
+                       lambda v: ckpt.check_same_base(v, self.base, path), ckpt.base_ok)
+        state.register("rank_adaptation", lambda: self.adaptation and
+                       self.adaptation.state_dict(), self._load_ranks, ckpt.rank_adaptation_ok)
+        state.register("model", lambda: trainable_state(self.model),
+                       lambda v: load_trainable_state(self.model, v), ckpt.tensor_dict)
+        state.register_stateful("optimizer", self.optimizer, ckpt.optimizer_ok)
+        state.register_stateful("scheduler", self.scheduler, ckpt.is_dict)
+        state.register_stateful("scaler", self.scaler, ckpt.is_dict)
+        state.register_stateful("ema", self.ema, ckpt.ema_ok)
+        state.register("rng", rng_state, set_rng_state, ckpt.rng_ok)
+        state.register("epoch", lambda: len(self.history), None, ckpt.epoch_ok)  # derived
+        state.register_attribute(self, "history", ckpt.history_ok)
+        state.register_attribute(self, "best_state", ckpt.optional_tensor_dict)
+        state.register_attribute(self, "best_nsdr", ckpt.number_ok, float)
+        state.register("partial", lambda: self.partial and self.partial.to_state(),
+                       lambda v: setattr(self, "partial", v and EpochProgress.from_state(v)),
+                       ckpt.partial_ok)
+
+    def _load_ranks(self, state: tp.Optional[dict]) -> None:
+        if self.adaptation and state:  # resize the layers, then the tensors load into them
+            self.adaptation.load_state_dict(state, self.optimizer, self.ema)
+            self._wrap_ddp()
 
     def restore(self) -> bool:
         """Resume from checkpoint.th (read with weights_only=True, checked, on the same
         base); False when there is none. CheckpointError when it cannot be used."""
         path = self.folder / "checkpoint.th"
-        state = ckpt.load_resume_state(path)
-        if state is None:
+        if not ckpt.restore_checkpoint(path, self.state):
             return False
-        ckpt.check_same_base(state["base"], self.base, path)
-        try:
-            if self.adaptation and state["rank_adaptation"]:  # the ranks it had, first
-                self.adaptation.load_state_dict(state["rank_adaptation"], self.optimizer,
-                                                self.ema)
-                self._wrap_ddp()
-            load_trainable_state(self.model, state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
-            if state["scaler"]:
-                self.scaler.load_state_dict(state["scaler"])
-            if self.ema and state["ema"]:
-                self.ema.load_state_dict(state["ema"])
-            ckpt.set_rng_state(state["rng"])
-        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
-            raise CheckpointError(
-                f"{path} does not fit this run's model or optimizer ({str(exc)[:300]}): was "
-                f"it copied from another XP or config? {ckpt.restart_hint(path)}") from None
-        self.history = state["history"]
-        self.best_state, self.best_nsdr = state["best_state"], float(state["best_nsdr"])
-        self.partial = (EpochProgress.from_state(state["partial"]) if state["partial"]
-                        else None)
         self.saved = self._describe_saved()
         self.xp.link.update_history(self.history)
         logger.info("Resumed from %s at epoch %d%s", path, len(self.history),
                     f", step {self.partial.step}" if self.partial else "")
         return True
-
-    def _autocast(self):
-        mp = self.cfg.mixed_precision
-        if not mp:
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if mp == "bf16" else torch.float16
-        return torch.autocast(self.device.type, dtype=dtype)
 
     def _loss(self, estimate: torch.Tensor, sources: torch.Tensor) -> tp.Tuple[torch.Tensor,
                                                                                 torch.Tensor]:
@@ -166,16 +152,12 @@ class Solver(SolverGuards):
         loader = self.loaders["train"]
         if hasattr(loader.sampler, "set_epoch"):
             loader.sampler.set_epoch(epoch)
-        progress = self._start_progress(epoch)
+        progress, self.partial = start_epoch(self.partial, epoch, self.steps_per_epoch), None
         batches = iter(loader)
-        if progress.step:  # a stopped epoch: same order, same RNG from the stop on
-            skip_batches(batches, progress.step * self.accumulate)
-            rngs = progress.rng or []
-            ckpt.set_rng_state(rngs[distrib.rank()] if len(rngs) == distrib.world_size()
-                               else rngs[0])
+        progress.replay(batches, self.accumulate)  # a stopped epoch: from the stop on
         bar = tqdm.tqdm(total=self.steps_per_epoch, initial=progress.step, leave=False,
                         desc=f"train {epoch + 1}", disable=not self.is_master, mininterval=1.0)
-        memory = bool(self.cfg.get("profile_memory"))  # memory timeline in the trace
+        memory = self.cfg.profile_memory  # memory timeline in the trace
         profiler = (start_profiler(self.folder / "profile", self.device, memory)
                     if (self.cfg.enable_profiling or memory) and epoch == 0 and not progress.step
                     else None)
@@ -200,23 +182,7 @@ class Solver(SolverGuards):
         bar.close()
         if profiler is not None:
             profiler.stop()
-        loss = torch.tensor([progress.total, progress.count], dtype=torch.float64)
-        if distrib.world_size() > 1:
-            torch.distributed.all_reduce(loss)
-        out = {"loss": float(loss[0] / max(loss[1], 1)), "grad_norm": progress.grad_norm,
-               "lr": self.optimizer.param_groups[0]["lr"], "seconds": time.time() - start,
-               "batches": progress.count}
-        if progress.skipped:
-            out["skipped"] = progress.skipped
-        return out
-
-    def _start_progress(self, epoch: int) -> EpochProgress:
-        partial, self.partial = self.partial, None
-        if partial is not None and partial.epoch == epoch:
-            logger.info("Resuming epoch %d at step %d/%d", epoch + 1, partial.step,
-                        self.steps_per_epoch)
-            return partial
-        return EpochProgress(epoch)
+        return progress.metrics(self.optimizer.param_groups[0]["lr"], time.time() - start)
 
     def _backward(self, micro: tp.Sequence[torch.Tensor]) -> float:
         """Gradients of the mean loss over the micro-batches (optim.accumulate); under DDP
@@ -229,7 +195,7 @@ class Solver(SolverGuards):
                     else contextlib.nullcontext())
             batch = augment_batch(self.augment, batch.to(self.device))
             with sync:
-                with self._autocast():
+                with autocast(self.cfg.mixed_precision, self.device.type):
                     estimate = self.dmodel(batch[:, 0])
                 loss, _ = self._loss(estimate, batch[:, 1:])
                 self.scaler.scale(loss / len(micro)).backward()
@@ -276,34 +242,23 @@ class Solver(SolverGuards):
                               self.cfg.test, self.device, f"valid {epoch + 1}", self.is_master)
 
     # ---------------------------------------------------------------- run
-    def _log_epoch(self, epoch: int, metrics: dict) -> None:
-        if self.writer:
-            for key, value in metrics.items():
-                if isinstance(value, (int, float)):
-                    self.writer.add_scalar(key.replace("_", "/", 1), value, epoch + 1)
-            self.writer.flush()
-        text = " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                          for k, v in metrics.items())
-        logger.info("Epoch %d/%d: %s", epoch + 1, self.cfg.epochs, text)
-
     def _adapter_header(self) -> dict:
-        return {"targets": list(self.cfg.htdemucs.lora_targets),
-                "rank_mode": self.cfg.htdemucs.lora_rank_mode,
+        lora, init = self.cfg.lora, self.cfg.model.source_init
+        return {"targets": list(lora.lora_targets),
+                "rank_mode": lora.lora_rank_mode,
                 "rank_adaptation": self.adaptation is not None,
-                "save_dtype": self.cfg.htdemucs.get("lora_save_dtype", "float32"),
-                "source_init": OmegaConf.to_container(self.cfg.source_init)
-                if self.cfg.source_init is not None else None,
+                "save_dtype": lora.lora_save_dtype,
+                "source_init": dict(init) if init is not None else None,
                 "xp": self.xp.sig}
 
-    def _save_epoch(self, epoch: int, metrics: dict) -> None:
-        folder = self.folder
-        atomic_write_text(folder / "validation" / f"epoch_{epoch + 1:03d}.json",
-                          json.dumps(metrics, indent=2))
-        header = self._adapter_header()
+    def _save_adapters(self, is_best: bool) -> None:
+        """lora_last (the EMA's weights when there is an EMA); best.th and lora_best."""
+        folder, header = self.folder, self._adapter_header()
         state = self.ema.shadow if self.ema else None
         ckpt.save_adapter_with_state(self.model, state, folder / "lora_last", **header)
-        if metrics.get("is_best"):
-            ckpt.save_best_model(self.model, self.best_state, self.cfg, folder / "best.th")
+        if is_best:
+            ckpt.save_best_model(self.model, self.best_state, self.cfg.training_args,
+                                 folder / "best.th")
             ckpt.save_adapter_with_state(self.model, self.best_state, folder / "lora_best",
                                          **header)
 
@@ -315,31 +270,18 @@ class Solver(SolverGuards):
                                    self.optimizer, self.ema, epoch)
         self._wrap_ddp()
         if self.is_master:
-            self.adaptation.write_history(self.folder, self.writer)
+            self.adaptation.write_history(self.folder, self.report.writer)
 
     def _initial_validation(self) -> dict:
         """nSDR of the model before any training step (the base, for an adaptation);
         a torn or foreign epoch_000.json (a disk that filled up) is recomputed."""
-        path = self.folder / "validation" / "epoch_000.json"
-        try:
-            metrics = json.loads(path.read_text()) if path.exists() else None
-        except (OSError, ValueError):
-            metrics = None
-        if isinstance(metrics, dict) and all(isinstance(k, str) and k.startswith(
-                "valid_initial_") for k in metrics) and metrics:
+        metrics = self.report.saved_initial()
+        if metrics is not None:
             return metrics
-        if path.exists():
-            logger.warning("%s is unreadable (cut short?): validating the base again", path)
         metrics = {f"valid_initial_{k}": v for k, v in self.validate(-1).items()}
         if self.is_master:
-            atomic_write_text(path, json.dumps(metrics, indent=2))
-            self._log_epoch(-1, metrics)
+            self.report.epoch(-1, self.cfg.epochs, metrics)
         return metrics
-
-    def _close(self) -> None:
-        if self.writer:
-            self.writer.close()
-            self.writer = None
 
     def run(self) -> tp.List[dict]:
         owned = not self.stop.installed
@@ -347,19 +289,19 @@ class Solver(SolverGuards):
         try:
             return self._run()
         finally:
-            self._close()
+            self.report.close()
             if owned:
                 self.stop.restore()
 
     def _run(self) -> tp.List[dict]:
         if not self.restore() and self.is_master:  # the starting point, to compare with
-            self._forget_other_base()
+            ckpt.forget_other_base(self.folder, self.base)
             ckpt.save_adapter_with_state(self.model, None, self.folder / "lora_init",
                                          **self._adapter_header())
         initial = self._initial_validation() if self.cfg.test.initial else {}
         for epoch in range(len(self.history), self.cfg.epochs):
             self._stop_requested()
-            if self._over_budget():  # checked first, so a resumed run stops at once too
+            if budget_spent(self.history, self.cfg.train_budget_seconds):  # a resumed run too
                 logger.info("Stopping before epoch %d: train_budget_seconds=%s spent",
                             epoch + 1, self.cfg.train_budget_seconds)
                 break
@@ -371,17 +313,15 @@ class Solver(SolverGuards):
             if validate:
                 metrics.update({f"valid_{k}": v for k, v in self.validate(epoch).items()})
             best = self._best_candidate(epoch, metrics)
-            if best is not None:
-                self.best_state = best
             metrics["best_nsdr"] = self.best_nsdr
             self.history.append(metrics)
             if self.is_master:
-                self._log_epoch(epoch, metrics)
-                self._save_epoch(epoch, dict(metrics, is_best=best is not None))
+                self.report.epoch(epoch, self.cfg.epochs, metrics, is_best=best is not None)
+                self._save_adapters(best is not None)
             if self.adaptation and self.adaptation.due(epoch, self.cfg.epochs):
                 self._adapt_ranks(epoch)  # after the adapters of this epoch, before its checkpoint
             if self.is_master:
-                atomic_torch_save(self._state(), self.folder / "checkpoint.th")
+                atomic_torch_save(self.state.save(), self.folder / "checkpoint.th")
                 self.xp.link.push_metrics(metrics)
             self.saved = self._describe_saved()
             if distrib.world_size() > 1:
@@ -393,3 +333,61 @@ class Solver(SolverGuards):
                 "was written (the model outputs NaN/inf): retrain with a lower optim.lr or "
                 "optim.clip_grad=1.0")
         return self.history
+
+    # ---------------------------------------------------------------- guards
+    def _describe_saved(self) -> str:
+        where = (f"epoch {self.partial.epoch + 1} step {self.partial.step}" if self.partial
+                 else f"end of epoch {len(self.history)}")
+        return f"checkpoint.th still holds the last finite state ({where})"
+
+    def _diverged(self, progress: EpochProgress, what: str) -> TrainingDiverged:
+        where = f"epoch {progress.epoch + 1}, step {progress.step}/{self.steps_per_epoch}"
+        return divergence_error(self.cfg.optim, self.cfg.mixed_precision, where, what, self.saved)
+
+    def _skip_nonfinite(self, progress: EpochProgress, what: str) -> None:
+        progress.skipped += 1
+        allowed = self.cfg.optim.skip_nonfinite
+        if progress.skipped > allowed:
+            raise self._diverged(progress, what)
+        logger.warning("epoch %d step %d/%d: %s; step skipped (%d of optim.skip_nonfinite=%d "
+                       "this epoch)", progress.epoch + 1, progress.step, self.steps_per_epoch,
+                       what, progress.skipped, allowed)
+
+    def _stop_mid_epoch(self, progress: EpochProgress) -> tp.NoReturn:
+        """A stop signal: checkpoint here (exact resume at this step), then exit."""
+        progress.rng = gather_rng(rng_state())
+        self.partial = progress  # the epoch a resumed run finishes
+        if self.is_master:
+            atomic_torch_save(self.state.save(), self.folder / "checkpoint.th")
+            logger.warning("Stopped at epoch %d step %d/%d: checkpoint.th saved; the same "
+                           "command resumes exactly there", progress.epoch + 1, progress.step,
+                           self.steps_per_epoch)
+        if distrib.world_size() > 1:
+            torch.distributed.barrier()  # nobody leaves before the checkpoint is written
+        self.report.close()
+        self.stop.exit()
+
+    def _best_candidate(self, epoch: int, metrics: dict) -> tp.Optional[dict]:
+        """The new best state after this epoch (kept in best_state), or None."""
+        state = self.ema.shadow if self.ema else trainable_state(self.model)
+        replace = self.best_state is None or not self.cfg.test.best
+        best, self.best_nsdr = best_candidate(state, metrics.get("valid_nsdr"),
+                                              self.best_nsdr, replace, epoch)
+        self.best_state = self.best_state if best is None else best
+        return best
+
+    def _check_finite_weights(self, epoch: int) -> None:
+        bad = nonfinite_names(dict(self.model.named_parameters()))
+        bad += [f"ema.{n}" for n in nonfinite_names(self.ema.shadow if self.ema else {})]
+        if bad:
+            where = f"the end of epoch {epoch + 1}"
+            raise divergence_error(self.cfg.optim, self.cfg.mixed_precision, where,
+                                   f"the weights hold NaN/inf ({bad[:3]})", self.saved)
+
+    def _stop_requested(self) -> None:
+        """Between epochs: checkpoint.th is current, so a stop signal just exits."""
+        if agree([self.stop.requested], self.device)[0]:
+            logger.warning("Stopped after epoch %d: checkpoint.th is up to date; the same "
+                           "command resumes from there", len(self.history))
+            self.report.close()
+            self.stop.exit()

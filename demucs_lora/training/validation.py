@@ -1,22 +1,27 @@
 """Validation of a run: nSDR of whole valid tracks, separated as the demucs CLI separates
 (``apply_model`` with the run's ``test.shifts/split/overlap``), each rank scoring its
-share of the tracks and the sums all-reduced, so every rank gets the same numbers."""
+share of the tracks and the sums all-reduced, so every rank gets the same numbers; and
+which state is the best so far (never a non-finite one: docs/safety.md)."""
 from __future__ import annotations
 
+import logging
 import typing as tp
 
 import torch
 import tqdm
 from demucs.apply import apply_model
 from dora import distrib
-from omegaconf import DictConfig
 from torch import nn
 
+from demucs_lora.config.run_config import TestConfig
+from demucs_lora.core.finite import is_finite_number, nonfinite_names
 from demucs_lora.metrics import nsdr
+
+logger = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def valid_nsdr(model: nn.Module, dataset, sources: tp.Sequence[str], test: DictConfig,
+def valid_nsdr(model: nn.Module, dataset, sources: tp.Sequence[str], test: TestConfig,
                device: torch.device, desc: str = "valid",
                progress: bool = True) -> tp.Dict[str, float]:
     """``{"nsdr_SOURCE": mean over tracks, ..., "nsdr": mean over sources}``."""
@@ -36,3 +41,21 @@ def valid_nsdr(model: nn.Module, dataset, sources: tp.Sequence[str], test: DictC
     metrics = {f"nsdr_{name}": value for name, value in zip(sources, per_source)}
     metrics["nsdr"] = sum(per_source) / len(per_source)
     return metrics
+
+
+def best_candidate(state: tp.Mapping[str, torch.Tensor], score: tp.Optional[float],
+                   best_nsdr: float, replace: bool, epoch: int
+                   ) -> tp.Tuple[tp.Optional[tp.Dict[str, torch.Tensor]], float]:
+    """(a CPU copy of `state` to keep as the best, or None; the best score after this
+    epoch). Never a non-finite score or state; `replace`: keep it whatever its score
+    (no best yet, or ``test.best=false``); no score (no validation) counts as -inf."""
+    if score is not None and not is_finite_number(score):
+        logger.warning("epoch %d: validation nSDR is %s: not a candidate for best.th",
+                       epoch + 1, score)
+        return None, best_nsdr
+    if nonfinite_names(state):
+        return None, best_nsdr
+    score = -float("inf") if score is None else score
+    if score > best_nsdr or replace:
+        return {k: v.detach().cpu().clone() for k, v in state.items()}, max(score, best_nsdr)
+    return None, best_nsdr

@@ -54,8 +54,9 @@ def test_medium_config_is_in_the_low_rank_regime():
     from demucs_lora.config.compose import compose
     from demucs_lora.lora.config import LoraConfig
     from demucs_lora.lora.ranks import allocate_ranks
+    from demucs_lora.config.run_config import model_spec
     from demucs_lora.models.build import build_model
-    model, _ = build_model(compose(["model=htdemucs_medium"]))
+    model, _ = build_model(model_spec(compose(["model=htdemucs_medium"])))
     params = sum(p.numel() for p in model.parameters())
     share = allocate_ranks(model, LoraConfig(lora_rank=8)).trainable_params() / params
     assert params >= 4_000_000 and share <= 0.07

@@ -342,7 +342,7 @@ def guide_conf(tmp_path_factory):
 
 def _run_config(main, variant):
     """The config a run would use (prepare_config: canonical, known, checked)."""
-    from demucs_lora.training.run_config import prepare_config
+    from demucs_lora.config.resolve import prepare_config
     argv = [f"variant={variant}", "continue_from=htdemucs"]
     xp = main.get_xp(argv)
     return prepare_config(xp.cfg)

@@ -43,11 +43,13 @@ def test_residual_source_has_one_rule_and_one_message(base_cfg):
     that is not a source with the same words (data.layout.check_residual_source)."""
     from omegaconf import OmegaConf
     from demucs_lora.data.stems import StemDataset
+    from demucs_lora.config.run_config import data_config
     from demucs_lora.data.verify import verify_config
     cfg = OmegaConf.merge(base_cfg, OmegaConf.from_dotlist(["dset.sources=[drums,bass]",
                                                             "residual_source=rest"]))
     messages = set()
-    for check in (lambda: check_config(cfg), lambda: verify_config(cfg, progress=False),
+    for check in (lambda: check_config(cfg),
+                  lambda: verify_config(data_config(cfg), progress=False),
                   lambda: StemDataset(None, "train", ["drums", "bass"], {},
                                       residual_source="rest")):
         with pytest.raises(ConfigError) as info:

@@ -72,12 +72,11 @@ def test_demo_dora_step_runs_from_the_root_and_finds_its_xp(capsys, monkeypatch)
 
 
 def test_nothing_to_train_is_a_config_error():
-    from omegaconf import OmegaConf
     from torch import nn
+    from demucs_lora.config.run_config import optim_config
     from demucs_lora.training.optim import build_optimizer
     frozen = nn.Linear(2, 2).requires_grad_(False)
-    cfg = OmegaConf.create({"optim": "adam", "lr": 1e-3, "betas": [0.9, 0.999],
-                            "weight_decay": 0.0})
+    cfg = optim_config(lr=1e-3)
     with pytest.raises(errors.ConfigError, match="nothing to train.*htdemucs.lora_rank"):
         build_optimizer(frozen, cfg)
 
@@ -95,7 +94,6 @@ def test_writing_under_a_file_is_a_disk_write_error(tmp_path):
                                                     ("cpu", "fp16", "mixed_precision=fp16")])
 def test_training_device_errors_are_config_errors(device, precision, key):
     """`dora run device=cuda` on a CPU machine: exit status 2, like any bad value."""
-    from omegaconf import OmegaConf
     from demucs_lora.training.run import pick_device
     with pytest.raises(errors.ConfigError, match=key):
-        pick_device(OmegaConf.create({"device": device, "mixed_precision": precision}))
+        pick_device(device, precision)

@@ -17,3 +17,5 @@ def test_nodes_tuples_and_fractions_become_plain_python():
     assert plain((1, (2, fractions.Fraction(39, 5)))) == [1, [2, 7.8]]
     assert plain(fractions.Fraction(1, 2)) == 0.5 and plain("abc") == "abc"
     assert plain(None) is None and plain(3) == 3
+    node = OmegaConf.create({"a": 2, "b": "${a}", "wav": "???"})
+    assert plain(node) == {"a": 2, "b": 2, "wav": "???"}   # resolved; ??? read, not raised

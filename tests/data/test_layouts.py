@@ -62,7 +62,8 @@ def cli(tmp_path, capsys):
 def datasets(tmp_path, *overrides):
     cfg = compose([f"dset.samplerate={SR}", f"dset.metadata={tmp_path / 'm'}",
                    "dset.segment=0.2", "dset.shift=0.1", *overrides])
-    return stems.get_datasets(cfg, list(cfg.dset.sources or FOUR))
+    from demucs_lora.config.run_config import data_config
+    return stems.get_datasets(data_config(cfg, list(cfg.dset.sources or FOUR)))
 
 
 def rows(out):

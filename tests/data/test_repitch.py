@@ -2,7 +2,6 @@
 vocoder), the same for every stem, the mixture still the stems' sum."""
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from demucs_lora.core.errors import ConfigError
 from demucs_lora.data import repitch, stems
@@ -50,8 +49,9 @@ def test_batch_augment_keeps_shape_sum_and_draws():
 
 
 def test_train_segment_has_room_for_the_fastest_tempo():
-    cfg = OmegaConf.create({"segment": 2.0, "shift": 1.0,
-                            "augment": {"repitch": {"proba": 0.2, "max_tempo": 12.0}}})
-    assert stems.train_segment(cfg) == pytest.approx(3.0 * 1.12)
-    cfg.augment.repitch.proba = 0.0
-    assert stems.train_segment(cfg) == 3.0
+    from demucs_lora.data.settings import DataConfig
+    data = DataConfig.of(segment=2.0, shift=1.0,
+                         augment={"repitch": {"proba": 0.2, "max_tempo": 12.0}})
+    assert stems.train_segment(data) == pytest.approx(3.0 * 1.12)
+    data = DataConfig.of(segment=2.0, shift=1.0, augment={"repitch": {"proba": 0.0}})
+    assert stems.train_segment(data) == 3.0

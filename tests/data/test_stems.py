@@ -123,11 +123,16 @@ def _compose(*overrides):
     return compose(list(overrides))
 
 
+def _data(cfg, sources=None):
+    from demucs_lora.config.run_config import data_config
+    return data_config(cfg, sources)
+
+
 def test_get_datasets_synthetic_and_wav(dataset, tmp_path):
     meta = f"dset.metadata={tmp_path / 'meta'}"
     cfg = _compose("variant=debug", f"dset.samplerate={SR}", meta)
     assert cfg.dset.sources is None            # null: the base's, 4 stems for a new model
-    train, valid, test = stems.get_datasets(cfg, SOURCES)
+    train, valid, test = stems.get_datasets(_data(cfg, SOURCES))
     # debug: 2 x 3 s train tracks, segment 1 + shift 1 read per example, hop 1 s
     assert len(train) == 2 * 2 and train[0].shape == (5, 2, 2 * SR)
     assert len(valid) == 1 and valid[0].shape == (5, 2, 3 * SR)
@@ -136,7 +141,7 @@ def test_get_datasets_synthetic_and_wav(dataset, tmp_path):
     cfg = _compose("dset=wav", f"dset.wav={dataset}", f"dset.samplerate={SR}", meta,
                    "dset.segment=1.0", "dset.shift=0.5", "sources=[drums,rest]",
                    "residual_source=rest")
-    train, valid, _ = stems.get_datasets(cfg, list(cfg.dset.sources))
+    train, valid, _ = stems.get_datasets(_data(cfg))
     assert len(train) == 2 * 4 and train[0].shape == (3, 2, int(1.5 * SR))  # (3-1.5)/.5+1
     with pytest.raises(ConfigError, match="dset.wav"):
-        stems.get_datasets(_compose("dset=wav", meta), SOURCES)
+        stems.get_datasets(_data(_compose("dset=wav", meta), SOURCES))

@@ -6,6 +6,7 @@ from helpers import SIX, tiny_htdemucs
 from model_layouts import isolate_caches, write_hf_cache
 
 from demucs_lora.config.compose import compose
+from demucs_lora.config.run_config import model_spec
 from demucs_lora.models.build import build_model
 
 X = torch.randn(1, 2, 44100, generator=torch.Generator().manual_seed(2))
@@ -33,7 +34,7 @@ def test_six_source_base_to_four_five_six_stems(hf_home, sources, init, kept):
     overrides = [f"sources=[{','.join(sources)}]", "continue_from=htdemucs_6s"]
     if init:
         overrides.append(f"source_init={init}")
-    model, report = build_model(_cfg(*overrides))
+    model, report = build_model(model_spec(_cfg(*overrides)))
     assert list(model.sources) == sources and report["base_sources"] == SIX
     assert report["train_heads"] == ([] if sources == SIX else ["decoder.3.conv_tr",
                                                                   "tdecoder.3.conv_tr"])
@@ -61,7 +62,8 @@ def test_released_htdemucs_architecture_from_hf_cache_takes_a_lora_step(hf_home)
     assert round(count / 1e6, 2) == 41.98, count
     write_hf_cache([base], hf_home, "htdemucs", ["955717e8"])
     del base
-    model, report = build_model(compose(["continue_from=htdemucs", "htdemucs.lora_rank=8"]))
+    model, report = build_model(model_spec(compose(["continue_from=htdemucs",
+                                                          "htdemucs.lora_rank=8"])))
     assert sum(p.numel() for p in model.parameters() if not p.requires_grad) == count
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert 0 < report["trainable"]["trainable"] < 0.05 * count

@@ -99,9 +99,10 @@ def test_dataset_gives_raw_audio(xp):
     """Metrics are on the original scale: the test set is read un-normalized (the mixture
     is normalized per track in separate_tensor, like the demucs CLI)."""
     import soundfile as sf
+    from demucs_lora.config.run_config import data_config
     from demucs_lora.inference.evaluation import build_dataset
-    data = build_dataset(xp.cfg, ["drums", "bass", "other", "vocals"], "test", 44100, 2,
-                         progress=False)
+    data = build_dataset(data_config(xp.cfg, ["drums", "bass", "other", "vocals"]), "test",
+                         44100, 2, progress=False)
     item = data[0]
     mix, _ = sf.read(str(xp.data / "test" / next(iter(data.metadata)) / "mixture.wav"),
                      dtype="float32")

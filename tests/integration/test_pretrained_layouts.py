@@ -46,9 +46,10 @@ def test_train_and_test_from_each_layout(caches, layout):
     # The same random-init tiny model scored on the same synthetic track: same numbers.
     ref = tiny_htdemucs()
     from demucs_lora.config.compose import compose
+    from demucs_lora.config.run_config import data_config
     from demucs_lora.inference.evaluation import build_dataset, evaluate_model
     cfg = compose(["variant=debug", f"dset.metadata={caches / 'metadata'}"])
-    data = build_dataset(cfg, list(ref.sources), "test", ref.samplerate, ref.audio_channels,
+    data = build_dataset(data_config(cfg, ref.sources), "test", ref.samplerate, ref.audio_channels,
                          progress=False)
     expected = evaluate_model(ref.eval(), data, shifts=0, overlap=float(cfg.test.overlap),
                               split=bool(cfg.test.split), max_tracks=1, progress=False)

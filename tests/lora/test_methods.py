@@ -235,14 +235,13 @@ def test_gora_on_htdemucs_reloads_on_the_unmodified_base(calibrated, tmp_path):
 
 # ------------------------------------------------------------ LoRA+ and bad values
 def test_lora_plus_param_groups_keep_the_ratio_through_the_schedule():
-    from omegaconf import OmegaConf
+    import dataclasses
+    from demucs_lora.config.run_config import optim_config
     from demucs_lora.training.optim import build_optimizer, build_scheduler
     model = tiny_htdemucs(segment=SEGMENT)
     inject_lora(model, LoraLayout({"encoder.1.conv": 2, "crosstransformer.layers.0.self_attn":
                                    2}, train_extra=("decoder.3",)))
-    cfg = OmegaConf.create({"optim": "adam", "lr": 1e-3, "betas": [0.9, 0.999],
-                            "weight_decay": 0.0, "lora_plus_ratio": 16.0,
-                            "schedule": "cosine", "warmup_steps": 2})
+    cfg = optim_config(lr=1e-3, lora_plus_ratio=16.0, schedule="cosine", warmup_steps=2)
     opt = build_optimizer(model, cfg)
     names = {id(p): n for n, p in model.named_parameters()}
     rest, b_side = opt.param_groups
@@ -255,7 +254,7 @@ def test_lora_plus_param_groups_keep_the_ratio_through_the_schedule():
         opt.step()
         sched.step()
         assert b_side["lr"] == pytest.approx(16 * rest["lr"])
-    plain = build_optimizer(model, OmegaConf.merge(cfg, {"lora_plus_ratio": 1.0}))
+    plain = build_optimizer(model, dataclasses.replace(cfg, lora_plus_ratio=1.0))
     assert len(plain.param_groups) == 1
 
 
@@ -270,7 +269,7 @@ def test_lora_plus_param_groups_keep_the_ratio_through_the_schedule():
 ])
 def test_bad_values_are_one_line_config_errors(overrides, key):
     from demucs_lora.config.compose import compose
-    from demucs_lora.training.run_config import prepare_config
+    from demucs_lora.config.resolve import prepare_config
     with pytest.raises(ConfigError) as err:
         prepare_config(compose(["model=htdemucs_tiny", "variant=debug", *overrides]))
     message = str(err.value)

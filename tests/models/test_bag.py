@@ -7,6 +7,7 @@ from model_layouts import isolate_caches, write_hf_cache
 
 from demucs_lora.models.bag import TrainableBag, bag_weights
 from demucs_lora.config.compose import compose
+from demucs_lora.config.run_config import model_spec
 from demucs_lora.models.build import build_model
 
 WEIGHTS = [[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0]]
@@ -23,8 +24,8 @@ def bag_cache(tmp_path, monkeypatch):
 
 
 def _bag_model(*overrides):
-    return build_model(compose(["model=htdemucs_tiny", "continue_from=htdemucs_ft",
-                                "htdemucs.lora_rank=4", *overrides]))
+    return build_model(model_spec(compose(["model=htdemucs_tiny", "continue_from=htdemucs_ft",
+                                           "htdemucs.lora_rank=4", *overrides])))
 
 
 def test_bag_forward_is_apply_models_combination(bag_cache):

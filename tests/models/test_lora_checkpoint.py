@@ -35,8 +35,9 @@ def trained(cfg, path, **overrides):
 def build(cfg, **overrides):
     from omegaconf import OmegaConf
     from demucs_lora.models.build import build_model
+    from demucs_lora.config.run_config import model_spec
     cfg = OmegaConf.merge(cfg, OmegaConf.create(overrides))
-    return build_model(cfg)
+    return build_model(model_spec(cfg))
 
 
 def test_training_starts_from_the_adapter(setup):

@@ -11,7 +11,8 @@ import pytest
 from demucs.htdemucs import HTDemucs
 
 from demucs_lora.config.compose import compose
-from demucs_lora.models.build import architecture_kwargs, build_base
+from demucs_lora.config.run_config import architecture_kwargs, model_spec
+from demucs_lora.models.build import build_base
 
 ASSET = Path(__file__).resolve().parents[2] / "demucs_lora" / "assets" / "base_tiny_A.th"
 RELEASED_4 = 41_984_456      # HTDemucs(sources=4, dconv_mode=3, bottom_channels=512)
@@ -27,7 +28,7 @@ def test_released_htdemucs_architecture():
     kwargs = architecture_kwargs(cfg)
     assert (kwargs["dconv_mode"], kwargs["bottom_channels"], kwargs["t_dropout"],
             kwargs["depth"], kwargs["t_layers"]) == (3, 512, 0.02, 4, 5)
-    model = build_base(cfg)
+    model = build_base(model_spec(cfg))
     assert list(model.sources) == ["drums", "bass", "other", "vocals"]
     assert n_params(model) == RELEASED_4 and round(RELEASED_4 / 1e6, 2) == 41.98
     # the same count as the installed demucs gives for the released settings
@@ -40,7 +41,7 @@ def test_released_htdemucs_architecture():
 def test_htdemucs_6s_sets_six_sources():
     cfg = compose(["model=htdemucs_6s"])
     assert list(cfg.dset.sources) == ["drums", "bass", "other", "vocals", "guitar", "piano"]
-    model = build_base(cfg)
+    model = build_base(model_spec(cfg))
     assert len(model.sources) == 6 and n_params(model) == 41_989_076
     assert architecture_kwargs(cfg) == architecture_kwargs(compose(["model=htdemucs"]))
     # the command line and variants still win over the model config
@@ -56,7 +57,7 @@ def test_tiny_config_keeps_the_shipped_base_architecture():
     assert kwargs["dconv_mode"] == 1 and kwargs["bottom_channels"] == 0
     assert "t_dropout" not in kwargs
     base = load_model_file(ASSET)
-    assert n_params(build_base(cfg)) == n_params(base)
+    assert n_params(build_base(model_spec(cfg))) == n_params(base)
 
 
 @pytest.mark.parametrize("overrides", [[], ["model=htdemucs_tiny", "variant=debug"],

@@ -31,7 +31,7 @@ def _check(cfg, expected):
 
 def test_msst_block_pasted_into_config_yaml_takes_effect(tmp_path):
     from demucs_lora.train import _LoRAHydraMain, run
-    from demucs_lora.training.run_config import prepare_config
+    from demucs_lora.config.resolve import prepare_config
     conf = tmp_path / "conf"
     shutil.copytree(CONF_DIR, conf)
     (conf / "config.yaml").write_text((conf / "config.yaml").read_text() + MSST_BLOCK)

@@ -7,7 +7,7 @@ from helpers import FOUR, tiny_htdemucs
 
 from demucs_lora.config.compose import compose
 from demucs_lora.core.errors import ConfigError
-from demucs_lora.training import run_config as rc
+from demucs_lora.config import resolve as rc
 
 OTHER_VALUE = {"use_train_segment": False, "t_dropout": 0.3}
 

@@ -1,4 +1,4 @@
-"""The config a run uses, given its base (demucs_lora.training.run_config) and `dora run`'s flags
+"""The config a run uses, given its base (demucs_lora.config.resolve) and `dora run`'s flags
 (demucs_lora.training.dora_cli): architecture keys, hop_length, LoRA without a base, sources and
 their heads, dataset file spellings, mixed precision, `-d` without GPU, `-f NAME`."""
 import pytest
@@ -6,7 +6,7 @@ import torch
 from omegaconf import OmegaConf
 from helpers import FOUR, tiny_htdemucs
 
-from demucs_lora.training import run_config as rc
+from demucs_lora.config import resolve as rc
 from demucs_lora.core.errors import ConfigError
 
 
@@ -70,14 +70,18 @@ def test_lora_without_base_needs_the_opt_in():
 
 def test_what_is_trained_says_it():
     from demucs_lora.config.compose import compose
+    from demucs_lora.config.run_config import run_config
+    from demucs_lora.training.run import what_is_trained
+
+    def line_of(config):
+        return what_is_trained(run_config(config), report)
     report = {"trainable": {"trainable": 10, "total": 100, "percent": 10.0}, "train_heads": []}
-    line = rc.what_is_trained(compose(["htdemucs.lora_rank=4", "lora_without_base=true"]),
-                              report)
+    line = line_of(compose(["htdemucs.lora_rank=4", "lora_without_base=true"]))
     assert "LoRA adapters" in line and "RANDOMLY INITIALISED" in line and "frozen" in line
-    assert "full fine-tune" in rc.what_is_trained(cfg(), report)
+    assert "full fine-tune" in line_of(cfg())
     assert "lora_init" not in line and "LoRA+" not in line
-    line = rc.what_is_trained(compose(["htdemucs.lora_rank=4", "htdemucs.lora_init=gradient",
-                                       "optim.lora_plus_ratio=4"]), report)
+    line = line_of(compose(["htdemucs.lora_rank=4", "htdemucs.lora_init=gradient",
+                            "optim.lora_plus_ratio=4"]))
     assert "lora_init=gradient" in line and "LoRA+ ratio 4" in line
 
 

@@ -10,7 +10,8 @@ checked, paths made absolute, LoRA without a base refused unless `lora_without_b
   equal the base's (the weights fix them); config.yaml then records the base's values;
 - htdemucs.hop_length: only the value HTDemucs derives (nfft // 4);
 - dset.stem_files: a source whose file is missing uses the one file of another spelling.
-Each decision is one line for train.log. Nothing is mutated in place.
+Each decision is one line for train.log. Nothing is mutated in place. The result is what
+`config.run_config.run_config` turns into the typed pieces the rooms receive.
 """
 from __future__ import annotations
 
@@ -94,28 +95,6 @@ def resolve_precision(cfg: DictConfig, device_type: str) -> tp.Tuple[DictConfig,
     return (_updated(cfg, {"mixed_precision": value}),
             [f"mixed_precision=true: {value} autocast on {device_type}"
              + (" with loss scaling" if value == "fp16" else "")])
-
-
-def what_is_trained(cfg: DictConfig, report: dict) -> str:
-    t = report["trainable"]
-    base = (f"the base {cfg.continue_from}" if cfg.continue_from is not None
-            else "a RANDOMLY INITIALISED model (no continue_from)")
-    if cfg.htdemucs.lora_rank > 0:
-        h = cfg.htdemucs
-        extra = "".join(f", {k}={h.get(k)}" for k, default in
-                        (("lora_init", "default"), ("lora_scaling", "per_layer"))
-                        if h.get(k, default) != default)
-        ratio = cfg.optim.get("lora_plus_ratio", 1.0)
-        extra += f", LoRA+ ratio {ratio}" if ratio != 1.0 else ""
-        what = (f"LoRA adapters (rank {h.lora_rank}, {h.lora_rank_mode} mode{extra}) on "
-                f"{base}, frozen")
-    else:
-        what = f"every weight of {base} (full fine-tune)" if cfg.continue_from is not None \
-            else "a new model from scratch (every weight)"
-    heads = f"; output heads trained fully: {report['train_heads']}" \
-        if report.get("train_heads") else ""
-    return (f"Training {what}: {t['trainable']} of {t['total']} parameters "
-            f"({t['percent']:.2f}%){heads}")
 
 
 def data_banner(cfg: DictConfig) -> tp.Optional[str]:
@@ -231,7 +210,7 @@ def check_hop_length(cfg: DictConfig, nfft: int) -> tp.Dict[str, tp.Any]:
 
 def resolve_sources(cfg: DictConfig, base) -> tp.Tuple[tp.Dict[str, tp.Any], tp.List[str]]:
     """({dset.sources, source_init} to record, log lines)."""
-    from demucs_lora.models.build import run_sources
+    from demucs_lora.config.run_config import run_sources
     from demucs_lora.models.heads import source_plan
     from demucs_lora.core.sources import init_mapping, plan_sources
     sources = run_sources(cfg, base)
@@ -263,7 +242,8 @@ def available_stems(cfg: DictConfig, sources: tp.Sequence[str]) -> tp.Optional[t
         stems = dset.synth.get("stems")
         return set(LAYOUTS.get(choose_layout(stems, sources, cfg.get("residual_source")), []))
     names: tp.Set[str] = set()
-    for root in dataset_roots(cfg, sources, progress=False, check=False):
+    from demucs_lora.config.run_config import data_config
+    for root in dataset_roots(data_config(cfg, sources), progress=False, check=False):
         for split in SPLITS:
             if (root.path / split).is_dir():
                 for track in list_tracks(root.path / split, sources):
