@@ -1,5 +1,4 @@
 """Shared fixtures and markers (the shared functions are in tests/helpers.py)."""
-import shutil
 
 import pytest
 import torch
@@ -17,21 +16,6 @@ def xp(tmp_path_factory):
     """A hand-built XP folder (helpers.make_xp: tiny base, LoRA with random B), per module."""
     from helpers import make_xp
     return make_xp(tmp_path_factory.mktemp("xp"))
-
-
-@pytest.fixture(scope="session")
-def synth_folder(tmp_path_factory):
-    """synth_folder(dest, **generate_dataset kwargs): a fresh copy at `dest` of a synthetic
-    stem folder generated once per session and set of kwargs (tests may damage their copy)."""
-    from helpers import synth_stems
-    made = {}
-
-    def fresh_copy(dest, **kwargs):
-        key = repr(sorted(kwargs.items()))
-        if key not in made:
-            made[key] = synth_stems(tmp_path_factory.mktemp("synth") / "ds", **kwargs)
-        return shutil.copytree(made[key], dest)
-    return fresh_copy
 
 
 # Files that start subprocesses (dora runs, a local Slurm) or run benchmarks; single slow

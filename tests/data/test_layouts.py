@@ -47,18 +47,6 @@ def dataset_tree(root, splits, spec, **kwargs):
     return root
 
 
-@pytest.fixture
-def cli(tmp_path, capsys):
-    """main([args...]) -> (exit status, printed text), as `python -m tools.verify_dataset`."""
-    def run(*args):
-        with pytest.raises(SystemExit) as exit_:
-            main([*map(str, args), f"dset.samplerate={SR}", f"dset.metadata={tmp_path / 'm'}",
-                  "--no-progress"])
-        out = capsys.readouterr()
-        return exit_.value.code, out.out + out.err
-    return run
-
-
 def datasets(tmp_path, *overrides):
     cfg = compose([f"dset.samplerate={SR}", f"dset.metadata={tmp_path / 'm'}",
                    "dset.segment=0.2", "dset.shift=0.1", *overrides])

@@ -19,18 +19,6 @@ def ds(synth_folder, tmp_path):
                         splits={"train": 2, "valid": 1, "test": 1})
 
 
-@pytest.fixture
-def cli(tmp_path, capsys):
-    """main([PATH, overrides...]) -> (exit status, printed text)."""
-    def run(path, *extra):
-        with pytest.raises(SystemExit) as exit_:
-            main([str(path), f"dset.samplerate={SR}", f"dset.metadata={tmp_path / 'meta'}",
-                  "--no-progress", *extra])
-        out = capsys.readouterr()
-        return exit_.value.code, out.out + out.err
-    return run
-
-
 def _read(path):
     data, sr = sf.read(str(path), dtype="float32", always_2d=True)
     return data, sr

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 from helpers import SIX, tiny_htdemucs
-from model_layouts import (isolate_caches, run_offline, write_hf_cache, write_repo_th,
+from model_layouts import (run_offline, write_hf_cache, write_repo_th,
                            write_torch_hub)
 from safetensors.torch import save_file
 
@@ -15,12 +15,6 @@ from demucs_lora.hub.resolve import find_model
 from demucs_lora.models.load import load_model
 
 X = torch.randn(1, 2, 44100, generator=torch.Generator().manual_seed(1))
-
-
-@pytest.fixture
-def caches(tmp_path, monkeypatch):
-    """Empty HF and torch hub caches under tmp_path (the machine's own are never seen)."""
-    return isolate_caches(tmp_path, monkeypatch)
 
 
 def _out(model):

@@ -35,11 +35,6 @@ def cfg(**overrides):
 
 
 @pytest.fixture(scope="module")
-def model():
-    return tiny_two_layer()
-
-
-@pytest.fixture(scope="module")
 def batches():
     g = torch.Generator().manual_seed(1)
     return [(torch.randn(2, 2, 4096, generator=g), torch.randn(2, 4, 2, 4096, generator=g))

@@ -12,11 +12,6 @@ SOURCES = ["drums", "bass", "other", "vocals"]
 
 
 
-@pytest.fixture(scope="module")
-def model():
-    return tiny_two_layer()
-
-
 def test_encoder_decoder_groups(model):
     enc = lora_target_names(model, ["encoder"])
     dec = lora_target_names(model, ["decoder"])

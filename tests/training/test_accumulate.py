@@ -6,11 +6,10 @@ import signal
 
 import pytest
 import torch
-from solver_helpers import make_solver, one_thread, trainable
+from solver_helpers import make_solver, trainable
 
 from demucs_lora.core.errors import DatasetError
 
-_threads = pytest.fixture(autouse=True)(one_thread)
 NO_AUGMENT = ["dset.augment.remix=false", "dset.augment.flip=false",
               "dset.augment.scale=null", "dset.augment.time_shift=false"]
 

@@ -8,11 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import solver_helpers
 from solver_helpers import make_solver, trainable
 from demucs_lora.core.errors import AdapterMismatch, ModelLoadError, TrainingDiverged
 
-_threads = pytest.fixture(autouse=True)(solver_helpers.one_thread)
 
 
 def nan_after(solver, calls):

@@ -5,7 +5,6 @@ an older demucs-lora still resumes."""
 import pytest
 import torch
 
-import solver_helpers
 from solver_helpers import make_solver, trainable
 from demucs_lora.core.errors import CheckpointError
 from demucs_lora.core.rng import rng_state
@@ -13,7 +12,6 @@ from demucs_lora.models.trainable import trainable_state
 from demucs_lora.training.checkpoint import CHECKPOINT_FORMAT
 from demucs_lora.training.state_registry import StateRegistry
 
-_threads = pytest.fixture(autouse=True)(solver_helpers.one_thread)
 
 
 class Counter:

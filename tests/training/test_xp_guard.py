@@ -11,12 +11,10 @@ import time
 import pytest
 import torch
 
-import solver_helpers
 from solver_helpers import make_solver
 from demucs_lora.core.errors import XPBusy
 from demucs_lora.training.xp_guard import StopSignals, XPLock
 
-_threads = pytest.fixture(autouse=True)(solver_helpers.one_thread)
 
 HOLD = textwrap.dedent("""
     import sys, time

@@ -12,10 +12,8 @@ from demucs_lora.training import checkpoint as ckpt
 from demucs_lora.core.errors import CheckpointError, ModelLoadError
 from demucs_lora.core.rng import rng_state
 
-import solver_helpers
 from solver_helpers import lora, make_solver, tiny_base, trainable
 
-_threads = pytest.fixture(autouse=True)(solver_helpers.one_thread)
 
 
 class Evil:
