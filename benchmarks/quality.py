@@ -162,28 +162,18 @@ def overrides(run: Run, base: str, epochs: int, smoke: bool) -> tp.List[str]:
             f"epochs={epochs}", *run.method.args, f"optim.lr={run.lr}"]
 
 
-def xp_folder(args: tp.Sequence[str], workdir: Path) -> Path:
-    """The folder Dora gives these overrides (a pure function of them), under workdir
-    (`demucs_lora.train.xp_folder_in`)."""
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-    from demucs_lora.train import xp_folder_in
-    return xp_folder_in(args, workdir)
-
-
 def read_history(folder: Path) -> tp.List[dict]:
     path = folder / "history.json"
     return json.loads(path.read_text()) if path.exists() else []
 
 
 def dora_run(args: tp.Sequence[str], workdir: Path, log: Path) -> tp.Tuple[int, float]:
-    cmd = [sys.executable, "-m", "dora", "-P", "demucs_lora", "run", *args]
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    """`dora run ARGS` in workdir, its output appended to `log`: (exit status, seconds)."""
+    from demucs_lora.training.dora_run import run_dora
     print("$ (cd " + str(workdir) + ") dora run " + " ".join(args), flush=True)
     start = time.perf_counter()
     with open(log, "a") as handle:
-        proc = subprocess.run(cmd, cwd=workdir, env=env, stdout=handle,
-                              stderr=subprocess.STDOUT)
+        proc = run_dora(["run", *args], workdir, stdout=handle, stderr=subprocess.STDOUT)
     return proc.returncode, time.perf_counter() - start
 
 
@@ -222,12 +212,12 @@ def test_scores(model_path: Path, data_args: tp.Sequence[str], workdir: Path,
     from demucs_lora.config.compose import compose
     from demucs_lora.config.run_config import data_config
     from demucs_lora.inference.evaluation import build_dataset, evaluate_model
-    from demucs_lora.hub.packages import load_model_file
+    from demucs_lora.models.load import load_model
     cwd = Path.cwd()
     os.chdir(workdir)   # dset.metadata (./metadata) is relative to where dora ran
     try:
         cfg = compose([a for a in data_args if not a.startswith("continue_from=")])
-        model = load_model_file(model_path)
+        model = load_model(model_path)
         dataset = build_dataset(data_config(cfg, model.sources), "test", model.samplerate,
                                 model.audio_channels, progress=False)
         scores = _nsdr(evaluate_model(model, dataset, metrics=("nsdr",), progress=False,
@@ -558,8 +548,9 @@ class Runner:
     def __call__(self, run: Run) -> dict:
         if run.key in self.results:
             return self.results[run.key]
+        from demucs_lora.train import xp_folder_in  # the folder Dora gives these overrides
         xp_args = overrides(run, self.base, self.epochs, self.smoke)
-        folder = xp_folder(xp_args, self.workdir)
+        folder = xp_folder_in(xp_args, self.workdir)
         wall, launched, load = None, False, _load()
         if finished(read_history(folder), self.epochs):
             print(f"{run.key}: XP {folder.name} finished, not run again")

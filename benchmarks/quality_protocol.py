@@ -121,8 +121,9 @@ class Protocol:
     def __call__(self, run: Run) -> dict:
         if run.key in self.runs:
             return self.runs[run.key]
+        from demucs_lora.train import xp_folder_in  # the folder Dora gives these overrides
         args = self.overrides(run)
-        folder = quality.xp_folder(args, self.workdir)
+        folder = xp_folder_in(args, self.workdir)
         if quality.finished(quality.read_history(folder), self.plan["epochs"]):
             print(f"{run.key}: XP {folder.name} finished, not run again", flush=True)
         else:

@@ -2,10 +2,11 @@
 
 Why a module of its own: every user-facing entry point (the Python API, the export,
 test and separate CLIs) resolves "a model name" the same way, so a name that works in one
-place works in all of them. Names resolve through
-``hub.resolve``, one order for training and serving: a path (``.th``, ``.safetensors``, a
-bag ``.yaml`` or a folder), an XP signature in Dora's folder, ``NAME`` in ``repo``, then the
-HF hub / torch hub caches demucs 4.1 downloads into.
+place works in all of them: they all load through ``models.load.load_model``, which
+training's base uses too. Names resolve through ``hub.resolve``, one order for training
+and serving: a path (``.th``, ``.safetensors``, a bag ``.yaml`` or a folder), an XP
+signature in Dora's folder, ``NAME`` in ``repo``, then the HF hub / torch hub caches
+demucs 4.1 downloads into.
 
 Every file is opened with ``weights_only=True`` and an allowlist of the demucs classes
 (``demucs_lora.hub.safe_load``): model files are code, so nothing else is unpickled unless
@@ -37,9 +38,6 @@ import copy
 import typing as tp
 from pathlib import Path
 
-from demucs_lora.core.errors import AdapterMismatch
-from demucs_lora.hub.resolve import resolve_adapter, xp_folder
-
 if tp.TYPE_CHECKING:  # pragma: no cover
     from torch import nn
 
@@ -49,15 +47,6 @@ def model_display_name(name_or_sig: str) -> str:
     """Folder-friendly name of a model: a file's stem, else the name itself."""
     text = str(name_or_sig)
     return Path(text).stem if text.endswith((".th", ".safetensors")) else text.replace("/", "_")
-
-
-def load_plain_model(name_or_sig: PathLike, repo: tp.Optional[PathLike] = None,
-                     trust_remote_code: bool = False,
-                     root: tp.Optional[PathLike] = None) -> "nn.Module":
-    """The model ``name_or_sig`` names (``hub.resolve`` order), in eval mode: an
-    HTDemucs, or a ``demucs.apply.BagOfModels`` for a bag of several models."""
-    from demucs_lora.models.build import load_base
-    return load_base(str(name_or_sig), repo, trust_remote_code, root).eval()
 
 
 def can_swap(model: "nn.Module", adapter: PathLike) -> bool:
@@ -114,19 +103,7 @@ def get_model(name_or_sig: PathLike, repo: tp.Optional[PathLike] = None,
     Raises ModelLoadError (unknown name: lists recent XPs, or NaN/inf weights) or
     AdapterMismatch (NaN/inf or malformed adapters too).
     """
-    from demucs_lora.core.finite import check_finite_model
-    model = check_finite_model(load_plain_model(name_or_sig, repo, trust_remote_code, root),
-                               str(name_or_sig))
-    if adapter is not None:
-        from demucs_lora.models.guide_methods import load_lora_weights
-        path = resolve_adapter(adapter, root)
-        try:
-            model = load_lora_weights(model, path)
-        except AdapterMismatch as exc:
-            hint = ""
-            if xp_folder(str(name_or_sig), root) is not None:
-                hint = (f"; {name_or_sig} is an XP whose best.th has its adapter merged in: "
-                        "load adapters on its base (continue_from in its config.yaml)")
-            raise AdapterMismatch(f"{exc} [base: {name_or_sig}]{hint}") from None
+    from demucs_lora.models.load import load_model
+    model = load_model(name_or_sig, repo, adapter, trust_remote_code, root)
     from demucs_lora.models.guide_methods import attach  # model.load_lora_weights(path), .quantize(...), ...
     return attach(model.eval())

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 import typing as tp
@@ -65,21 +63,12 @@ def converged(chunks: tp.Sequence[dict], patience: int = PATIENCE,
     return recent < before + min_gain
 
 
-def xp_folder(args: tp.Sequence[str], workdir: Path = REPO_DIR) -> Path:
-    """The XP folder Dora uses for these overrides under `workdir`
-    (`demucs_lora.train.xp_folder_in`)."""
-    from demucs_lora.train import xp_folder_in
-    return xp_folder_in(args, workdir)
-
-
 def dora_run(args: tp.Sequence[str], workdir: Path = REPO_DIR) -> None:
     """`dora run ARGS` in `workdir` (the repository root), as a user types it; its exit
     status ends this command when it fails."""
-    cmd = [sys.executable, "-m", "dora", "-P", "demucs_lora", "run", *args]
+    from demucs_lora.training.dora_run import run_dora
     print("$ python -m dora run " + " ".join(args), flush=True)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [str(REPO_DIR), *filter(None, [os.environ.get("PYTHONPATH")])]))
-    code = subprocess.run(cmd, cwd=workdir, env=env).returncode
+    code = run_dora(["run", *args], workdir).returncode
     if code != 0:
         print(f"error: base recipe: dora run failed (exit {code})", file=sys.stderr)
         sys.exit(code)
@@ -89,8 +78,8 @@ def save_base(xp: Path, asset: Path) -> int:
     """The XP's best.th as a float16 demucs package at `asset`; its parameter count."""
     from demucs.states import serialize_model
     from omegaconf import OmegaConf
-    from demucs_lora.hub.packages import load_model_file
-    model = load_model_file(xp / "best.th")
+    from demucs_lora.models.load import load_model
+    model = load_model(xp / "best.th")
     atomic_torch_save(serialize_model(model, OmegaConf.create({}), half=True), asset)
     return sum(p.numel() for p in model.parameters())
 
@@ -119,6 +108,7 @@ def train_base(asset: Path = MEDIUM_ASSET, base_args: tp.Sequence[str] = tuple(M
                stop_after: tp.Optional[int] = None, workdir: Path = REPO_DIR) -> dict:
     """Run chunks until the curve stops rising (or `max_chunks`, or `stop_after` chunks in
     this call); the recipe JSON is rewritten after every chunk."""
+    from demucs_lora.train import xp_folder_in
     recipe = read_recipe(asset)
     chunks = list(recipe.get("chunks", []))
     done_now = 0
@@ -128,7 +118,7 @@ def train_base(asset: Path = MEDIUM_ASSET, base_args: tp.Sequence[str] = tuple(M
         args = chunk_args(base_args, k, asset, epochs)
         start = time.time()
         dora_run(args, workdir)
-        xp = xp_folder(args, workdir)
+        xp = xp_folder_in(args, workdir)
         params = save_base(xp, asset)
         chunks.append(chunk_record(xp, k, args, time.time() - start))
         recipe = _recipe(base_args, epochs, chunks, params)

@@ -44,38 +44,38 @@ def _step(title: str) -> None:
     print(f"\n\033[1m==> {title}\033[0m", flush=True)
 
 
-def _run(*args: str) -> subprocess.CompletedProcess:
+def _run(*args: str) -> None:
     """Run a CLI as the user would, from the repository root; stop the demo if it fails."""
     print("$ " + " ".join(("python",) + args if args[0] == "-m" else args), flush=True)
     proc = subprocess.run([sys.executable, *args] if args[0] == "-m" else list(args),
                           cwd=REPO)
-    if proc.returncode != 0:  # the step's own status: 2 config/usage, 1 data/model, ...
-        print(f"error: demo: this step failed (exit {proc.returncode}); see the output above",
+    _stop_on_failure(proc.returncode)
+
+
+def _stop_on_failure(code: int) -> None:
+    if code != 0:  # the step's own status: 2 config/usage, 1 data/model, ...
+        print(f"error: demo: this step failed (exit {code}); see the output above",
               file=sys.stderr)
-        sys.exit(proc.returncode)
-    return proc
+        sys.exit(code)
 
 
-def _dora(*args: str) -> None:
-    _run("-m", "dora", "-P", "demucs_lora", *args)
-
-
-def _xp_of(args: tp.Sequence[str]) -> Path:
-    """The XP folder Dora uses for these overrides (the signature is a pure function)."""
-    sys.path.insert(0, str(REPO))
-    from demucs_lora.train import main
-    return Path(main.get_xp(list(args)).folder)
+def _dora(*args: str) -> Path:
+    """``dora run ARGS`` from the repository root; the XP folder it wrote."""
+    from demucs_lora.train import xp_folder_in
+    from demucs_lora.training.dora_run import run_dora
+    print("$ python -m dora -P demucs_lora run " + " ".join(args), flush=True)
+    _stop_on_failure(run_dora(["run", *args], REPO).returncode)
+    return xp_folder_in(args, REPO)
 
 
 def make_base() -> Path:
     """Train the base on domain A and write the fp16 asset plus how it was made."""
     from demucs.states import serialize_model
     from omegaconf import OmegaConf
-    from demucs_lora.hub.packages import load_model_file
+    from demucs_lora.models.load import load_model
     _step("Training the base on synthetic domain A (dora run " + " ".join(BASE_ARGS) + ")")
-    _dora("run", *BASE_ARGS)
-    xp = _xp_of(BASE_ARGS)
-    model = load_model_file(xp / "best.th")
+    xp = _dora(*BASE_ARGS)
+    model = load_model(xp / "best.th")
     atomic_torch_save(serialize_model(model, OmegaConf.create({}), half=True), ASSET)
     history = json.loads((xp / "history.json").read_text())
     best = max(history, key=lambda h: h.get("valid_nsdr", float("-inf")))
@@ -123,8 +123,7 @@ def demo(out: Path, retrain_base: bool) -> None:
           if ASSET_INFO.exists() else "")
     _step("4. LoRA adaptation to domain B, 4 -> 5 stems (kick and hi-hat from the drums head)")
     args = [f"continue_from={base.relative_to(REPO)}", *ADAPT_ARGS]
-    _dora("run", *args)
-    xp = _xp_of(args)
+    xp = _dora(*args)
     _step("5. Test split: before (base + source_init heads) and after adaptation")
     _run("-m", "tools.test_pretrained", "-n", str(base), "--adapter", str(xp / "lora_init"),
          "--json", str(out / "before.json"), "--no-progress")

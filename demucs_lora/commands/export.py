@@ -161,7 +161,7 @@ def _nsdr_cost(model: "nn.Module", quantized_path: Path, cfg: "DictConfig",
     from demucs_lora.core.errors import DatasetError
     from demucs_lora.config.run_config import data_config
     from demucs_lora.inference.evaluation import build_dataset, evaluate_model
-    from demucs_lora.hub.packages import load_model_file
+    from demucs_lora.models.load import load_model
     try:
         data = build_dataset(data_config(cfg, model.sources), "valid", model.samplerate,
                              model.audio_channels, progress=False)
@@ -170,7 +170,7 @@ def _nsdr_cost(model: "nn.Module", quantized_path: Path, cfg: "DictConfig",
     settings = dict(shifts=0, overlap=float(cfg.test.overlap), split=bool(cfg.test.split),
                     metrics=("nsdr",), max_tracks=tracks, progress=False)
     ref = evaluate_model(model, data, **settings)["summary"]["nsdr"]
-    quant = load_model_file(quantized_path).eval()
+    quant = load_model(quantized_path)
     got = evaluate_model(quant, data, **settings)["summary"]["nsdr"]
     count = min(tracks, len(data.metadata))
     return (f"nSDR on {count} valid track(s): float {ref:.3f} dB, int8 {got:.3f} dB, "
@@ -219,17 +219,19 @@ def _model_writes(job: Job, args: argparse.Namespace, model: "nn.Module",
     NAME.yaml, which names its members) in the format the arguments ask for."""
     import torch
     from demucs.states import serialize_model
+    from omegaconf import OmegaConf
     fmt = getattr(args, "format", "th")
+    training_args = OmegaConf.to_container(cfg, resolve=True)
     if job.members:
         from demucs_lora.models.bag import bag_writes
         if args.quantize:
             raise ConfigError(f"XP {job.sig} is a bag: --quantize writes single models only")
-        writes = bag_writes(model, job.model_path.parent, job.name, _plain(cfg),
+        writes = bag_writes(model, job.model_path.parent, job.name, training_args,
                             half=args.half, fmt=fmt)
         return writes[:-1], writes[-1:]
     if args.quantize:
         from demucs_lora.hub.int8 import quantize
-        package = quantize(model, bits=args.quantize, training_args=_plain(cfg))
+        package = quantize(model, bits=args.quantize, training_args=training_args)
     elif fmt == "hf":
         from demucs_lora.hub.packages import safetensors_writer
         spec = f"models: ['{job.sig}']\n"
@@ -257,11 +259,6 @@ def _model_line(job: Job, args: argparse.Namespace, size: int, float_size: int) 
     kind = f"float16, {size / float_size:.2f}x float32" if args.half else "float32"
     return (f"wrote {job.model_path} ({size:,} bytes, {kind}); stock CLI: python -m "
             f"demucs --repo {job.model_path.parent} -n {job.name} TRACK")
-
-
-def _plain(cfg: "DictConfig") -> dict:
-    from omegaconf import OmegaConf
-    return OmegaConf.to_container(cfg, resolve=True)
 
 
 def get_parser() -> argparse.ArgumentParser:

@@ -22,19 +22,16 @@ def load_xp_model(folder: Path, which: str = "best", trust_remote_code: bool = F
     from demucs_lora.config.compose import load_xp_config
     from demucs_lora.core.finite import check_finite_model
     from demucs_lora.lora.inject import remove_lora
-    from demucs_lora.models.guide_methods import load_lora_weights
-    from demucs_lora.models.build import load_base
+    from demucs_lora.models.load import load_model
     cfg = load_xp_config(folder / "config.yaml")
     if which == "best":
         best = folder / "best.th"
         if not best.is_file() and not (folder / "best.yaml").is_file():
             raise ModelLoadError(f"XP {folder} has no best.th yet (no epoch finished?)")
-        return check_finite_model(load_base(str(folder), None, trust_remote_code).eval(),
-                                  str(folder)), cfg
-    base = load_base(cfg.get("continue_from"), cfg.get("pretrained_repo"),
-                     trust_remote_code, root, cfg.get("bag_member"))
-    if base is None:
+        return load_model(folder, trust_remote_code=trust_remote_code), cfg
+    if cfg.get("continue_from") is None:
         raise ModelLoadError(f"XP {folder} trained from a random init (continue_from=null): "
                              "its base cannot be rebuilt, export --adapter best")
-    model = load_lora_weights(base, folder / "lora_last")
+    model = load_model(cfg.continue_from, cfg.get("pretrained_repo"), folder / "lora_last",
+                       trust_remote_code, root, cfg.get("bag_member"))
     return check_finite_model(remove_lora(model).eval(), f"{folder} (base + lora_last)"), cfg

@@ -7,7 +7,6 @@ are made absolute once, against the directory the user ran the command from.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import typing as tp
@@ -15,49 +14,30 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from demucs_lora.config.values import config_value
+from demucs_lora.config.values import check_choices, check_value_ranges, config_value
+from demucs_lora.core.checks import is_number
 from demucs_lora.core.errors import ConfigError
+from demucs_lora.data.layout import check_residual_source
 from demucs_lora.lora.config import LoraConfig
 
-CHOICES = {
-    "optim.optim": ("adam", "adamw"),
-    "optim.schedule": ("cosine", "linear", "constant"),
-    "optim.loss": ("l1", "mse"),
-    "mixed_precision": (False, True, "bf16", "fp16"),
-    "device": ("auto", "cpu", "cuda"),
-    "dset.mixture": ("auto", "file", "sum"),
-}
 PATH_KEYS = ("dset.wav", "dset.musdb", "dset.metadata", "pretrained_repo")
 
 
 def check_config(cfg: DictConfig) -> None:
     """Raise ConfigError on the first bad key (before data or model are touched); the
     htdemucs LoRA keys are checked by building their `LoraConfig`."""
-    lora = LoraConfig.from_cfg(cfg.htdemucs)
-    if lora.lora_rank == 0 and lora.lora_only_changes():
-        keys = lora.lora_only_changes()
-        raise ConfigError(f"{', '.join(keys)} set, but htdemucs.lora_rank=0 is a full "
-                          f"fine-tune, where {'it does' if len(keys) == 1 else 'they do'} "
-                          "nothing: set htdemucs.lora_rank (e.g. htdemucs.lora_rank=8) for "
-                          "LoRA, or remove " + ("it" if len(keys) == 1 else "them"))
-    for key, allowed in CHOICES.items():
-        value = config_value(cfg, key)
-        if value not in allowed:
-            raise ConfigError(f"{key}={value!r}: allowed values are {list(allowed)}")
+    LoraConfig.from_cfg(cfg.htdemucs).check_for_run()
+    check_choices(cfg)
     sources = cfg.dset.sources  # null: the base's (resolved once the base is loaded)
     sources = list(sources) if sources is not None else None
     if sources is not None and (len(set(sources)) != len(sources) or not sources):
         raise ConfigError(f"dset.sources={sources}: names must be unique and non-empty")
-    if cfg.residual_source is not None and sources is not None and \
-            cfg.residual_source not in sources:
-        raise ConfigError(f"residual_source={cfg.residual_source!r} must be one of "
-                          f"dset.sources={sources}")
+    check_residual_source(cfg.residual_source, sources)
     check_weights(cfg.weights, sources)
     if cfg.source_init is not None and not isinstance(cfg.source_init, DictConfig):
         raise ConfigError(f"source_init={cfg.source_init!r}: give a mapping new_source -> "
                           "base source(s), e.g. source_init='{kick: drums, hihat: drums}'")
-    from demucs_lora.config.values import check_value_ranges  # every number's range
-    check_value_ranges(cfg)
+    check_value_ranges(cfg)  # every number's range
 
 
 def check_weights(weights: tp.Any, sources: tp.Optional[tp.Sequence[str]]) -> None:
@@ -68,8 +48,7 @@ def check_weights(weights: tp.Any, sources: tp.Optional[tp.Sequence[str]]) -> No
         return
     values = list(weights) if OmegaConf.is_list(weights) or isinstance(weights, (list, tuple)) \
         else None
-    if values is None or not all(isinstance(w, (int, float)) and not isinstance(w, bool)
-                                 and math.isfinite(w) and w >= 0 for w in values) \
+    if values is None or not all(is_number(w) and w >= 0 for w in values) \
             or not sum(values) > 0:
         raise ConfigError(f"weights={weights!r}: give a list of finite numbers >= 0 (not all "
                           "0), one per source, or null")

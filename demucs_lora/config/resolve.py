@@ -15,7 +15,6 @@ Each decision is one line for train.log. Nothing is mutated in place. The result
 """
 from __future__ import annotations
 
-import fractions
 import inspect
 import logging
 import typing as tp
@@ -26,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from demucs_lora.config.aliases import set_dotted
 from demucs_lora.config.check import check_weights
 from demucs_lora.core.errors import ConfigError
+from demucs_lora.core.plain import plain
 
 logger = logging.getLogger(__name__)
 # HTDemucs arguments that shape no weight (the state_dict's keys and shapes are the same
@@ -44,18 +44,8 @@ def _updated(cfg: DictConfig, updates: tp.Mapping[str, tp.Any]) -> DictConfig:
     return OmegaConf.create(data)
 
 
-def _plain(value):
-    if isinstance(value, tuple):
-        return [_plain(v) for v in value]
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    if isinstance(value, fractions.Fraction):
-        return float(value)
-    return value
-
-
 def _same(a, b) -> bool:
-    a, b = _plain(a), _plain(b)
+    a, b = plain(a), plain(b)
     if isinstance(a, list) and isinstance(b, list):
         return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
     numbers = (int, float)
@@ -163,15 +153,15 @@ def check_architecture(cfg: DictConfig, base, explicit: tp.Iterable[str]
         if key in RUNTIME_KWARGS:
             runtime[key] = htd[key]
             lines.append(f"htdemucs.{key}={htd[key]} applied to the base (it had "
-                         f"{_plain(kwargs[key])}; no weight depends on it)")
+                         f"{plain(kwargs[key])}; no weight depends on it)")
             continue
         bad.append(f"htdemucs.{key}={htd.get(key)!r} but the base {cfg.continue_from} has "
-                   f"{key}={_plain(kwargs[key])!r}: its weights fix the architecture. Drop "
-                   f"htdemucs.{key} (or set it to {_plain(kwargs[key])!r}), or train a new "
+                   f"{key}={plain(kwargs[key])!r}: its weights fix the architecture. Drop "
+                   f"htdemucs.{key} (or set it to {plain(kwargs[key])!r}), or train a new "
                    "model without continue_from")
     if bad:
         raise ConfigError(bad[0] if len(bad) == 1 else "\n  " + "\n  ".join(bad))
-    record = {f"htdemucs.{k}": _plain(v) for k, v in kwargs.items()
+    record = {f"htdemucs.{k}": plain(v) for k, v in kwargs.items()
               if k in htd or not _same(v, defaults[k])}
     record.update({f"htdemucs.{k}": v for k, v in runtime.items()})
     return record, lines

@@ -22,6 +22,7 @@ import typing as tp
 
 from omegaconf import DictConfig, OmegaConf
 
+from demucs_lora.core.plain import plain
 from demucs_lora.data.settings import DataConfig, from_node
 from demucs_lora.lora.config import LoraConfig
 from demucs_lora.models.spec import BaseSpec, ModelSpec
@@ -97,25 +98,18 @@ class RunConfig:
         return self.model.base
 
 
-def _plain(node) -> tp.Any:
-    """A container of `node` (`???` read as the string '???')."""
-    if node is None or not OmegaConf.is_config(node):
-        return node
-    return OmegaConf.to_container(node, resolve=True, throw_on_missing=False)
-
-
 def _typed(cls, node) -> tp.Any:
     """`cls` from its node, field for key: a key without a field (or a field without a
     key in conf/) is a TypeError naming it, so the YAML and the class cannot drift."""
     return cls(**{k: tuple(v) if isinstance(v, list) else v
-                  for k, v in dict(_plain(node)).items()})
+                  for k, v in dict(plain(node)).items()})
 
 
 def data_config(cfg: DictConfig, sources: tp.Optional[tp.Sequence[str]] = None
                 ) -> DataConfig:
     """The data room's piece (`sources`: the run's stems, else dset.sources or the 4
     demucs stems)."""
-    return from_node(_plain(cfg.dset), cfg.get("residual_source"), sources)
+    return from_node(plain(cfg.dset), cfg.get("residual_source"), sources)
 
 
 def architecture_kwargs(cfg: DictConfig) -> tp.Dict[str, tp.Any]:
@@ -123,7 +117,7 @@ def architecture_kwargs(cfg: DictConfig) -> tp.Dict[str, tp.Any]:
     takes; the lora keys and the derived hop_length are not among them) + the format."""
     from demucs_lora.models.build import htdemucs_kwargs
     known = htdemucs_kwargs()
-    kwargs = {k: v for k, v in _plain(cfg.htdemucs).items() if k in known}
+    kwargs = {k: v for k, v in plain(cfg.htdemucs).items() if k in known}
     kwargs.update(samplerate=int(cfg.dset.samplerate), audio_channels=int(cfg.dset.channels),
                   segment=float(cfg.dset.segment))
     return kwargs
@@ -154,7 +148,7 @@ def model_spec(cfg: DictConfig) -> ModelSpec:
     return ModelSpec(base=base_spec(cfg), architecture=architecture_kwargs(cfg),
                      sources=None if sources is None else tuple(sources),
                      lora=LoraConfig.from_cfg(cfg.htdemucs),
-                     source_init=_plain(cfg.get("source_init")),
+                     source_init=plain(cfg.get("source_init")),
                      train_heads=cfg.get("train_heads"),
                      lora_checkpoint=None if checkpoint is None else str(checkpoint))
 

@@ -19,7 +19,7 @@ import os
 import typing as tp
 from pathlib import Path
 
-from demucs_lora.core.errors import DatasetError
+from demucs_lora.core.errors import ConfigError, DatasetError
 
 MIXTURE = "mixture"
 AUDIO_EXTS = (".wav", ".flac", ".ogg", ".aiff", ".aif")
@@ -90,6 +90,15 @@ def locate(folder: Path, name: str) -> tp.List[Path]:
         return parts
     part = _part_of(folder, name) if folder.is_dir() else None
     return [part] if part else []
+
+
+def check_residual_source(residual: tp.Optional[str],
+                          sources: tp.Optional[tp.Sequence[str]]) -> None:
+    """``residual_source`` (the stem no file gives: mixture minus the others) must be one
+    of the sources; ConfigError otherwise (None: no residual, or sources not known yet)."""
+    if residual is not None and sources is not None and residual not in list(sources):
+        raise ConfigError(f"residual_source={residual!r} must be one of "
+                          f"dset.sources={list(sources)}")
 
 
 def wanted_names(sources: tp.Sequence[str], residual: tp.Optional[str] = None,

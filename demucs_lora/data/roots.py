@@ -18,7 +18,8 @@ import os
 import typing as tp
 from pathlib import Path
 
-from demucs_lora.core.errors import ConfigError, DatasetError
+from demucs_lora.core.checks import is_number, value_error
+from demucs_lora.core.errors import DatasetError
 from demucs_lora.data.layout import is_track
 
 SPLITS = ("train", "valid", "test")
@@ -145,9 +146,10 @@ def split_tracks(roots: tp.Sequence[Root], valid_tracks: tp.Any = None,
 
 
 def check_valid_tracks(value: tp.Any) -> None:
-    """dset.valid_tracks: null, an integer >= 1 or a fraction in (0, 1)."""
-    ok = value is None or (isinstance(value, int) and not isinstance(value, bool)
-                           and value >= 1) or (isinstance(value, float) and 0 < value < 1)
+    """dset.valid_tracks (train tracks held out): null, an integer >= 1 or a fraction in
+    (0, 1): the one rule, config.values checks it too."""
+    ok = value is None or (is_number(value, integer=True) and value >= 1) \
+        or (is_number(value) and 0 < value < 1)
     if not ok:
-        raise ConfigError(f"dset.valid_tracks={value!r}: must be null, a number of tracks "
-                          ">= 1, or a fraction in (0, 1)")
+        raise value_error("dset.valid_tracks", value, "must be null, a number of tracks >= 1, "
+                          "or a fraction in (0, 1)")

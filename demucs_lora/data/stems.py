@@ -23,8 +23,9 @@ from demucs_lora.data.cache import (cache_path, file_stamp, load_cache,  # noqa:
                                     save_cache)
 from demucs_lora.data.augment import (SegmentShift, augment_batch, build_augment,  # noqa: F401
                                       calibration_batches)
-from demucs_lora.data.layout import (MIXTURE, LayoutError, TrackFiles, folder_stamp,
-                                     track_files, wanted_names)
+from demucs_lora.data.layout import (MIXTURE, LayoutError, TrackFiles,
+                                     check_residual_source, folder_stamp, track_files,
+                                     wanted_names)
 from demucs_lora.data.repitch import room
 from demucs_lora.data.settings import DataConfig
 from demucs_lora.data.roots import (SPLITS, Root, TrackRef, check_valid_tracks,  # noqa: F401
@@ -195,9 +196,7 @@ class StemDataset:
     def __init__(self, root, split, sources, metadata, segment=None, shift=None,
                  samplerate=44100, channels=2, normalize=True, residual_source=None,
                  stem_files=None):  # root, stem_files: unused (the metadata says)
-        if residual_source is not None and residual_source not in sources:
-            raise ConfigError(f"residual_source={residual_source!r} is not in sources "
-                              f"{list(sources)}")
+        check_residual_source(residual_source, sources)
         self.split = split
         self.sources = list(sources)
         self.metadata = OrderedDict(metadata.get(split, {}))

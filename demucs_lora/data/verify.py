@@ -20,10 +20,9 @@ import numpy as np
 import soundfile as sf
 from tqdm import tqdm
 
-from demucs_lora.core.errors import ConfigError
 from demucs_lora.data.cache import cache_path, load_cache, save_cache
 from demucs_lora.data.layout import (MIXTURE, PREPARE_HINT, LayoutError, audio_in,
-                                     folder_stamp, track_files)
+                                     check_residual_source, folder_stamp, track_files)
 from demucs_lora.data.roots import (SPLITS, Root, check_valid_tracks, config_roots,
                                     list_tracks, split_tracks)
 from demucs_lora.data.settings import DataConfig
@@ -362,8 +361,7 @@ def verify_config(data: DataConfig, strict=False, progress=True):
     from demucs_lora.data.stems import dataset_roots
     sources = list(data.sources)
     residual = data.residual_source
-    if residual is not None and residual not in sources:
-        raise ConfigError(f"residual_source={residual!r} must be one of sources {sources}")
+    check_residual_source(residual, sources)
     check_valid_tracks(data.valid_tracks)
     roots = dataset_roots(data, progress=progress, check=False)
     return verify_dataset(roots, sources, data.samplerate, data.channels, data.metadata,

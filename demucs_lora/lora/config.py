@@ -20,7 +20,10 @@ import dataclasses
 import typing as tp
 from collections.abc import Mapping
 
+from demucs_lora.core.checks import (check_bool, check_choice, check_int, is_number,
+                                     value_error)
 from demucs_lora.core.errors import ConfigError
+from demucs_lora.core.plain import plain
 
 BIAS_MODES = ("none", "lora_only", "all")
 RANK_MODES = ("uniform", "heuristic", "gradient", "sensitivity")
@@ -42,41 +45,17 @@ TARGET_GROUPS: tp.Dict[str, tp.Tuple[str, ...]] = {
 
 
 # ----------------------------------------------------------------------------- rules
-def _fail(key: str, value: tp.Any, allowed: str) -> ConfigError:
-    return ConfigError(f"{key}={value!r}: {allowed}")
-
-
-def check_int(value: tp.Any, key: str, minimum: int) -> int:
-    """`value` as an int (an integral float is accepted), at least `minimum`."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) \
-            or value != int(value) or int(value) < minimum:
-        raise _fail(key, value, f"must be an integer >= {minimum}")
-    return int(value)
-
-
-def check_bool(value: tp.Any, key: str) -> bool:
-    if not isinstance(value, bool):
-        raise _fail(key, value, "give true or false")
-    return value
-
-
-def check_choice(value: tp.Any, key: str, allowed: tp.Sequence[str]) -> str:
-    if value not in allowed:
-        raise _fail(key, value, f"allowed values are {list(allowed)}")
-    return value
-
-
 def check_alpha(value: tp.Any, key: str = "htdemucs.lora_alpha") -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 \
-            or value == float("inf"):
-        raise _fail(key, value, "must be a positive number (the scaling is alpha / rank)")
+    if not is_number(value) or not value > 0:
+        raise value_error(key, value, "must be a positive number (the scaling is alpha / "
+                          "rank)")
     return float(value)
 
 
 def check_dropout(value: tp.Any, key: str = "htdemucs.lora_dropout") -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) \
-            or not 0.0 <= value < 1.0:
-        raise _fail(key, value, "must be a number in [0, 1) (dropout on the adapter input)")
+    if not is_number(value) or not 0.0 <= value < 1.0:
+        raise value_error(key, value, "must be a number in [0, 1) (dropout on the adapter "
+                          "input)")
     return float(value)
 
 
@@ -84,7 +63,7 @@ def check_enable_qkv(value: tp.Any, key: str = "htdemucs.lora_enable_qkv"
                      ) -> tp.Tuple[bool, bool, bool]:
     flags = tuple(value) if isinstance(value, (list, tuple)) else None
     if flags is None or len(flags) != 3 or not all(isinstance(f, bool) for f in flags):
-        raise _fail(key, value, "give three booleans [q, k, v]")
+        raise value_error(key, value, "give three booleans [q, k, v]")
     return flags  # type: ignore[return-value]
 
 
@@ -93,8 +72,8 @@ def check_targets(value: tp.Any, key: str = "htdemucs.lora_targets") -> tp.Tuple
     groups = (value,) if isinstance(value, str) else tuple(value or ())
     unknown = [g for g in groups if g not in TARGET_GROUPS]
     if unknown or not groups:
-        raise _fail(key, list(groups), f"unknown group(s) {unknown}; allowed groups are "
-                    f"{list(TARGET_GROUPS)} (at least one)")
+        raise value_error(key, list(groups), f"unknown group(s) {unknown}; allowed groups "
+                          f"are {list(TARGET_GROUPS)} (at least one)")
     return tuple(str(g) for g in groups)
 
 
@@ -112,7 +91,7 @@ def check_layer_ranks(value: tp.Any, key: str = "htdemucs.layer_ranks"
     elif _items(value) is not None:
         pairs = tuple(_items(value))
     else:
-        raise _fail(key, value, "give a mapping glob -> rank, e.g. "
+        raise value_error(key, value, "give a mapping glob -> rank, e.g. "
                     "htdemucs.layer_ranks='{encoder.0.*:4}'")
     return tuple((str(g), check_int(r, f"{key}[{str(g)!r}]", 0)) for g, r in pairs)
 
@@ -199,7 +178,7 @@ class LoraConfig:
             else:
                 value = getattr(node, name, _MISSING)
             if value is not _MISSING:
-                values[name] = _plain(value)
+                values[name] = plain(value, tuple)
         return cls(**values)
 
     def lora_only_changes(self) -> tp.List[str]:
@@ -208,6 +187,18 @@ class LoraConfig:
         default = LoraConfig()
         return [f"htdemucs.{name}" for name in LORA_KEYS if name != "lora_rank"
                 and getattr(self, name) != getattr(default, name)]
+
+    def check_for_run(self) -> None:
+        """A run's rule (not the Python API's: ``LoraConfig(lora_rank=0)`` is a plain
+        value there): a full fine-tune (lora_rank=0) with LoRA-only keys set is refused,
+        since they would do nothing."""
+        keys = self.lora_only_changes() if self.lora_rank == 0 else []
+        if keys:
+            one = len(keys) == 1
+            raise ConfigError(f"{', '.join(keys)} set, but htdemucs.lora_rank=0 is a full "
+                              f"fine-tune, where {'it does' if one else 'they do'} nothing: "
+                              "set htdemucs.lora_rank (e.g. htdemucs.lora_rank=8) for LoRA, "
+                              "or remove " + ("it" if one else "them"))
 
     # -- what the settings imply -----------------------------------------------------
     def rank_cap(self, smallest: int) -> int:
@@ -237,15 +228,6 @@ class LoraConfig:
 LORA_KEYS = tuple(f.name for f in dataclasses.fields(LoraConfig))
 """The ``htdemucs.*`` keys LoraConfig owns; the other htdemucs keys are HTDemucs'."""
 _MISSING = object()
-
-
-def _plain(value: tp.Any) -> tp.Any:
-    """OmegaConf lists / dicts as tuples / dicts (so the dataclass stays comparable)."""
-    if _items(value) is not None and not isinstance(value, dict):
-        return {k: v for k, v in _items(value)}
-    if isinstance(value, (str, bytes, dict)) or not hasattr(value, "__iter__"):
-        return value
-    return tuple(value)
 
 
 def _show(value: tp.Any) -> str:

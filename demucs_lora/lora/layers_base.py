@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from demucs_lora.core.errors import ConfigError
-from demucs_lora.lora.config import BIAS_MODES, check_alpha, check_choice, check_dropout
+from demucs_lora.core.checks import check_choice
+from demucs_lora.lora.config import BIAS_MODES, check_alpha, check_dropout
 
 
 def _check_args(base: nn.Module, r, alpha, dropout, bias) -> None:

@@ -15,9 +15,10 @@ from demucs.apply import BagOfModels
 from demucs.htdemucs import HTDemucs
 from torch import nn
 
-from demucs_lora.core.errors import AdapterMismatch, ConfigError, ModelLoadError
+from demucs_lora.core.errors import ConfigError
 from demucs_lora.lora.config import LoraConfig
 from demucs_lora.lora.targets import head_names
+from demucs_lora.models.load import load_model, put_adapter
 from demucs_lora.models.source_remap import remap_model
 from demucs_lora.models.spec import ModelSpec
 
@@ -33,53 +34,13 @@ def htdemucs_kwargs() -> tp.Dict[str, tp.Any]:
     return {name: p.default for name, p in params.items() if name not in NOT_HTDEMUCS}
 
 
-def _check_htdemucs(model: nn.Module, source: str) -> HTDemucs:
-    if not isinstance(model, HTDemucs):
-        raise ModelLoadError(
-            f"{source} holds a {type(model).__module__}.{type(model).__name__}, not an "
-            "HTDemucs: demucs-lora adapts HTDemucs models (demucs v4: htdemucs, htdemucs_6s, "
-            "htdemucs_ft) only; HDemucs (v3, e.g. hdemucs_mmi) and Demucs (v2) are not "
-            "supported")
-    return model
-
-
 def load_base(continue_from: tp.Optional[str], pretrained_repo: tp.Optional[str] = None,
               trust_remote_code: bool = False, root: tp.Optional[Path] = None,
               bag_member: tp.Optional[int] = None) -> tp.Optional[nn.Module]:
-    """The base ``continue_from`` names (``hub.resolve`` has the lookup order), or None.
-
-    One model (or a bag of one) gives an HTDemucs; a bag of several gives a
-    ``bag.TrainableBag`` (a ``demucs.apply.BagOfModels``) of HTDemucs, or its member
-    ``bag_member`` alone."""
-    if continue_from is None:
-        return None
-    from demucs_lora.hub.resolve import find_model, load_found
-    found = find_model(str(continue_from), pretrained_repo, root)
-    loaded = load_found(found, trust_remote_code)
-    _log_base_files(str(continue_from), found)
-    members = [_check_htdemucs(m, str(f)) for m, f in zip(loaded.members, found.files)]
-    if bag_member is not None:
-        if not 0 <= bag_member < len(members):
-            raise ConfigError(f"bag_member={bag_member}: {continue_from} has {len(members)} "
-                              f"member(s) (valid: 0..{len(members) - 1})")
-        members = [members[bag_member]]
-    if len(members) == 1:
-        if loaded.segment is not None:
-            members[0].segment = loaded.segment
-        return members[0]
-    from demucs_lora.models.bag import TrainableBag  # a BagOfModels that can also be called
-    return TrainableBag(members, loaded.weights, loaded.segment)
-
-
-def _log_base_files(name: str, found) -> None:
-    """Which files the base came from, with their sha256 (train.log: the base a run
-    adapted stays known after the cache or repo changes)."""
-    if not logger.isEnabledFor(logging.INFO):
-        return
-    from demucs_lora.core.files import file_sha256
-    for path in found.files:
-        logger.info("base %s: %s from %s (sha256 %s)", name, path, found.where,
-                    file_sha256(path))
+    """The base ``continue_from`` names (`models.load.load_model`), or None: null means a
+    fresh model."""
+    return None if continue_from is None else load_model(
+        continue_from, pretrained_repo, None, trust_remote_code, root, bag_member)
 
 
 def build_base(spec: ModelSpec, root: tp.Optional[Path] = None) -> HTDemucs:
@@ -201,12 +162,9 @@ def start_from_adapter(model: nn.Module, adapter: str, root: tp.Optional[Path] =
     existing adapter, loaded strictly: same layout (ranks, alpha, ...), same keys and
     shapes, and trained on this very base (fingerprint), else AdapterMismatch."""
     from demucs_lora.hub.resolve import resolve_adapter
-    from demucs_lora.models.guide_methods import load_lora_weights
     path = resolve_adapter(adapter, root)
-    try:
-        model = load_lora_weights(model, path)
-    except AdapterMismatch as exc:
-        raise AdapterMismatch(f"lora_checkpoint={adapter}: {exc} [set htdemucs.lora_* (and "
-                              "continue_from) to what its .json header records]") from None
+    model = put_adapter(model, path, prefix=f"lora_checkpoint={adapter}: ",
+                        suffix=" [set htdemucs.lora_* (and continue_from) to what its .json "
+                        "header records]")
     logger.info("LoRA factors start from lora_checkpoint=%s", path)
     return model

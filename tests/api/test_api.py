@@ -54,9 +54,9 @@ def test_hot_swap_example_runs_as_written(xp, tmp_path, monkeypatch):
         save_adapter(adapted_copy(base, seed), tmp_path / "adapters" / name)
     wav = write_mix(tmp_path / "song.wav")
     loads = []
-    import demucs_lora.api
-    original = demucs_lora.api.load_plain_model
-    monkeypatch.setattr(demucs_lora.api, "load_plain_model",
+    import demucs_lora.models.load
+    original = demucs_lora.models.load.load_model
+    monkeypatch.setattr(demucs_lora.models.load, "load_model",
                         lambda *a, **k: loads.append(a) or original(*a, **k))
     exec(compile(code, "api_example", "exec"), {})
     assert len(loads) == 1  # the base was loaded once

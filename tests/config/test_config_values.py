@@ -38,6 +38,26 @@ def test_config_holes_are_refused_naming_the_key(base_cfg, override, key):
     assert str(info.value).startswith(f"{key}=")
 
 
+def test_residual_source_has_one_rule_and_one_message(base_cfg):
+    """The config check, the dataset check and the dataset itself refuse a residual source
+    that is not a source with the same words (data.layout.check_residual_source)."""
+    from omegaconf import OmegaConf
+    from demucs_lora.data.stems import StemDataset
+    from demucs_lora.config.run_config import data_config
+    from demucs_lora.data.verify import verify_config
+    cfg = OmegaConf.merge(base_cfg, OmegaConf.from_dotlist(["dset.sources=[drums,bass]",
+                                                            "residual_source=rest"]))
+    messages = set()
+    for check in (lambda: check_config(cfg),
+                  lambda: verify_config(data_config(cfg), progress=False),
+                  lambda: StemDataset(None, "train", ["drums", "bass"], {},
+                                      residual_source="rest")):
+        with pytest.raises(ConfigError) as info:
+            check()
+        messages.add(str(info.value))
+    assert messages == {"residual_source='rest' must be one of dset.sources=['drums', 'bass']"}
+
+
 def test_defaults_and_variants_pass():
     for overrides in ([], QUICK, ["variant=finetune"], ["variant=five_stem"]):
         check_config(compose(overrides))

@@ -53,6 +53,24 @@ def test_demo_step_failure_keeps_the_step_status(capsys):
         "error: demo: this step failed (exit 2); see the output above"
 
 
+def test_demo_dora_step_runs_from_the_root_and_finds_its_xp(capsys, monkeypatch):
+    """The demo's `dora run` goes through training.dora_run from the repository root and
+    returns the XP folder train.xp_folder_in computes; a failure keeps dora's status."""
+    import subprocess
+    from demucs_lora.commands import demo
+    from demucs_lora.train import xp_folder_in
+    from demucs_lora.training import dora_run
+    calls, codes = [], [0, 3]
+    monkeypatch.setattr(dora_run, "run_dora", lambda args, workdir: calls.append(
+        (list(args), workdir)) or subprocess.CompletedProcess(args, codes.pop(0)))
+    args = ["model=htdemucs_tiny", "epochs=1"]
+    assert demo._dora(*args) == xp_folder_in(args, demo.REPO)
+    assert calls == [(["run", *args], demo.REPO)]
+    with pytest.raises(SystemExit) as exc:
+        demo._dora(*args)
+    assert exc.value.code == 3 and "exit 3" in capsys.readouterr().err
+
+
 def test_nothing_to_train_is_a_config_error():
     from torch import nn
     from demucs_lora.config.run_config import optim_config

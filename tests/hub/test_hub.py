@@ -12,7 +12,7 @@ from demucs_lora.core.errors import ModelLoadError
 from demucs_lora.core.files import atomic_write
 from demucs_lora.hub.packages import load_model_file, safetensors_writer
 from demucs_lora.hub.resolve import find_model
-from demucs_lora.models.build import load_base
+from demucs_lora.models.load import load_model
 
 X = torch.randn(1, 2, 44100, generator=torch.Generator().manual_seed(1))
 
@@ -28,8 +28,8 @@ def test_three_layouts_load_the_same_model(caches):
     write_torch_hub(model, caches / "torch", "955717e8")
     write_hf_cache([model], caches / "hf", "htdemucs", ["955717e8"])
     ref = _out(model)
-    from_repo = load_base("htdemucs", pretrained_repo=str(caches / "repo"))
-    from_hf = load_base("htdemucs")  # the HF cache comes before torch hub
+    from_repo = load_model("htdemucs", repo=str(caches / "repo"))
+    from_hf = load_model("htdemucs")  # the HF cache comes before torch hub
     assert "HF cache" in find_model("htdemucs").where
     assert torch.equal(_out(from_repo), ref) and torch.equal(_out(from_hf), ref)
     from demucs_lora import get_model
@@ -39,8 +39,8 @@ def test_three_layouts_load_the_same_model(caches):
         if path.is_file() and path.suffix != ".th":
             path.unlink()
     assert "torch hub" in find_model("htdemucs").where  # remote/htdemucs.yaml -> 955717e8
-    assert torch.equal(_out(load_base("htdemucs")), ref)
-    assert torch.equal(_out(load_base("955717e8")), ref)  # a bare signature too
+    assert torch.equal(_out(load_model("htdemucs")), ref)
+    assert torch.equal(_out(load_model("955717e8")), ref)  # a bare signature too
 
 
 @pytest.mark.slow  # three forwards padded to a 7.8 s segment
@@ -62,7 +62,7 @@ def test_hostile_safetensors_class_runs_nothing(tmp_path):
     with pytest.raises(ModelLoadError, match=r"evil.safetensors.*'os.system'.*allowlist"):
         load_model_file(path)
     with pytest.raises(ModelLoadError, match="os.system"):
-        load_base(str(path))
+        load_model(str(path))
     assert not marker.exists()
     packed = tmp_path / "packed.safetensors"
     save_file({"x": torch.zeros(1)}, str(packed), metadata={
@@ -98,7 +98,7 @@ def test_truncated_safetensors_and_wrong_checksum(tmp_path):
         load_model_file(cut)
     th = write_repo_th(model, tmp_path / "repo", "955717e8-deadbeef")
     with pytest.raises(ModelLoadError, match=r"955717e8-deadbeef.th: checksum mismatch.*Delete"):
-        load_base("955717e8", pretrained_repo=str(th.parent))
+        load_model("955717e8", repo=str(th.parent))
 
 
 def test_bag_missing_member_and_hdemucs_are_errors(caches):
@@ -107,12 +107,12 @@ def test_bag_missing_member_and_hdemucs_are_errors(caches):
                    repo="adefossez/HTDemucs-ft")
     (caches / "hf/hub/models--adefossez--HTDemucs-ft/snapshots").glob("*")
     with pytest.raises(ModelLoadError, match=r"htdemucs_ft.*\['aaaa0002.safetensors'\].*not"):
-        load_base("htdemucs_ft")
+        load_model("htdemucs_ft")
     hdemucs = HDemucs(sources=["drums", "bass", "other", "vocals"], channels=4)
     path = write_repo_th(hdemucs, caches / "repo", "hdemucs_mmi")
     with pytest.raises(ModelLoadError, match=r"hdemucs_mmi.th holds a demucs.hdemucs.HDemucs.*"
                                              "only"):
-        load_base("hdemucs_mmi", pretrained_repo=str(path.parent))
+        load_model("hdemucs_mmi", repo=str(path.parent))
 
 
 def test_bag_of_models_and_bag_member(caches):
@@ -122,15 +122,15 @@ def test_bag_of_models_and_bag_member(caches):
                for s in range(3)]          # every source weighted somewhere (else 0 / 0)
     write_hf_cache(members, caches / "hf", "htdemucs_ft", ["f1", "f2", "f3"],
                    repo="adefossez/HTDemucs-ft", weights=weights)
-    bag = load_base("htdemucs_ft")
+    bag = load_model("htdemucs_ft")
     assert isinstance(bag, BagOfModels) and len(bag.models) == 3 and bag.weights == weights
-    second = load_base("htdemucs_ft", bag_member=1)
+    second = load_model("htdemucs_ft", bag_member=1)
     assert torch.equal(_out(second), _out(members[1]))
 
 
 def test_not_found_lists_every_place_and_ambiguity(caches):
     with pytest.raises(ModelLoadError) as info:
-        load_base("htdemucs")
+        load_model("htdemucs")
     text = str(info.value)
     for place in ("no XP", "no pretrained_repo", "HF hub cache", "models--", "torch hub",
                   "demucs -n htdemucs", "pretrained_repo=FOLDER"):
@@ -141,7 +141,7 @@ def test_not_found_lists_every_place_and_ambiguity(caches):
     write_repo_th(tiny_htdemucs(), xp, "best")
     with pytest.raises(ModelLoadError, match=r"ambiguous.*best.th.*955717e8.safetensors.*"
                        r"-n PATH for separate"):
-        load_base("htdemucs")
+        load_model("htdemucs")
     assert find_model(str(xp)).files == [xp / "best.th"]  # a path picks the XP
     with pytest.raises(ModelLoadError, match=r"does not exist \(XP htdemucs is .*best.th"):
         find_model("outputs/htdemucs/checkpoints/best.th")  # the guide's layout

@@ -12,16 +12,16 @@ from pathlib import Path
 
 import pytest
 
+from demucs_lora.training.dora_run import dora_env, run_dora
+
 REPO = Path(__file__).resolve().parents[2]
 BASE_ASSET = REPO / "demucs_lora" / "assets" / "base_tiny_A.th"
-DORA = str(Path(sys.executable).with_name("dora"))
 # Seconds-long runs: tiny model, tiny synthetic data.
 QUICK = ["model=htdemucs_tiny", "variant=debug", "misc.num_prints=1"]
 
 
 def env() -> dict:
-    out = dict(os.environ)
-    out["PYTHONPATH"] = str(REPO) + os.pathsep + out.get("PYTHONPATH", "")
+    out = dora_env()
     out.setdefault("OMP_NUM_THREADS", "2")
     return out
 
@@ -29,6 +29,10 @@ def env() -> dict:
 def _run(cmd, cwd: Path, timeout: float, check: bool):
     proc = subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True,
                           timeout=timeout)
+    return _checked(proc, cmd, check)
+
+
+def _checked(proc, cmd, check: bool):
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n"
                              f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
@@ -36,12 +40,14 @@ def _run(cmd, cwd: Path, timeout: float, check: bool):
 
 
 def dora(cwd: Path, *args: str, timeout: float = 600, check: bool = True,
-         popen: bool = False):
-    cmd = [DORA, "-P", "demucs_lora", *args]
+         popen: bool = False, extra_env: tp.Optional[dict] = None):
+    """`dora ARGS` in cwd (demucs_lora.training.dora_run), output captured."""
+    run_env = {**env(), **(extra_env or {})}
     if popen:
-        return subprocess.Popen(cmd, cwd=cwd, env=env(), stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    return _run(cmd, cwd, timeout, check)
+        return run_dora(args, cwd, popen=True, env=run_env, stdout=subprocess.PIPE,
+                        stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = run_dora(args, cwd, env=run_env, capture_output=True, text=True, timeout=timeout)
+    return _checked(proc, ["dora", *args], check)
 
 
 def tool(cwd: Path, module: str, *args: str, timeout: float = 600, check: bool = True):

@@ -1,8 +1,7 @@
 """`dora grid rank_modes` on a real local Slurm, plus what changes a signature."""
 import json
-import subprocess
 
-from .dora_helpers import BASE_ASSET, DORA, env, xps
+from .dora_helpers import BASE_ASSET, dora, xps
 
 # Seconds per XP: one short epoch of the tiny base on synthetic domain B.
 GRID_ARGS = (f"model=htdemucs_tiny variant=debug continue_from={BASE_ASSET} "
@@ -12,11 +11,8 @@ MODES = ["full", "uniform", "heuristic", "gradient"]
 
 
 def _grid(cwd, *args, extra_env=None, timeout=900):
-    run_env = env()
-    run_env["DEMUCS_LORA_GRID_ARGS"] = GRID_ARGS
-    run_env.update(extra_env or {})
-    return subprocess.run([DORA, "-P", "demucs_lora", "grid", "rank_modes", *args], cwd=cwd,
-                          env=run_env, capture_output=True, text=True, timeout=timeout)
+    return dora(cwd, "grid", "rank_modes", *args, timeout=timeout, check=False,
+                extra_env={"DEMUCS_LORA_GRID_ARGS": GRID_ARGS, **(extra_env or {})})
 
 
 def test_signatures_follow_semantic_keys_only():

@@ -75,11 +75,11 @@ def test_adapter_round_trip_on_a_bag(bag_cache, tmp_path):
     import json
     from demucs_lora.models.guide_methods import load_lora_weights
     from demucs_lora.lora.state import save_adapter
-    from demucs_lora.models.build import load_base
+    from demucs_lora.models.load import load_model
     model = randomize_b(_bag_model()[0])
     save_adapter(model, tmp_path / "bag_adapter")
     header = json.loads((tmp_path / "bag_adapter.json").read_text())
     assert header["bag"] == {"members": 3, "weights": WEIGHTS}
-    again = load_lora_weights(load_base("htdemucs_ft"), tmp_path / "bag_adapter")
+    again = load_lora_weights(load_model("htdemucs_ft"), tmp_path / "bag_adapter")
     with torch.no_grad():
         assert (again.eval()(X) - model.eval()(X)).abs().max() < 1e-6

@@ -1,4 +1,4 @@
-"""Base loading and source remapping (demucs_lora.models.build)."""
+"""Loading a model (demucs_lora.models.load) and source remapping (models.heads)."""
 import logging
 
 import pytest
@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 from helpers import tiny_htdemucs
 
 from demucs_lora.core.errors import ConfigError, ModelLoadError
-from demucs_lora.models.build import load_base
+from demucs_lora.models.load import load_model
 from demucs_lora.models.heads import _head_blocks, remap_sources
 
 SOURCES = ["drums", "bass", "other", "vocals"]
@@ -67,7 +67,7 @@ def test_new_sources_follow_the_taxonomy_and_bad_names_fail(caplog):
         remap_sources(base, ["drums", "kick"], {"kick": "cowbell"})
 
 
-def test_load_base_from_path_repo_and_errors(tmp_path):
+def test_load_model_from_path_repo_and_errors(tmp_path):
     model = tiny_htdemucs(SOURCES).eval()
     package = serialize_model(model, OmegaConf.create({}), half=False)
     repo = tmp_path / "repo"
@@ -78,13 +78,36 @@ def test_load_base_from_path_repo_and_errors(tmp_path):
     x = torch.randn(1, 2, 44100)
     with torch.no_grad():
         ref = model(x)
-        for loaded in (load_base(str(repo / "abcd1234.th")),
-                       load_base("abcd1234", pretrained_repo=str(repo)),
-                       load_base("mybag", pretrained_repo=str(repo))):
+        for loaded in (load_model(str(repo / "abcd1234.th")),
+                       load_model("abcd1234", repo=str(repo)),
+                       load_model("mybag", repo=str(repo))):
             assert (loaded.eval()(x) - ref).abs().max() < 1e-5
     with pytest.raises(ModelLoadError, match=r"bigbag.*\['ffff0000'\].*not there"):
-        load_base("bigbag", pretrained_repo=str(repo))
+        load_model("bigbag", repo=str(repo))
     with pytest.raises(ModelLoadError, match="available"):
-        load_base("htdemucs", pretrained_repo=str(repo))
+        load_model("htdemucs", repo=str(repo))
     with pytest.raises(ModelLoadError, match="pretrained_repo"):
-        load_base("htdemucs", root=tmp_path)
+        load_model("htdemucs", root=tmp_path)
+
+
+def test_load_model_refuses_nan_and_says_where_an_adapter_was_going(tmp_path):
+    """The one entry: eval mode, NaN weights refused for every caller (training's base
+    too), an adapter's mismatch names the base it was loaded onto."""
+    from demucs_lora.core.errors import AdapterMismatch
+    from demucs_lora.lora.state import save_adapter
+    from demucs_lora.models.load import put_adapter
+    from helpers import adapted_copy
+    base, other = tiny_htdemucs(SOURCES, seed=0), tiny_htdemucs(SOURCES, seed=5)
+    torch.save(serialize_model(base, OmegaConf.create({}), half=False), tmp_path / "base.th")
+    save_adapter(adapted_copy(other, seed=3), tmp_path / "other_adapter")
+    assert not load_model(tmp_path / "base.th").training
+    with pytest.raises(AdapterMismatch, match=r"different base(.|\n)*\[base: .*base\.th\]$"):
+        load_model(tmp_path / "base.th", adapter=tmp_path / "other_adapter")
+    with pytest.raises(AdapterMismatch, match=r"^lora_checkpoint=X: .*different base.* Fix!$"):
+        put_adapter(tiny_htdemucs(SOURCES), tmp_path / "other_adapter",
+                    prefix="lora_checkpoint=X: ", suffix=" Fix!")
+    with torch.no_grad():
+        base.decoder[0].conv_tr.weight[0, 0, 0] = float("nan")
+    torch.save(serialize_model(base, OmegaConf.create({}), half=False), tmp_path / "nan.th")
+    with pytest.raises(ModelLoadError, match=r"nan\.th holds NaN/inf weights"):
+        load_model(tmp_path / "nan.th")

@@ -2,7 +2,6 @@
 keeps the table; no Slurm on the machine is one line naming tools/slurm_local.sh and
 --dry_run, not submitit's traceback."""
 import json
-import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -45,12 +44,10 @@ def test_no_slurm_is_one_line():
 
 @pytest.mark.slow
 def test_dora_grid_without_slurm(tmp_path):
-    from integration.dora_helpers import DORA, env
-    run_env = env()
-    run_env["PATH"] = str(Path(sys.executable).parent)   # no srun on this PATH
-    run_env["DEMUCS_LORA_GRID_ARGS"] = "model=htdemucs_tiny epochs=1"
-    proc = subprocess.run([DORA, "-P", "demucs_lora", "grid", "rank_modes"], cwd=tmp_path,
-                          env=run_env, capture_output=True, text=True, timeout=300)
+    from integration.dora_helpers import dora
+    proc = dora(tmp_path, "grid", "rank_modes", timeout=300, check=False, extra_env={
+        "PATH": str(Path(sys.executable).parent),   # no srun on this PATH
+        "DEMUCS_LORA_GRID_ARGS": "model=htdemucs_tiny epochs=1"})
     assert proc.returncode == 2, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "tools/slurm_local.sh" in errors[0]
