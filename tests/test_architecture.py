@@ -161,6 +161,30 @@ def test_tests_mirror_the_rooms():
     assert not missing, f"rooms without tests/<room>/test_*.py: {missing}"
 
 
+def _fixtures(path: Path) -> tp.Set[str]:
+    out = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.FunctionDef) and any(
+                "fixture" in ast.unparse(d) for d in node.decorator_list):
+            out.add(node.name)
+    return out
+
+
+def test_a_fixture_is_defined_once_per_room():
+    """Fixtures that several files of a room use live in its conftest.py (those of every
+    room in tests/conftest.py): no two test files of one room define the same name."""
+    tests = PACKAGE.parent / "tests"
+    twice = []
+    for folder in sorted(p for p in tests.iterdir() if p.is_dir()):
+        seen: tp.Dict[str, str] = {}
+        for path in sorted(folder.glob("test_*.py")):
+            for name in _fixtures(path):
+                if name in seen:
+                    twice.append(f"{folder.name}/: {name} in {seen[name]} and {path.name}")
+                seen.setdefault(name, path.name)
+    assert not twice, twice
+
+
 def test_no_import_arrow_runs_upward():
     bad = sorted(upward_arrows())
     assert not bad, "upward imports (room rank must fall): " + "; ".join(
