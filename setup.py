@@ -13,7 +13,7 @@ setup(
     package_data={"conf": ["*.yaml", "*/*.yaml"], "demucs_lora.assets": ["*.th", "*.json"]},
     python_requires=">=3.10",
     install_requires=[
-        # 2.6: torch.serialization.get_unsafe_globals_in_checkpoint / safe_globals (hub/
+        # 2.6: torch.serialization.get_unsafe_globals_in_checkpoint / safe_globals (model_files/
         # safe_load.py). Tested with 2.13.0, the exact pin the Makefile installs for CI.
         "torch>=2.6,<3",
         "demucs>=4.0",

@@ -13,7 +13,7 @@ Public API (imported lazily, so ``import demucs_lora`` loads neither torch nor d
   for your own training loop (PEFT's ``get_peft_model`` shape; docs/api.md)
 - ``get_lora_state(model)``, ``save_adapter(model, path, **header)``
 - ``merge_lora``, ``unmerge_lora``, ``remove_lora`` (merge and drop the wrappers)
-- ``quantize(model, bits=8)``: weight-only int8 package (``demucs_lora.hub.int8``)
+- ``quantize(model, bits=8)``: weight-only int8 package (``demucs_lora.model_files.int8``)
 - ``apply_model``: ``demucs.apply.apply_model`` (normalize the mixture first, see api.py)
 """
 import importlib
@@ -22,7 +22,7 @@ from demucs_lora.core.version import __version__  # noqa: F401 (public)
 
 _EXPORTS = {
     "api": ["get_model"],
-    "hub.int8": ["quantize"],
+    "model_files.int8": ["quantize"],
     "models.guide_methods": ["load_lora_weights"],
     "lora.state": ["get_lora_state", "save_adapter"],
     "lora.config": ["LoraConfig"],

@@ -3,13 +3,13 @@
 Why a module of its own: every user-facing entry point (the Python API, the export,
 test and separate CLIs) resolves "a model name" the same way, so a name that works in one
 place works in all of them: they all load through ``models.load.load_model``, which
-training's base uses too. Names resolve through ``hub.resolve``, one order for training
+training's base uses too. Names resolve through ``model_files.resolve``, one order for training
 and serving: a path (``.th``, ``.safetensors``, a bag ``.yaml`` or a folder), an XP
 signature in Dora's folder, ``NAME`` in ``repo``, then the HF hub / torch hub caches
 demucs 4.1 downloads into.
 
 Every file is opened with ``weights_only=True`` and an allowlist of the demucs classes
-(``demucs_lora.hub.safe_load``): model files are code, so nothing else is unpickled unless
+(``demucs_lora.model_files.safe_load``): model files are code, so nothing else is unpickled unless
 ``trust_remote_code=True``.
 
 Hot-swapping adapters on one base (what this short script does, and what

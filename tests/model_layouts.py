@@ -17,7 +17,7 @@ from demucs.states import serialize_model
 from omegaconf import OmegaConf
 
 from demucs_lora.core.files import atomic_write
-from demucs_lora.hub.packages import safetensors_writer
+from demucs_lora.model_files.packages import safetensors_writer
 
 REV = "0123456789abcdef0123456789abcdef01234567"
 

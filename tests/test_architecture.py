@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "demucs_lora"
 RANKS = {
     "core": 0, "assets": 0,        # errors, atomic files, finite checks, paths, stem names
     "lora": 1, "data": 1, "metrics": 1,   # three independent stacks on the core
-    "hub": 2,                      # find and read model files (safe loading, int8)
+    "model_files": 2,                     # find and read model files (safe loading, int8)
     "models": 3,                   # build the model a run trains; bags; heads; methods
     "config": 4,                   # Hydra/Dora config: aliases, keys, checks
     "training": 5, "inference": 5,   # the two halves

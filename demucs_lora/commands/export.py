@@ -15,7 +15,7 @@ signature and may not contain '-' (demucs reads ``NAME-CHECKSUM.th``).
 
 - ``--half``: float16 weights (``serialize_model(half=True)``), half the size; the stock
   CLI loads it (demucs itself ships half models).
-- ``--quantize 8``: weight-only int8 (``hub.int8.quantize``), about a quarter of the
+- ``--quantize 8``: weight-only int8 (``model_files.int8.quantize``), about a quarter of the
   size. Load it with ``demucs_lora.get_model(NAME, repo=OUT)`` or ``demucs-lora -n NAME --repo OUT``;
   the stock demucs CLI cannot read it (it fails loudly). The export prints the size ratio
   and the nSDR change on a few valid tracks of the XP's config (float vs int8).
@@ -88,7 +88,7 @@ def check_name(name: str) -> str:
 
 def find_xp(sig: str, root: Path) -> Path:
     """outputs/xps/SIG, or ModelLoadError listing the 5 most recent XPs."""
-    from demucs_lora.hub.resolve import recent_xps, xp_folder, xps_dir as xps_root
+    from demucs_lora.model_files.resolve import recent_xps, xp_folder, xps_dir as xps_root
     folder = xp_folder(sig, root)
     if folder is None:
         recent = recent_xps(root)
@@ -114,7 +114,7 @@ def plan(sigs: tp.Sequence[str], out: Path, name: tp.Optional[str], which: str,
         job = Job(sig, folder, check_name(name or sig), out / f"{name or sig}.th")
         if (folder / "best.yaml").is_file():  # an adapted bag: NAME.yaml + NAME_mK files
             from demucs_lora.models.bag import member_names
-            from demucs_lora.hub.caches import read_bag
+            from demucs_lora.model_files.caches import read_bag
             count = len(read_bag(folder / "best.yaml")["models"])
             suffix = ".safetensors" if fmt == "hf" else ".th"
             job.model_path = out / f"{job.name}.yaml"
@@ -230,10 +230,10 @@ def _model_writes(job: Job, args: argparse.Namespace, model: "nn.Module",
                             half=args.half, fmt=fmt)
         return writes[:-1], writes[-1:]
     if args.quantize:
-        from demucs_lora.hub.int8 import quantize
+        from demucs_lora.model_files.int8 import quantize
         package = quantize(model, bits=args.quantize, training_args=training_args)
     elif fmt == "hf":
-        from demucs_lora.hub.packages import safetensors_writer
+        from demucs_lora.model_files.packages import safetensors_writer
         spec = f"models: ['{job.sig}']\n"
         return [(job.model_path, safetensors_writer(model, half=args.half)),
                 (job.bag_path, lambda tmp: Path(tmp).write_text(spec))], []

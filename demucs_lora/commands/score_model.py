@@ -113,7 +113,7 @@ def get_parser() -> argparse.ArgumentParser:
 
 def _source_xp(name: str, adapter: tp.Optional[str]) -> tp.Optional[Path]:
     """The XP whose config describes the data: the model's, else the adapter's."""
-    from demucs_lora.hub.resolve import resolve_adapter, xp_folder
+    from demucs_lora.model_files.resolve import resolve_adapter, xp_folder
     from demucs_lora.lora.adapter_file import read_header
     folder = xp_folder(name)
     if folder is not None and (folder / "config.yaml").is_file():
@@ -149,7 +149,7 @@ def run(args: argparse.Namespace) -> dict:
     """Load, configure, evaluate, print, write; returns the results dict."""
     from demucs_lora.api import get_model
     from demucs_lora.config.values import check_value_ranges
-    from demucs_lora.hub.resolve import xp_folder
+    from demucs_lora.model_files.resolve import xp_folder
     metrics = selected_metrics(args)
     device = inference_device(args.device)
     bad = [o for o in args.overrides if "=" not in o]

@@ -206,7 +206,7 @@ def _models(base: "nn.Module", args: argparse.Namespace
             ) -> tp.Iterator[tp.Tuple[Path, "nn.Module", tp.Optional[str]]]:
     """(output folder, model, adapter path or None) per run: the model alone, or one per
     adapter."""
-    from demucs_lora.hub.resolve import resolve_adapter
+    from demucs_lora.model_files.resolve import resolve_adapter
     name = output_name(args.name)
     if not args.adapter:
         yield args.out / name, base, None

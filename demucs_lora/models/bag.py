@@ -62,7 +62,7 @@ def bag_writes(bag: BagOfModels, folder: Path, name: str, training_args: tp.Any 
     reader never sees a bag whose members are missing."""
     from demucs.states import serialize_model
     from omegaconf import OmegaConf
-    from demucs_lora.hub.packages import safetensors_writer
+    from demucs_lora.model_files.packages import safetensors_writer
     args = OmegaConf.create(training_args if training_args is not None else {})
     writes = []
     for member, sig in zip(bag.models, member_names(name, len(bag.models))):

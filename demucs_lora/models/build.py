@@ -161,7 +161,7 @@ def start_from_adapter(model: nn.Module, adapter: str, root: tp.Optional[Path] =
     """``lora_checkpoint=PATH``: the injected LoRA factors (and heads) start from an
     existing adapter, loaded strictly: same layout (ranks, alpha, ...), same keys and
     shapes, and trained on this very base (fingerprint), else AdapterMismatch."""
-    from demucs_lora.hub.resolve import resolve_adapter
+    from demucs_lora.model_files.resolve import resolve_adapter
     path = resolve_adapter(adapter, root)
     model = put_adapter(model, path, prefix=f"lora_checkpoint={adapter}: ",
                         suffix=" [set htdemucs.lora_* (and continue_from) to what its .json "

@@ -45,7 +45,7 @@ def _load_lora_weights(model: "nn.Module", path, check_base: bool = True) -> "nn
     """Put the adapter ``path`` (``x``, ``x.safetensors``/``.json`` or an XP signature)
     on this model: injected the first time, tensors swapped after. Returns the model
     (a new object only when the adapter's sources differ: always use the result)."""
-    from demucs_lora.hub.resolve import resolve_adapter
+    from demucs_lora.model_files.resolve import resolve_adapter
     return load_lora_weights(model, resolve_adapter(path), check_base=check_base)
 
 
@@ -66,7 +66,7 @@ def _quantize(model: "nn.Module", bits: int = 8, optimize_scales: bool = False,
     of least reconstruction error instead of max-abs."""
     from demucs_lora.core.errors import ConfigError
     from demucs_lora.lora.inject import has_lora, remove_lora
-    from demucs_lora.hub.int8 import quantize
+    from demucs_lora.model_files.int8 import quantize
     if inplace is not None:
         raise ConfigError("model.quantize(inplace=...) is not offered: the model stays "
                           "float32; save the package it returns: package = "

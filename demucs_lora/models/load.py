@@ -2,8 +2,8 @@
 the demo and the benchmarks all call `load_model`.
 
 Why one entry: a name that works in one place works in all of them, and every model
-passes the same gates in the same order: ``hub.resolve`` finds the files (a path, an XP
-signature, a name in ``repo``, the HF / torch hub caches), ``hub.packages`` builds each one
+passes the same gates in the same order: ``model_files.resolve`` finds the files (a path, an XP
+signature, a name in ``repo``, the HF / torch hub caches), ``model_files.packages`` builds each one
 strictly through the allowlisted unpickler (``trust_remote_code`` widens it), each member
 must be an HTDemucs, NaN/inf weights are refused (core.finite's policy: nothing non-finite
 is trained on or served), and an adapter, when given, must fit (`put_adapter`: the one
@@ -28,7 +28,7 @@ def load_model(name: PathLike, repo: tp.Optional[PathLike] = None,
                adapter: tp.Optional[PathLike] = None, trust_remote_code: bool = False,
                root: tp.Optional[PathLike] = None, bag_member: tp.Optional[int] = None
                ) -> nn.Module:
-    """The model ``name`` names (``hub.resolve`` has the lookup order), in eval mode.
+    """The model ``name`` names (``model_files.resolve`` has the lookup order), in eval mode.
 
     One model (or a bag of one) gives an HTDemucs; a bag of several a ``bag.TrainableBag``
     (a ``demucs.apply.BagOfModels``) of HTDemucs, or its member ``bag_member`` alone.
@@ -36,7 +36,7 @@ def load_model(name: PathLike, repo: tp.Optional[PathLike] = None,
     ``lora_best``) is loaded unmerged on top. ModelLoadError, ConfigError (bag_member) or
     AdapterMismatch, each naming the file."""
     from demucs_lora.core.finite import check_finite_model
-    from demucs_lora.hub.resolve import find_model, load_found, xp_folder
+    from demucs_lora.model_files.resolve import find_model, load_found, xp_folder
     found = find_model(str(name), repo, root)
     loaded = load_found(found, trust_remote_code)
     _log_base_files(str(name), found)
@@ -68,7 +68,7 @@ def put_adapter(model: nn.Module, adapter: PathLike, root: tp.Optional[PathLike]
     """``adapter`` (resolved: a path or an XP signature) loaded onto ``model`` with
     ``load_lora_weights``; an AdapterMismatch is raised again as ``prefix + its message +
     suffix`` (what the adapter was for and what to do), without the chained traceback."""
-    from demucs_lora.hub.resolve import resolve_adapter
+    from demucs_lora.model_files.resolve import resolve_adapter
     from demucs_lora.models.guide_methods import load_lora_weights
     path = resolve_adapter(adapter, root)
     try:

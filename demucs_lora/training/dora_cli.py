@@ -112,9 +112,9 @@ def argv_value(argv: tp.Sequence[str], key: str) -> tp.Optional[str]:
 
 def resolve_model_name(name: str, argv: tp.Sequence[str]) -> tp.List[str]:
     """argv that starts a run from the model NAME (`dora run -f NAME`), found as
-    `continue_from` finds it (hub.resolve; pretrained_repo read from the user's argv).
+    `continue_from` finds it (model_files.resolve; pretrained_repo read from the user's argv).
     Raises ModelLoadError with every place looked when NAME is not a model."""
-    from demucs_lora.hub.resolve import find_model
+    from demucs_lora.model_files.resolve import find_model
     find_model(name, argv_value(argv, "pretrained_repo"), Path.cwd())
     return [f"continue_from={name}"]
 

@@ -35,7 +35,7 @@ def test_import_is_light_and_exports_the_api():
 def test_public_quantize_is_the_int8_function_and_apply_model_is_demucs():
     import demucs_lora
     from demucs.apply import apply_model
-    from demucs_lora.hub import int8
+    from demucs_lora.model_files import int8
     assert demucs_lora.quantize is int8.quantize
     assert demucs_lora.apply_model is apply_model
     package = demucs_lora.quantize(tiny_htdemucs().eval(), bits=8)
@@ -114,7 +114,7 @@ def test_get_model_resolves_file_repo_sig_and_quantized(xp, tmp_path, monkeypatc
     from demucs_lora import get_model
     from demucs_lora.lora.inject import has_lora, iter_lora_layers
     from demucs_lora.core.files import atomic_torch_save
-    from demucs_lora.hub.int8 import quantize
+    from demucs_lora.model_files.int8 import quantize
     monkeypatch.chdir(xp.root)
     by_sig = get_model(xp.sig)
     by_path = get_model(xp.folder / "best.th")

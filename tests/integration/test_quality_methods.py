@@ -13,7 +13,7 @@ METHODS = ["htdemucs.lora_rank=4", "htdemucs.lora_init=gradient",
 
 
 def test_gradient_init_run_saves_a_plain_adapter_of_the_trained_model(tmp_path):
-    from demucs_lora.hub.packages import load_model_file
+    from demucs_lora.model_files.packages import load_model_file
     from demucs_lora.lora.state import load_adapter
     dora(tmp_path, "run", *QUICK, f"continue_from={BASE_ASSET}", *METHODS, "optim.lr=3e-3",
          "dset.synth.domain=B")

@@ -112,7 +112,7 @@ def test_rank_swap_mismatch_names_the_layers_and_ranks(files):
 def test_optimize_scales_never_reconstructs_worse_than_max_abs():
     """Per channel never worse (max-abs is a candidate); clearly better where clipping pays
     (4 bits on Gaussian weights: -41%); at 8 bits max-abs is near optimal (-2%)."""
-    from demucs_lora.hub.int8 import quantize_tensor
+    from demucs_lora.model_files.int8 import quantize_tensor
     weight = torch.randn(16, 64, 16, generator=torch.Generator().manual_seed(0))
     for bits, gain in ((4, 0.7), (8, 1.0)):
         errors = {}
@@ -126,7 +126,7 @@ def test_optimize_scales_never_reconstructs_worse_than_max_abs():
 @pytest.mark.slow  # the stock demucs CLI in a subprocess
 def test_stock_cli_reading_an_int8_file_says_how_to_load_it(tmp_path):
     from demucs_lora.core.files import atomic_torch_save
-    from demucs_lora.hub.int8 import quantize
+    from demucs_lora.model_files.int8 import quantize
     repo = tmp_path / "release"
     atomic_torch_save(quantize(tiny_htdemucs().eval()), repo / "small.th")
     with pytest.raises(RuntimeError, match="int8 file: load it with demucs_lora.get_model"):

@@ -51,7 +51,7 @@ def test_htdemucs_6s_sets_six_sources():
 
 
 def test_tiny_config_keeps_the_shipped_base_architecture():
-    from demucs_lora.hub.packages import load_model_file
+    from demucs_lora.model_files.packages import load_model_file
     cfg = compose(["model=htdemucs_tiny"])
     kwargs = architecture_kwargs(cfg)
     assert kwargs["dconv_mode"] == 1 and kwargs["bottom_channels"] == 0

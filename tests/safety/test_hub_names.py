@@ -5,8 +5,8 @@ from helpers import FOUR, tiny_htdemucs
 from model_layouts import isolate_caches, write_hf_cache
 
 from demucs_lora.core.errors import ModelLoadError
-from demucs_lora.hub.caches import hf_repo_id
-from demucs_lora.hub.resolve import find_model, load_found
+from demucs_lora.model_files.caches import hf_repo_id
+from demucs_lora.model_files.resolve import find_model, load_found
 
 
 @pytest.mark.parametrize("name", ["hf://someone/mymodel", "someone/mymodel"])

@@ -9,9 +9,9 @@ from model_layouts import isolate_caches, write_hf_cache, write_repo_th
 from omegaconf import OmegaConf
 
 from demucs_lora.core.errors import ModelLoadError
-from demucs_lora.hub.caches import MAX_BAG_MEMBERS
-from demucs_lora.hub.packages import load_model_file
-from demucs_lora.hub.resolve import find_model, load_found
+from demucs_lora.model_files.caches import MAX_BAG_MEMBERS
+from demucs_lora.model_files.packages import load_model_file
+from demucs_lora.model_files.resolve import find_model, load_found
 
 
 @pytest.mark.parametrize("dtype", [torch.int32, torch.float64, torch.uint8])

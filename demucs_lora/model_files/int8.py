@@ -17,8 +17,8 @@ clipping ratios ``scale = c * max|w| / qmax`` (c from 0.3 to 1 by 0.1, then by 0
 each channel's best; max-abs included, so it is never worse) refined by two least-squares
 steps ``scale = <w, q> / <q, q>``. Biases, norms and layer scales stay float32. The
 package holds only tensors and builtins (plus the demucs ``klass``), so it opens with
-``torch.load(weights_only=True)`` and the allowlist of ``demucs_lora.hub.safe_load``:
-``safe_load.model_from_package`` (which ``hub.packages.load_model_file`` calls) sees the
+``torch.load(weights_only=True)`` and the allowlist of ``demucs_lora.model_files.safe_load``:
+``safe_load.model_from_package`` (which ``model_files.packages.load_model_file`` calls) sees the
 ``quantized`` key, dequantizes and builds ``quantized["klass"]``. The stock loader (``python
 -m demucs --repo DIR -n NAME``) calls ``klass(*args, **kwargs)`` first: ``klass`` is
 `Int8Package`, which raises demucs' own ``ModelLoadingError`` "int8 file: load it with

@@ -10,8 +10,8 @@ from safetensors.torch import save_file
 
 from demucs_lora.core.errors import ModelLoadError
 from demucs_lora.core.files import atomic_write
-from demucs_lora.hub.packages import load_model_file, safetensors_writer
-from demucs_lora.hub.resolve import find_model
+from demucs_lora.model_files.packages import load_model_file, safetensors_writer
+from demucs_lora.model_files.resolve import find_model
 from demucs_lora.models.load import load_model
 
 X = torch.randn(1, 2, 44100, generator=torch.Generator().manual_seed(1))

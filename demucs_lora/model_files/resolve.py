@@ -8,7 +8,7 @@ Precedence (docs/models.md documents it for users):
 3. a name in ``pretrained_repo`` (``NAME.yaml`` bag, ``NAME.th``, ``NAME-CHECKSUM.th``,
    ``NAME.safetensors``), as demucs' ``--repo`` folders and ``tools.export`` lay them out;
 4. the caches demucs downloads into, offline: the Hugging Face hub cache, then torch hub's
-   checkpoints (``hub.caches``);
+   checkpoints (``model_files.caches``);
 5. otherwise a ``ModelLoadError`` listing every place looked and how to get the files there.
 
 A name that is both a local XP and a pretrained model elsewhere is an ambiguity error: the
@@ -26,9 +26,9 @@ import yaml
 
 from demucs_lora.core.errors import ModelLoadError
 from demucs_lora.core.paths import CONF_DIR
-from demucs_lora.hub import caches
-from demucs_lora.hub.caches import Found, read_bag
-from demucs_lora.hub.packages import MODEL_SUFFIXES, checksum_of
+from demucs_lora.model_files import caches
+from demucs_lora.model_files.caches import Found, read_bag
+from demucs_lora.model_files.packages import MODEL_SUFFIXES, checksum_of
 
 PathLike = tp.Union[str, Path]
 CONF_FILE = CONF_DIR / "config.yaml"
@@ -227,7 +227,7 @@ class Loaded:
 
 def load_found(found: Found, trust_remote_code: bool = False) -> Loaded:
     """Build every member model (strict, allowlisted) of what ``find_model`` found."""
-    from demucs_lora.hub.packages import load_model_file
+    from demucs_lora.model_files.packages import load_model_file
     members = [load_model_file(f, trust_remote_code=trust_remote_code) for f in found.files]
     bag = found.bag or {}
     weights = bag.get("weights")

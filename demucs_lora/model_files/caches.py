@@ -102,7 +102,7 @@ _MEMBER_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 def _bag_weights(weights: tp.Any, count: int, path: Path) -> tp.Optional[tp.List[tp.List[float]]]:
     """A bag's `weights`: null, or one list of finite numbers >= 0 per member (demucs'
     BagOfModels: weights[member][source]); the per-source length is checked against the
-    members' sources once they are loaded (hub.resolve.load_found)."""
+    members' sources once they are loaded (model_files.resolve.load_found)."""
     from demucs_lora.core.errors import ModelLoadError
     if weights is None:
         return None

@@ -26,7 +26,7 @@ import torch
 
 from demucs_lora.core.errors import ModelLoadError
 from demucs_lora.core.files import file_sha256
-from demucs_lora.hub.safe_load import MODEL_CLASSES, load_package, model_from_package
+from demucs_lora.model_files.safe_load import MODEL_CLASSES, load_package, model_from_package
 
 PathLike = tp.Union[str, Path]
 CLASS_NAMES: tp.Dict[str, type] = {f"{c.__module__}.{c.__qualname__}": c for c in MODEL_CLASSES}

@@ -7,9 +7,9 @@ from helpers import tiny_htdemucs
 
 from demucs_lora.core.errors import ConfigError
 from demucs_lora.core.files import atomic_torch_save
-from demucs_lora.hub.int8 import SCALE_SUFFIX, dequantize_state, quantize
-from demucs_lora.hub.packages import load_model_file
-from demucs_lora.hub.safe_load import load_package
+from demucs_lora.model_files.int8 import SCALE_SUFFIX, dequantize_state, quantize
+from demucs_lora.model_files.packages import load_model_file
+from demucs_lora.model_files.safe_load import load_package
 
 SOURCES = ["drums", "bass", "other", "vocals"]
 

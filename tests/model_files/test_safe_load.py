@@ -14,8 +14,8 @@ from omegaconf import OmegaConf
 from helpers import tiny_htdemucs
 
 from demucs_lora.core.errors import ModelLoadError
-from demucs_lora.hub.packages import load_model_file
-from demucs_lora.hub.safe_load import SAFE_GLOBALS, load_package
+from demucs_lora.model_files.packages import load_model_file
+from demucs_lora.model_files.safe_load import SAFE_GLOBALS, load_package
 
 SOURCES = ["drums", "bass", "other", "vocals"]
 
@@ -99,7 +99,7 @@ def test_untrusted_global_loads_only_with_trust_remote_code(tmp_path, caplog):
     path = save_package(model, tmp_path / "dated.th", training_args={"when": datetime.date(2024, 1, 2)})
     with pytest.raises(ModelLoadError, match="datetime.date"):
         load_model_file(path)
-    with caplog.at_level(logging.WARNING, logger="demucs_lora.hub.safe_load"):
+    with caplog.at_level(logging.WARNING, logger="demucs_lora.model_files.safe_load"):
         loaded = load_model_file(path, trust_remote_code=True)
     assert "trust_remote_code" in caplog.text
     assert same_state(loaded, model)
@@ -119,7 +119,7 @@ def test_unknown_kwargs_are_an_error_unless_not_strict(tmp_path, caplog):
     torch.save(package, tmp_path / "kw.th")
     with pytest.raises(ModelLoadError, match="bogus_option"):
         load_model_file(tmp_path / "kw.th")
-    with caplog.at_level(logging.WARNING, logger="demucs_lora.hub.safe_load"):
+    with caplog.at_level(logging.WARNING, logger="demucs_lora.model_files.safe_load"):
         loaded = load_model_file(tmp_path / "kw.th", strict=False)
     assert "bogus_option" in caplog.text
     assert same_state(loaded, model)

@@ -12,9 +12,9 @@ naming the file and the offending globals, unless the caller passes
 ``model_from_package`` then builds the model strictly: unknown constructor kwargs and
 missing/unexpected/mis-shaped state entries are errors (``strict=False`` gives demucs'
 lenient behaviour). float16 states (``serialize_model(half=True)``) are cast to
-float32. Packages written by ``demucs_lora.hub.int8`` (a ``quantized`` key) are
+float32. Packages written by ``demucs_lora.model_files.int8`` (a ``quantized`` key) are
 dequantized; demucs' own DiffQ states (``state['__quantized']``) need ``diffq``. The one
-loader of a model file by path, either layout, is ``demucs_lora.hub.packages.load_model_file``.
+loader of a model file by path, either layout, is ``demucs_lora.model_files.packages.load_model_file``.
 """
 from __future__ import annotations
 
@@ -32,8 +32,8 @@ from demucs.hdemucs import HDemucs
 from demucs.htdemucs import HTDemucs
 
 from demucs_lora.core.errors import ModelLoadError
-from demucs_lora.hub.package_bounds import SAFE_FRACTION
-from demucs_lora.hub.int8 import Int8Package
+from demucs_lora.model_files.package_bounds import SAFE_FRACTION
+from demucs_lora.model_files.int8 import Int8Package
 
 logger = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ def _check_kwargs(klass: type, kwargs: tp.Dict[str, tp.Any], strict: bool, sourc
 def _float_state(package: tp.Dict[str, tp.Any], source: str) -> tp.Dict[str, torch.Tensor]:
     state = package["state"]
     if package.get("quantized"):
-        from demucs_lora.hub.int8 import dequantize_state
+        from demucs_lora.model_files.int8 import dequantize_state
         return dequantize_state(state)
     if state.get("__quantized"):
         raise ModelLoadError(
@@ -197,7 +197,7 @@ def model_from_package(package: tp.Dict[str, tp.Any], strict: bool = True,
         raise ModelLoadError(f"{source}: klass {_qualname(klass)} is not one of the allowed "
                              f"model classes {[c.__name__ for c in allowed_classes]}.")
     kwargs = _check_kwargs(klass, package["kwargs"], strict, source)
-    from demucs_lora.hub.package_bounds import check_package_bounds  # before allocating (issue 15)
+    from demucs_lora.model_files.package_bounds import check_package_bounds  # before allocating (issue 15)
     check_package_bounds(klass, package["args"], kwargs, package["state"], source)
     try:
         model = klass(*package["args"], **kwargs)

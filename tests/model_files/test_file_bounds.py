@@ -106,7 +106,7 @@ def _package(path, **kwargs):
     ({"t_cape_glob_loc_scale": list(range(1000))}, "list of 1000 items"),
 ])
 def test_package_bombs_are_refused_before_building(tmp_path, kwargs, expected):
-    from demucs_lora.hub.packages import load_model_file
+    from demucs_lora.model_files.packages import load_model_file
     path = _package(tmp_path / "bomb.th", **kwargs)
     before, start = peak_rss_kib(), time.time()
     with pytest.raises(ModelLoadError, match=expected) as info:
@@ -116,7 +116,7 @@ def test_package_bombs_are_refused_before_building(tmp_path, kwargs, expected):
 
 
 def test_a_plain_package_still_loads(tmp_path):
-    from demucs_lora.hub.packages import load_model_file
+    from demucs_lora.model_files.packages import load_model_file
     model = load_model_file(_package(tmp_path / "ok.th"))
     assert sum(p.numel() for p in model.parameters()) > 0
 
@@ -127,7 +127,7 @@ class _FractionBomb:
 
 
 def test_bounded_fraction_refuses_the_exponent_bomb_while_unpickling():
-    from demucs_lora.hub.package_bounds import SAFE_FRACTION, bounded_fraction
+    from demucs_lora.model_files.package_bounds import SAFE_FRACTION, bounded_fraction
     assert bounded_fraction("1/3") == fractions.Fraction(1, 3)
     assert bounded_fraction("7.8") == fractions.Fraction(39, 5)
     assert bounded_fraction(39, 5) == fractions.Fraction(39, 5)
@@ -148,14 +148,14 @@ def test_bounded_fraction_refuses_the_exponent_bomb_while_unpickling():
 def test_model_file_with_fraction_bomb_is_refused(tmp_path):
     """Through safe_load once its allowlist uses package_bounds.SAFE_FRACTION (in a child
     process with a timeout: unbounded, this computes a two-billion-digit integer)."""
-    from demucs_lora.hub import safe_load
-    from demucs_lora.hub.package_bounds import SAFE_FRACTION
+    from demucs_lora.model_files import safe_load
+    from demucs_lora.model_files.package_bounds import SAFE_FRACTION
     if SAFE_FRACTION not in safe_load.SAFE_GLOBALS:
         pytest.skip("safe_load.SAFE_GLOBALS still allowlists fractions.Fraction itself")
     package = serialize_model(tiny_base(), OmegaConf.create({}), half=False)
     package["kwargs"]["segment"] = _FractionBomb()
     torch.save(package, tmp_path / "bomb.th")
-    code = ("import sys; from demucs_lora.hub.packages import load_model_file\n"
+    code = ("import sys; from demucs_lora.model_files.packages import load_model_file\n"
             "try:\n    load_model_file(sys.argv[1])\nexcept Exception as e:\n"
             "    print(type(e).__name__, e)\n")
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "bomb.th")],
