@@ -11,7 +11,8 @@ room gets its own piece, typed, and is testable without Hydra:
 Defaults live once, in conf/ YAML (settings.yaml and the groups): users read and paste
 YAML, Dora signs command-line overrides against it, and `dora grid` sweeps its keys. The
 dataclasses below declare no defaults, so a key missing from conf/ is a loud TypeError
-here, not a second default (docs/development.md, "Config: YAML defaults, typed pieces").
+here, not a second default (docs/development.md, "Config: defaults in YAML, typed pieces
+at the door").
 Values are checked before this (config/check.py, config/values.py, LoraConfig); building
 a piece only converts.
 """
@@ -48,6 +49,7 @@ class OptimConfig:
 @dataclasses.dataclass(frozen=True)
 class TestConfig:
     """test.* (conf/settings.yaml): validation and test separation."""
+    __test__ = False  # not a pytest test class
     every: int
     shifts: int
     overlap: float

@@ -14,7 +14,8 @@ missing/unexpected/mis-shaped state entries are errors (``strict=False`` gives d
 lenient behaviour). float16 states (``serialize_model(half=True)``) are cast to
 float32. Packages written by ``demucs_lora.model_files.int8`` (a ``quantized`` key) are
 dequantized; demucs' own DiffQ states (``state['__quantized']``) need ``diffq``. The one
-loader of a model file by path, either layout, is ``demucs_lora.model_files.packages.load_model_file``.
+loader of a model file by path, either layout, is
+``demucs_lora.model_files.packages.load_model_file``.
 """
 from __future__ import annotations
 
@@ -197,7 +198,8 @@ def model_from_package(package: tp.Dict[str, tp.Any], strict: bool = True,
         raise ModelLoadError(f"{source}: klass {_qualname(klass)} is not one of the allowed "
                              f"model classes {[c.__name__ for c in allowed_classes]}.")
     kwargs = _check_kwargs(klass, package["kwargs"], strict, source)
-    from demucs_lora.model_files.package_bounds import check_package_bounds  # before allocating (issue 15)
+    # before allocating (issue 15)
+    from demucs_lora.model_files.package_bounds import check_package_bounds
     check_package_bounds(klass, package["args"], kwargs, package["state"], source)
     try:
         model = klass(*package["args"], **kwargs)
