@@ -86,6 +86,15 @@ def tiny_lines(data: tp.Optional[dict]) -> tp.List[str]:
     return [line.replace("](benchmarks/", "](../benchmarks/") for line in table_lines(data)]
 
 
+def _shipped(recipe: dict) -> str:
+    """Which chunk's model the asset is, once the pre-training converged."""
+    asset = recipe.get("asset")
+    if not asset:
+        return ""
+    return (f" The shipped file is chunk {asset['chunk']}'s model (XP {asset['xp']}, valid "
+            f"nSDR {asset['valid_nsdr']:.3f}), the best chunk.")
+
+
 def base_lines(recipe: tp.Optional[dict]) -> tp.List[str]:
     """The mid-size base's pre-training so far: the valid nSDR curve, chunk by chunk."""
     if not recipe:
@@ -96,7 +105,7 @@ def base_lines(recipe: tp.Optional[dict]) -> tp.List[str]:
              f"{recipe['params']:,} parameters, stored {recipe['stored']}. Valid nSDR "
              f"(dB, 4 stems, domain A) before training: "
              f"{_cell(recipe.get('valid_initial_nsdr'), '{:.3f}')}; best "
-             f"{recipe['best_valid_nsdr']:.3f}.", "",
+             f"{recipe['best_valid_nsdr']:.3f}." + _shipped(recipe), "",
              "| chunk | XP | seed | valid nSDR after each epoch | best | train s |",
              "|---|---|---|---|---|---|"]
     for c in recipe["chunks"]:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from demucs_lora.core.errors import exit_on_user_error
 from demucs_lora.core.files import atomic_torch_save, atomic_write_text
-from demucs_lora.core.paths import ASSETS_DIR, REPO_DIR
+from demucs_lora.core.paths import ASSETS_DIR, CONF_DIR, REPO_DIR
 
 MEDIUM_ASSET = ASSETS_DIR / "base_medium_A.th"
 # Synthetic domain A, 4 stems, as the tiny base but twice the tracks (a 9x larger model).
@@ -126,6 +126,33 @@ def train_base(asset: Path = MEDIUM_ASSET, base_args: tp.Sequence[str] = tuple(M
         print(f"chunk {k}: best valid nSDR {chunks[-1]['best_valid_nsdr']:.3f} dB; "
               f"wrote {asset} and its .json", flush=True)
         done_now += 1
+    return ship_best_chunk(asset, workdir) if converged(chunks) else recipe
+
+
+def ship_best_chunk(asset: Path, workdir: Path = REPO_DIR) -> dict:
+    """Once converged, the asset is the best chunk's model (each chunk wrote its own best,
+    and a later chunk may have ended lower): rewritten from that chunk's XP when it is
+    still there, and the JSON says which chunk and valid nSDR the shipped file has."""
+    from omegaconf import OmegaConf
+    recipe = read_recipe(asset)
+    chunks = recipe["chunks"]
+    best = max(chunks, key=lambda c: c["best_valid_nsdr"])
+    if recipe.get("asset", {}).get("chunk") == best["chunk"]:
+        return recipe
+    if best is not chunks[-1]:
+        xp = Path(workdir) / OmegaConf.load(CONF_DIR / "config.yaml").dora.dir / "xps" / \
+            best["xp"]
+        if not (xp / "best.th").is_file():
+            print(f"note: chunk {best['chunk']}'s XP {xp} is gone: the asset stays chunk "
+                  f"{chunks[-1]['chunk']}'s model", file=sys.stderr)
+            best = chunks[-1]
+        else:
+            save_base(xp, asset)
+    recipe["asset"] = {"chunk": best["chunk"], "xp": best["xp"],
+                       "valid_nsdr": best["best_valid_nsdr"]}
+    atomic_write_text(asset.with_suffix(".json"), json.dumps(recipe, indent=2) + "\n")
+    print(f"converged: {asset} is chunk {best['chunk']}'s model (valid nSDR "
+          f"{best['best_valid_nsdr']:.3f} dB)", flush=True)
     return recipe
 
 
