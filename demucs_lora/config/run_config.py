@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from demucs_lora.core.plain import plain
 from demucs_lora.data.settings import DataConfig, from_node
 from demucs_lora.lora.config import LoraConfig
-from demucs_lora.models.spec import BaseSpec, ModelSpec
+from demucs_lora.models.spec import BaseSpec, ModelSpec, sources_or_base
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,11 +127,7 @@ def architecture_kwargs(cfg: DictConfig) -> tp.Dict[str, tp.Any]:
 
 def run_sources(cfg: DictConfig, base: tp.Optional[tp.Any] = None) -> tp.List[str]:
     """dset.sources, or (null) the base's sources, or the 4 demucs stems for a new model."""
-    sources = cfg.dset.get("sources")
-    if sources is not None:
-        return list(sources)
-    from demucs_lora.core.sources import DEFAULT_SOURCES
-    return list(base.sources) if base is not None else list(DEFAULT_SOURCES)
+    return sources_or_base(cfg.dset.get("sources"), base)
 
 
 def base_spec(cfg: DictConfig) -> BaseSpec:

@@ -12,6 +12,15 @@ from types import MappingProxyType
 from demucs_lora.lora.config import LoraConfig
 
 
+def sources_or_base(sources: tp.Optional[tp.Sequence[str]], base: tp.Any) -> tp.List[str]:
+    """A run's stems: `sources` when set, else the base's, else (a new model) the 4
+    demucs stems. The one rule, for the typed spec and the config's resolution."""
+    if sources is not None:
+        return list(sources)
+    from demucs_lora.core.sources import DEFAULT_SOURCES
+    return list(base.sources) if base is not None else list(DEFAULT_SOURCES)
+
+
 @dataclasses.dataclass(frozen=True)
 class BaseSpec:
     """The model to adapt: `continue_from` (None: a new model) and how it may be loaded."""
@@ -40,10 +49,7 @@ class ModelSpec:
 
     def sources_of(self, base: tp.Any) -> tp.List[str]:
         """The run's stems given its base (None: a new model)."""
-        if self.sources is not None:
-            return list(self.sources)
-        from demucs_lora.core.sources import DEFAULT_SOURCES
-        return list(base.sources) if base is not None else list(DEFAULT_SOURCES)
+        return sources_or_base(self.sources, base)
 
     @property
     def samplerate(self) -> int:
