@@ -1,6 +1,7 @@
 """The quality protocol where LoRA is low-rank (issue 19): two tasks, lr sweeps, seeds, CIs.
 
     python -m benchmarks.quality_protocol                        # the full protocol, resumable
+    python -m benchmarks.quality_protocol --jobs 2               # the two tasks side by side
     python -m benchmarks.quality_protocol --tasks four_stem --methods uniform,gora
     python -m benchmarks.quality_protocol --smoke --out TMP --workdir TMP/work   # CI
     python -m benchmarks.quality_protocol --docs                 # docs/quality.md tables
@@ -30,8 +31,12 @@ steps; uniform / full fine-tuning >= 0.95; the heuristic's cost (a speed/memory 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import math
+import os
+import subprocess
 import sys
 import typing as tp
 from pathlib import Path
@@ -105,7 +110,7 @@ class Protocol:
         self.plan, self.smoke, self.workdir, self.out = plan, smoke, workdir, out
         self.base = str(base.relative_to(ROOT)) if workdir == ROOT else str(base)
         self.base_sha256 = file_sha256(base)
-        self.log = workdir / "outputs" / f"{NAME}_dora.log"
+        self.log = workdir / "outputs" / f"{NAME}_dora_{'+'.join(plan['tasks'])}.log"
         self.log.parent.mkdir(parents=True, exist_ok=True)
         self.runs: tp.Dict[str, dict] = {}
         self.before: tp.Dict[str, dict] = {}
@@ -145,12 +150,54 @@ class Protocol:
         return self.before[task]
 
     def write(self, summary: tp.Optional[dict] = None) -> Path:
-        data = {"benchmark": NAME, "machine": common.describe_machine("cpu"),
-                "settings": {**settings(self.plan, self.smoke, self.base),
-                             "base_sha256": self.base_sha256}, "runs": self.runs,
-                "before": self.before, "errors": self.errors, **(summary or {})}
-        return common.write_result(NAME, data, argparse.Namespace(smoke=self.smoke,
-                                                                  out=str(self.out)))
+        """The results JSON, merged with what other protocol processes (--jobs) wrote."""
+        args = argparse.Namespace(smoke=self.smoke, out=str(self.out))
+        path = self.out / f"{common.result_name(NAME, 'cpu', self.smoke)}.json"
+        with _locked(path):
+            old = json.loads(path.read_text()) if path.exists() else {}
+            if old.get("settings", {}).get("base_sha256") != self.base_sha256:
+                old = {}
+            data = {"benchmark": NAME, "machine": common.describe_machine("cpu"),
+                    "settings": {**settings(self.plan, self.smoke, self.base),
+                                 "base_sha256": self.base_sha256},
+                    "runs": {**old.get("runs", {}), **self.runs},
+                    "before": {**old.get("before", {}), **self.before},
+                    "errors": list(dict.fromkeys([*old.get("errors", []), *self.errors])),
+                    **(summary or {})}
+            return common.write_result(NAME, data, args)
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """An exclusive lock beside `path`, so two protocol processes never lose a run."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.name}.lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def run_tasks_side_by_side(argv: tp.Sequence[str], tasks: tp.Sequence[str], jobs: int) -> int:
+    """One protocol process per task (at most `jobs` at once), each on cores // jobs
+    threads: measured on the 2-core machine, two 1-thread trainings of the mid-size base
+    did 1.5x the steps per second of one 2-thread training. Returns the worst exit code."""
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    rest = [a for i, a in enumerate(argv) if not a.startswith(("--jobs", "--tasks")) and
+            (i == 0 or argv[i - 1] not in ("--jobs", "--tasks"))]
+    pending, running, worst = list(tasks), [], 0
+    while pending or running:
+        while pending and len(running) < jobs:
+            task = pending.pop(0)
+            print(f"task {task}: protocol process on {threads} thread(s)", flush=True)
+            running.append(subprocess.Popen(
+                [sys.executable, "-m", "benchmarks.quality_protocol", *rest, "--tasks", task],
+                cwd=ROOT, env=env))
+        running[0].wait()
+        worst = max(worst, running.pop(0).returncode)
+    return worst
 
 
 def check_same_base(path: Path, sha256: str) -> tp.Optional[str]:
@@ -303,6 +350,8 @@ def parse(argv) -> tp.Tuple[argparse.Namespace, dict]:
     parser.add_argument("--epochs", type=int, help=f"epochs per run (default {PLAN['epochs']})")
     parser.add_argument("--out", help="results folder (default benchmarks/results)")
     parser.add_argument("--workdir", help="cwd of the dora runs (default: the repository root)")
+    parser.add_argument("--jobs", type=int, default=1, help="run up to N tasks side by side, "
+                        "each on cores/N threads, then summarize (default 1)")
     parser.add_argument("--docs", action="store_true", help="only regenerate docs/quality.md "
                         "from benchmarks/results/quality*.json")
     args = parser.parse_args(argv)
@@ -321,10 +370,16 @@ def parse(argv) -> tp.Tuple[argparse.Namespace, dict]:
 
 
 def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args, plan = parse(argv)
     if args.docs:
         print(f"wrote {write_docs()}")
         return 0
+    if args.jobs > 1 and len(plan["tasks"]) > 1:
+        code = run_tasks_side_by_side(argv, plan["tasks"], args.jobs)
+        if code:
+            return code
+        print("all tasks finished: the summary pass re-reads them", flush=True)
     common.passive_omp()
     workdir = Path(args.workdir).resolve() if args.workdir else ROOT
     out = common.results_dir(args).resolve()

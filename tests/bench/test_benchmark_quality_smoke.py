@@ -163,3 +163,49 @@ def test_quality_protocol_smoke(tmp_path):
     again = json.loads((out / "quality_protocol_smoke.json").read_text())
     assert again["tasks"]["four_stem"]["uniform"]["test_gains"] == \
         result["tasks"]["four_stem"]["uniform"]["test_gains"]
+
+
+def test_protocol_processes_merge_their_runs(tmp_path):
+    """--jobs runs one process per task, all writing one results JSON: a write keeps the
+    runs the other process wrote, and drops results measured on another base."""
+    from benchmarks import quality_protocol as qp
+    plan = dict(qp.SMOKE_PLAN)
+    one = qp.Protocol({**plan, "tasks": ("five_stem",)}, True, tmp_path, tmp_path, quality.BASE)
+    two = qp.Protocol({**plan, "tasks": ("four_stem",)}, True, tmp_path, tmp_path, quality.BASE)
+    one.runs["five_stem/uniform@lr=3e-3,seed=0"] = {"test_gain": 1.0}
+    one.write()
+    two.runs["four_stem/uniform@lr=3e-3,seed=0"] = {"test_gain": 2.0}
+    two.errors.append("four_stem: failed")
+    path = two.write()
+    data = json.loads(path.read_text())
+    assert set(data["runs"]) == {"five_stem/uniform@lr=3e-3,seed=0",
+                                 "four_stem/uniform@lr=3e-3,seed=0"}
+    assert data["errors"] == ["four_stem: failed"]
+    data["settings"]["base_sha256"] = "0" * 64     # measured on another base: not merged
+    path.write_text(json.dumps(data))
+    one.write()
+    assert set(json.loads(path.read_text())["runs"]) == {"five_stem/uniform@lr=3e-3,seed=0"}
+
+
+def test_side_by_side_tasks_keep_the_other_options(monkeypatch):
+    """Each task's process gets the user's options but its own --tasks, on cores/jobs
+    threads."""
+    from benchmarks import quality_protocol as qp
+    started = []
+
+    class Proc:
+        returncode = 0
+
+        def __init__(self, cmd, cwd, env):
+            started.append((cmd, env["OMP_NUM_THREADS"]))
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(qp.subprocess, "Popen", Proc)
+    monkeypatch.setattr(qp.os, "cpu_count", lambda: 2)
+    argv = ["--jobs", "2", "--methods", "uniform", "--tasks=five_stem,four_stem", "--seeds", "2"]
+    assert qp.run_tasks_side_by_side(argv, ("five_stem", "four_stem"), 2) == 0
+    assert [(c[3:], t) for c, t in started] == [
+        (["--methods", "uniform", "--seeds", "2", "--tasks", "five_stem"], "1"),
+        (["--methods", "uniform", "--seeds", "2", "--tasks", "four_stem"], "1")]
