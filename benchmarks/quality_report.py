@@ -47,9 +47,11 @@ def _steps(m: dict, uniform: tp.Optional[dict]) -> str:
 
 def protocol_lines(data: tp.Optional[dict]) -> tp.List[str]:
     """The protocol's table: method, params (% of model), gain ± CI per task, steps."""
-    if not data or "tasks" not in data:
+    if not data or not data.get("runs"):
         return ["_Not measured yet: the protocol has not been run on the mid-size base "
                 "(command and cost above)._"]
+    if "tasks" not in data:
+        return partial_lines(data)
     s = data["settings"]
     tasks = list(data["tasks"])
     lines = [f"Base {s['base']}; {s['steps']} steps per run; test gain over the starting "
@@ -75,6 +77,22 @@ def protocol_lines(data: tp.Optional[dict]) -> tp.List[str]:
     stem = "../benchmarks/results/" + ("quality_protocol_smoke" if s["smoke"] else
                                        "quality_protocol")
     lines.append(f"\n![valid gain vs steps]({stem}_gain_vs_steps.png)")
+    return lines
+
+
+def partial_lines(data: dict) -> tp.List[str]:
+    """The runs finished so far, while the protocol is still under way (no verdicts yet)."""
+    runs = sorted(data["runs"].values(), key=lambda r: (r["task"], r["method"], float(r["lr"]),
+                                                         r["seed"]))
+    lines = [f"_In progress: {len(runs)} runs finished; the per-method summary, CIs and "
+             "verdicts appear once every run of the plan has finished (the command above "
+             "goes on where it stopped)._", "",
+             "| task | method | lr | seed | trainable params | valid gain | test gain | "
+             "train s |", "|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        lines.append(f"| {r['task']} | {r['method']} | {r['lr']} | {r['seed']} | "
+                     f"{r['params']:,} | {_cell(r['valid_gain'])} | {_cell(r['test_gain'])} | "
+                     f"{r['train_seconds']:.0f} |")
     return lines
 
 

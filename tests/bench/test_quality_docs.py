@@ -71,3 +71,17 @@ def test_protocol_refuses_to_resume_on_another_base(tmp_path):
     assert quality_protocol.check_same_base(results, "a" * 64) is None
     problem = quality_protocol.check_same_base(results, "b" * 64)
     assert "another version of the base" in problem and str(results) in problem
+
+
+def test_partial_protocol_lists_its_finished_runs():
+    """Between sittings (no summary yet) the docs list every finished run, sorted."""
+    from benchmarks.quality_report import protocol_lines
+    run = {"task": "five_stem", "method": "full", "seed": 0, "params": 4085274,
+           "valid_gain": 7.05, "test_gain": 7.11, "train_seconds": 256.6}
+    data = {"runs": {"b": {**run, "lr": "1e-3"}, "a": {**run, "lr": "3e-4", "test_gain": 5.2}}}
+    lines = protocol_lines(data)
+    assert "2 runs finished" in lines[0]
+    rows = [line for line in lines if line.startswith("| five_stem")]
+    assert rows == ["| five_stem | full | 3e-4 | 0 | 4,085,274 | +7.05 | +5.20 | 257 |",
+                    "| five_stem | full | 1e-3 | 0 | 4,085,274 | +7.05 | +7.11 | 257 |"]
+    assert "Not measured yet" in protocol_lines({"runs": {}})[0]
