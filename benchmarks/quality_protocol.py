@@ -42,6 +42,7 @@ import typing as tp
 from pathlib import Path
 
 from demucs_lora.core.files import file_sha256
+from demucs_lora.grids.methods import METHODS, method
 
 from . import common, quality
 from . import quality_stats as stats
@@ -58,38 +59,13 @@ SMOKE = ["model=htdemucs_tiny", "dset.synth.tracks=2", "dset.synth.valid_tracks=
          "dset.synth.test_tracks=1", "dset.synth.seconds=3", "dset.segment=1",
          "batch_size=2", "max_batches=1", "htdemucs.lora_gradient_batches=1"]
 PLAN = {"tasks": tuple(TASKS), "rank": 8, "epochs": 8, "seeds": 3, "max_extend": 2,
-        "methods": ("full", "uniform", "heuristic", "gradient", "adaptive", "sensitivity",
-                    "lora_ga", "gora", "gradient_rslora", "gradient_mean_rank", "lora_plus")}
+        "methods": METHODS}
 SMOKE_PLAN = {"tasks": tuple(TASKS), "rank": 2, "epochs": 1, "seeds": 2, "max_extend": 0,
               "methods": ("uniform", "gora"), "lrs": ("3e-3",)}
 BUDGET_TOLERANCE = 0.05
 ALLOCATION_OR_INIT = ("gradient", "adaptive", "sensitivity", "lora_ga", "gora",
                       "gradient_rslora", "gradient_mean_rank")
 INITS = ("lora_ga", "gora")
-
-
-def method_args(key: str, rank: int) -> tp.Tuple[str, tuple]:
-    """(label, dora overrides) of a method at the budget of uniform at `rank`."""
-    r = f"htdemucs.lora_rank={rank}"
-    grad = (r, "htdemucs.lora_rank_mode=gradient")
-    table = {
-        "full": ("full FT", ("htdemucs.lora_rank=0",)),
-        "uniform": (f"uniform r={rank}", (r,)),
-        "heuristic": (f"heuristic r={rank} budget-matched",
-                      (r, "htdemucs.lora_rank_mode=heuristic", "htdemucs.lora_budget_match=true")),
-        "gradient": (f"gradient r={rank}", grad),
-        "adaptive": (f"gradient r={rank} + rank adaptation",
-                     (*grad, "htdemucs.lora_rank_adaptation=true", "htdemucs.lora_adapt_every=2")),
-        "sensitivity": (f"sensitivity r={rank}", (r, "htdemucs.lora_rank_mode=sensitivity")),
-        "lora_ga": (f"LoRA-GA r={rank}", (r, "htdemucs.lora_init=gradient")),
-        "gora": (f"gradient + LoRA-GA r={rank} (GoRA)", (*grad, "htdemucs.lora_init=gradient")),
-        "gradient_rslora": (f"gradient r={rank}, alpha/sqrt(r)",
-                            (*grad, "htdemucs.lora_rslora=true")),
-        "gradient_mean_rank": (f"gradient r={rank}, mean-rank scaling",
-                               (*grad, "htdemucs.lora_scaling=mean_rank")),
-        "lora_plus": (f"LoRA+ r={rank} (ratio 16)", (r, "optim.lora_plus_ratio=16")),
-    }
-    return table[key]
 
 
 class Run(tp.NamedTuple):
@@ -117,7 +93,7 @@ class Protocol:
         self.errors: tp.List[str] = []
 
     def overrides(self, run: Run) -> tp.List[str]:
-        _, args = method_args(run.method, self.plan["rank"])
+        args = method(run.method, self.plan["rank"]).overrides
         return [f"continue_from={self.base}",
                 *quality.shared_args(SMOKE if self.smoke else COMMON, args),
                 *TASKS[run.task], f"epochs={self.plan['epochs']}", *args,
@@ -258,24 +234,24 @@ def summarize(folder: Path, run: Run, args: tp.Sequence[str], before: dict,
             "test": test, "test_gain": test.get("mean", math.nan) - before.get("mean", math.nan)}
 
 
-def sweep_and_seeds(protocol: Protocol, task: str, method: str) -> dict:
+def sweep_and_seeds(protocol: Protocol, task: str, key: str) -> dict:
     """The method's lr sweep (seed 0), then its best lr at every seed; its summary."""
-    full = method == "full"
+    full = key == "full"
     lrs = list(protocol.plan.get("lrs") or quality.START_LRS["full" if full else "lora"])
-    scores = {lr: protocol(Run(task, method, lr, 0))["valid_gain"] for lr in lrs}
+    scores = {lr: protocol(Run(task, key, lr, 0))["valid_gain"] for lr in lrs}
     for _ in range(protocol.plan["max_extend"]):
         lr = quality.next_lr(lrs, scores)
         if lr is None:
             break
         lrs.append(lr)
-        scores[lr] = protocol(Run(task, method, lr, 0))["valid_gain"]
+        scores[lr] = protocol(Run(task, key, lr, 0))["valid_gain"]
     best, at_edge = quality.best_lr(scores)
-    seeds = [protocol(Run(task, method, best, s)) for s in range(protocol.plan["seeds"])] \
+    seeds = [protocol(Run(task, key, best, s)) for s in range(protocol.plan["seeds"])] \
         if best else []
-    label, _ = method_args(method, protocol.plan["rank"])
+    label = method(key, protocol.plan["rank"]).label
     steps = seeds[0]["steps"] if seeds else None
     params = seeds[0]["params"] if seeds else None
-    return {"method": method, "label": label, "lr": best, "best_at_edge": at_edge,
+    return {"method": key, "label": label, "lr": best, "best_at_edge": at_edge,
             "sweep": {lr: scores[lr] for lr in sorted(lrs, key=float)},
             "params": params, "model_params": seeds[0]["model_params"] if seeds else None,
             "steps": steps, "seeds": [r["seed"] for r in seeds],

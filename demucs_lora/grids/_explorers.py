@@ -1,4 +1,4 @@
-"""What `dora grid NAME` prints per XP: rank mode, budget, trainable params, metrics."""
+"""What `dora grid NAME` prints per XP: method, rank, trainable params, metrics."""
 from __future__ import annotations
 
 import json
@@ -9,6 +9,7 @@ import treetable as tt
 from dora import Explorer
 
 from demucs_lora.core.sources import DEFAULT_SOURCES
+from demucs_lora.grids.methods import describe
 
 UNREADABLE = "unreadable"
 
@@ -27,7 +28,8 @@ def _trainable(folder: Path) -> tp.Union[int, str, None]:
 
 
 class RankModesExplorer(Explorer):
-    """Columns: mode, rank, trainable LoRA params; train epoch/loss; valid nSDR per source."""
+    """Columns: method (`methods.describe`), rank, trainable LoRA params; train epoch/loss;
+    valid nSDR per source."""
 
     sources: tp.Sequence[str] = DEFAULT_SOURCES
 
@@ -37,7 +39,7 @@ class RankModesExplorer(Explorer):
 
     def get_grid_metrics(self):
         return [
-            tt.group("lora", [tt.leaf("mode"), tt.leaf("rank", align=">"),
+            tt.group("lora", [tt.leaf("method"), tt.leaf("rank", align=">"),
                               tt.leaf("params", align=">")]),
             tt.group("train", [tt.leaf("epoch"), tt.leaf("loss", ".4f")], align=">"),
             tt.group("valid", [tt.leaf(name, ".2f") for name in self.sources]
@@ -46,10 +48,8 @@ class RankModesExplorer(Explorer):
 
     def process_sheep(self, sheep, history: tp.List[dict]) -> dict:
         cfg = sheep.xp.cfg
-        rank = cfg.htdemucs.lora_rank
-        mode = cfg.htdemucs.lora_rank_mode if rank > 0 else "full"
         params = _trainable(Path(sheep.xp.folder))
-        out = {"lora": {"mode": mode, "rank": rank,
+        out = {"lora": {"method": describe(cfg), "rank": cfg.htdemucs.lora_rank,
                         "params": params if params is not None else "-"}}
         if not history:
             return out

@@ -1,4 +1,6 @@
-"""Sweep rank modes at a matched budget, uniform ranks 4/8/16, and a full fine-tune.
+"""Sweep the adaptation methods at a matched budget, uniform ranks 4/8/16, and a full
+fine-tune. The methods (GRID_METHODS) are named in `grids.methods`, the table the quality
+protocol measures them with (docs/quality.md).
 
 `dora grid rank_modes` adapts one base on one dataset. Which base, data and resources
 come from the environment so one grid file serves a laptop cluster and a real one:
@@ -13,7 +15,9 @@ import os
 import shlex
 
 from demucs_lora.grids._explorers import RankModesExplorer
+from demucs_lora.grids.methods import method
 
+GRID_METHODS = ("full", "uniform", "heuristic", "gradient")
 DEFAULT_ARGS = ("model=htdemucs_tiny continue_from=demucs_lora/assets/base_tiny_A.th "
                 "dset.synth.domain=B epochs=4")
 
@@ -23,13 +27,10 @@ def explorer(launcher):
     args = shlex.split(os.environ.get("DEMUCS_LORA_GRID_ARGS", DEFAULT_ARGS))
     launcher.bind_(args)
     launcher.slurm_(**_slurm_from(args))
-    launcher({"htdemucs.lora_rank": 0})  # full fine-tune reference
-    launcher({"htdemucs.lora_rank": 8})  # uniform: the parameter budget the others match
-    launcher({"htdemucs.lora_rank": 8, "htdemucs.lora_rank_mode": "heuristic",
-              "htdemucs.lora_budget_match": True})
-    launcher({"htdemucs.lora_rank": 8, "htdemucs.lora_rank_mode": "gradient"})
+    for key in GRID_METHODS:   # uniform r=8: the parameter budget the others match
+        launcher(list(method(key).overrides))
     for rank in (4, 16):
-        launcher({"htdemucs.lora_rank": rank, "htdemucs.lora_rank_mode": "uniform"})
+        launcher(list(method("uniform", rank).overrides))
 
 
 def _slurm_from(args):

@@ -1,20 +1,25 @@
 """`dora grid`: a torn ranks.json or history in one XP shows that row as unreadable and
 keeps the table; no Slurm on the machine is one line naming tools/slurm_local.sh and
 --dry_run, not submitit's traceback."""
+import functools
 import json
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from omegaconf import OmegaConf
 
 from demucs_lora.grids._explorers import UNREADABLE, RankModesExplorer
 
 
+@functools.lru_cache()
+def _cfg(rank):
+    from demucs_lora.config.compose import compose
+    return compose(["model=htdemucs_tiny", f"htdemucs.lora_rank={rank}"])
+
+
 def _sheep(folder, rank=8):
-    cfg = OmegaConf.create({"htdemucs": {"lora_rank": rank, "lora_rank_mode": "uniform"}})
-    return SimpleNamespace(xp=SimpleNamespace(cfg=cfg, folder=folder))
+    return SimpleNamespace(xp=SimpleNamespace(cfg=_cfg(rank), folder=folder))
 
 
 @pytest.mark.parametrize("text", ['{"layers": [{"trainable": 4', "[1, 2]",
