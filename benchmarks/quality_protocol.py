@@ -301,6 +301,21 @@ def task_verdicts(task: str, methods: tp.Dict[str, dict], rank: int) -> tp.List[
     return rows
 
 
+def earned(tasks: tp.Mapping[str, tp.Mapping[str, dict]]) -> tp.List[str]:
+    """The methods that beat uniform beyond noise on every task (at least +0.2 dB, 95 % CI
+    above 0): the ones `dora grid rank_modes` sweeps and the docs recommend."""
+    out = []
+    for key in PLAN["methods"]:
+        if key in ("full", "uniform"):
+            continue
+        diffs = [stats.difference_ci(ms[key]["test_gains"], ms["uniform"]["test_gains"])
+                 for ms in tasks.values() if key in ms and "uniform" in ms]
+        if diffs and len(diffs) == len(tasks) and \
+                all(d["diff"] >= 0.2 and d["low"] > 0 for d in diffs):
+            out.append(key)
+    return out
+
+
 def _mean(m: dict) -> float:
     value = m["test_gain"]["mean"]
     return value if math.isfinite(value) else -math.inf
@@ -378,7 +393,8 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     tasks = {t: {m: sweep_and_seeds(protocol, t, m) for m in plan["methods"]}
              for t in plan["tasks"]}
     verdicts = [v for t, ms in tasks.items() for v in task_verdicts(t, ms, plan["rank"])]
-    path = protocol.write({"tasks": tasks, "verdicts": verdicts})
+    chosen = earned(tasks)
+    path = protocol.write({"tasks": tasks, "verdicts": verdicts, "earned": chosen})
     figure = write_figure(tasks, out / f"{path.stem}_gain_vs_steps.png")
     for task, methods in tasks.items():
         print(f"\n{task}:")
@@ -390,6 +406,8 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     for v in verdicts:
         print(f"  [{'PASS' if v['pass'] else 'MISS'}] {v['name']}: {v['value']:.3f} "
               f"(target {v['op']} {v['target']}) {v['note']}")
+    print("earned a place in dora grid rank_modes: " + (", ".join(chosen) if chosen else
+          "none (uniform is the recommendation)"))
     print(f"wrote {path}, {figure.name}")
     return 1 if protocol.errors else 0
 

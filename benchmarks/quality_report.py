@@ -74,10 +74,25 @@ def protocol_lines(data: tp.Optional[dict]) -> tp.List[str]:
     for v in data.get("verdicts", []):
         lines.append(f"- {v['name']}: {_cell(v['value'], '{:.3f}')} (target {v['op']} "
                      f"{v['target']}) **{'PASS' if v['pass'] else 'MISS'}** {v['note']}")
+    lines += recommendation_lines(data)
     stem = "../benchmarks/results/" + ("quality_protocol_smoke" if s["smoke"] else
                                        "quality_protocol")
     lines.append(f"\n![valid gain vs steps]({stem}_gain_vs_steps.png)")
     return lines
+
+
+def recommendation_lines(data: dict) -> tp.List[str]:
+    """What the protocol recommends: the methods that earned a place, or uniform."""
+    if "earned" not in data:
+        return []
+    first = next(iter(data["tasks"].values()))
+    names = [first[k]["label"] if k in first else k for k in data["earned"]]
+    if names:
+        return ["", f"**Earned a place** (at least +0.2 dB over uniform with a 95 % CI above 0, "
+                f"on every task): {', '.join(names)}. `dora grid rank_modes` sweeps them."]
+    return ["", "**No method beat uniform beyond noise on every task** (at least +0.2 dB "
+            "with a 95 % CI above 0; the numbers are above): uniform is the "
+            "recommendation, and `dora grid rank_modes` sweeps it against full fine-tuning."]
 
 
 def partial_lines(data: dict) -> tp.List[str]:

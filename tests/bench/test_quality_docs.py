@@ -85,3 +85,22 @@ def test_partial_protocol_lists_its_finished_runs():
     assert rows == ["| five_stem | full | 3e-4 | 0 | 4,085,274 | +7.05 | +5.20 | 257 |",
                     "| five_stem | full | 1e-3 | 0 | 4,085,274 | +7.05 | +7.11 | 257 |"]
     assert "Not measured yet" in protocol_lines({"runs": {}})[0]
+
+
+def test_a_method_earns_its_place_only_beyond_noise_on_every_task():
+    from benchmarks.quality_protocol import earned
+    from benchmarks.quality_report import recommendation_lines
+
+    def task(gora, gradient):
+        return {"uniform": {"test_gains": [5.0, 5.1, 4.9], "label": "uniform r=8"},
+                "gora": {"test_gains": gora, "label": "GoRA"},
+                "gradient": {"test_gains": gradient, "label": "gradient"}}
+    clear, noisy = [5.6, 5.7, 5.5], [5.0, 6.4, 4.4]
+    assert earned({"a": task(clear, noisy), "b": task(clear, clear)}) == ["gora"]
+    assert earned({"a": task(clear, clear), "b": task([5.2, 5.3, 5.1], clear)}) == ["gradient"]
+    assert earned({"a": task(noisy, noisy)}) == []
+    tasks = {"a": task(clear, clear)}
+    assert "GoRA" in recommendation_lines({"tasks": tasks, "earned": ["gora"]})[1]
+    assert "uniform is the recommendation" in recommendation_lines(
+        {"tasks": tasks, "earned": []})[1]
+    assert recommendation_lines({"tasks": tasks}) == []

@@ -49,3 +49,15 @@ def test_grid_launches_its_methods_with_the_protocols_overrides(monkeypatch):
     assert launcher.slurm == {"gpus": 2}
     described = [methods.describe(_cfg(c)) for c in launcher.calls]
     assert len(set(described)) == len(described), described
+
+
+def test_grid_sweeps_every_method_that_earned_its_place():
+    """What the quality protocol found (benchmarks/results/quality_protocol.json): the
+    grid launches full FT, uniform and every method that beat uniform on every task."""
+    import json
+    from pathlib import Path
+    results = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / \
+        "quality_protocol.json"
+    earned = json.loads(results.read_text()).get("earned", [])
+    assert {"full", "uniform", *earned} <= set(rank_modes.GRID_METHODS)
+    assert set(rank_modes.GRID_METHODS) <= set(methods.METHODS)
