@@ -14,8 +14,9 @@ again: stop the protocol at any time and run the same command to go on. The resu
 rewritten after every run. Per task and method (METHODS, all LoRA methods at the parameter
 budget of uniform r=8, checked to +-5 %):
 
-1. lr sweep at seed 0 on the LR ladder of benchmarks/quality.py, extended past an edge best
-   (up to --max-extend values), chosen on the valid split;
+1. lr sweep at seed 0 from START_LRS on the LR ladder of benchmarks/quality.py, extended past
+   an edge best (up to --max-extend values), chosen on the valid split; seed-0 runs already
+   finished at other lrs of the ladder join the sweep;
 2. the best lr again with seeds 1 .. SEEDS-1 (the seed moves the data order, the adapter
    init and the calibration batches); test gain = test nSDR of the valid-selected best.th
    minus that of the starting model (the base with its remapped heads); mean and 95 % CI
@@ -58,8 +59,14 @@ COMMON = ["model=htdemucs_medium", "dset.synth.tracks=16", "dset.synth.valid_tra
 SMOKE = ["model=htdemucs_tiny", "dset.synth.tracks=2", "dset.synth.valid_tracks=1",
          "dset.synth.test_tracks=1", "dset.synth.seconds=3", "dset.segment=1",
          "batch_size=2", "max_batches=1", "htdemucs.lora_gradient_batches=1"]
+# Where each sweep starts. LoRA starts at 3e-3, 1e-2, 3e-2: uniform, swept first from 1e-3,
+# was best at 1e-2 on both tasks and collapsed at 3e-2 (valid gain at 1e-3 / 3e-3 / 1e-2 /
+# 3e-2: five_stem +5.88 / +7.36 / +7.74 / +2.27 dB, four_stem +4.42 / +5.15 / +5.58 / -0.63),
+# so starting there saves a run per method; a method best at 3e-3 still extends down. Runs
+# already finished at other lrs of the ladder join their method's sweep.
+START_LRS = {"full": ("3e-4", "1e-3", "3e-3"), "lora": ("3e-3", "1e-2", "3e-2")}
 PLAN = {"tasks": tuple(TASKS), "rank": 8, "epochs": 8, "seeds": 3, "max_extend": 2,
-        "methods": METHODS}
+        "methods": METHODS, "start_lrs": START_LRS}
 SMOKE_PLAN = {"tasks": tuple(TASKS), "rank": 2, "epochs": 1, "seeds": 2, "max_extend": 0,
               "methods": ("uniform", "gora"), "lrs": ("3e-3",)}
 BUDGET_TOLERANCE = 0.05
@@ -117,6 +124,13 @@ class Protocol:
         print(f"{run.key}: XP {folder.name}, valid gain {result['valid_gain']:+.3f} dB, "
               f"test gain {result['test_gain']:+.3f} dB", flush=True)
         return result
+
+    def finished_lrs(self, task: str, key: str) -> tp.List[str]:
+        """The ladder's lrs at which this method's seed-0 run has finished (XP folders)."""
+        from demucs_lora.train import xp_folder_in
+        return [lr for lr in quality.LR_LADDER if quality.finished(quality.read_history(
+            xp_folder_in(self.overrides(Run(task, key, lr, 0)), self.workdir)),
+            self.plan["epochs"])]
 
     def before_scores(self, task: str, args: tp.Sequence[str]) -> dict:
         """Test nSDR of the task's starting model (the base with the task's heads)."""
@@ -236,8 +250,11 @@ def summarize(folder: Path, run: Run, args: tp.Sequence[str], before: dict,
 
 def sweep_and_seeds(protocol: Protocol, task: str, key: str) -> dict:
     """The method's lr sweep (seed 0), then its best lr at every seed; its summary."""
-    full = key == "full"
-    lrs = list(protocol.plan.get("lrs") or quality.START_LRS["full" if full else "lora"])
+    if protocol.plan.get("lrs"):
+        lrs = list(protocol.plan["lrs"])
+    else:
+        start = protocol.plan["start_lrs"]["full" if key == "full" else "lora"]
+        lrs = sorted(set(start) | set(protocol.finished_lrs(task, key)), key=float)
     scores = {lr: protocol(Run(task, key, lr, 0))["valid_gain"] for lr in lrs}
     for _ in range(protocol.plan["max_extend"]):
         lr = quality.next_lr(lrs, scores)
@@ -328,7 +345,8 @@ def settings(plan: dict, smoke: bool, base: str) -> dict:
             "task_args": {t: list(TASKS[t]) for t in plan["tasks"]},
             "methods": list(plan["methods"]), "rank": plan["rank"], "epochs": plan["epochs"],
             "steps": plan["epochs"] * int(opt["max_batches"]), "seeds": plan["seeds"],
-            "max_extend": plan["max_extend"], "lr_ladder": list(quality.LR_LADDER)}
+            "max_extend": plan["max_extend"], "lr_ladder": list(quality.LR_LADDER),
+            "start_lrs": plan.get("lrs") or plan["start_lrs"]}
 
 
 def parse(argv) -> tp.Tuple[argparse.Namespace, dict]:

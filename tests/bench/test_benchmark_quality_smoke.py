@@ -210,3 +210,35 @@ def test_side_by_side_tasks_keep_the_other_options(monkeypatch):
     assert [(c[3:], t) for c, t in started] == [
         (["--methods", "uniform", "--seeds", "2", "--tasks", "five_stem"], "1"),
         (["--methods", "uniform", "--seeds", "2", "--tasks", "four_stem"], "1")]
+
+
+def test_protocol_sweep_takes_in_finished_runs_off_its_start():
+    """A method swept before the start moved keeps its finished lrs in its sweep; a new one
+    starts at START_LRS and extends past an edge best."""
+    from benchmarks import quality_protocol as qp
+
+    class Fake:
+        plan = dict(qp.PLAN, seeds=2)
+
+        def __init__(self, finished, scores):
+            self.finished, self.scores, self.ran = finished, scores, []
+
+        def finished_lrs(self, task, key):
+            return self.finished
+
+        def __call__(self, run):
+            self.ran.append((run.lr, run.seed))
+            return {"valid_gain": self.scores[run.lr], "test_gain": 1.0, "steps": 96,
+                    "params": 10, "model_params": 100, "seed": run.seed,
+                    "valid_curve": [self.scores[run.lr]]}
+
+    old = Fake(["1e-3", "3e-3", "1e-2", "3e-2"], {"1e-3": 5.9, "3e-3": 7.4, "1e-2": 7.7,
+                                                 "3e-2": 2.3})
+    summary = qp.sweep_and_seeds(old, "five_stem", "uniform")
+    assert list(summary["sweep"]) == ["1e-3", "3e-3", "1e-2", "3e-2"]
+    assert summary["lr"] == "1e-2" and not summary["best_at_edge"]
+    new = Fake([], {"3e-4": 6.5, "1e-3": 7.0, "3e-3": 6.0, "1e-2": 5.0, "3e-2": 1.0})
+    summary = qp.sweep_and_seeds(new, "five_stem", "gora")
+    first = [lr for lr, seed in new.ran if seed == 0][:5]
+    assert first == ["3e-3", "1e-2", "3e-2", "1e-3", "3e-4"]
+    assert summary["lr"] == "1e-3" and new.ran[-1] == ("1e-3", 1)
