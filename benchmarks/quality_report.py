@@ -95,13 +95,36 @@ def recommendation_lines(data: dict) -> tp.List[str]:
             "recommendation, and `dora grid rank_modes` sweeps it against full fine-tuning."]
 
 
+def interim_lines(runs: tp.Sequence[dict]) -> tp.List[str]:
+    """Per task and method so far: the best lr of its seed-0 sweep (valid split) and the
+    test gain over the seeds run there, mean ± 95 % CI."""
+    from .quality import best_lr
+    from .quality_stats import mean_ci
+    groups: tp.Dict[tp.Tuple[str, str], tp.List[dict]] = {}
+    for r in runs:
+        groups.setdefault((r["task"], r["method"]), []).append(r)
+    lines = ["| task | method | sweep (valid gain at seed 0) | best lr | test gain at the best "
+             "lr |", "|---|---|---|---|---|"]
+    for (task, method), rs in groups.items():
+        sweep = {r["lr"]: r["valid_gain"] for r in rs if r["seed"] == 0}
+        best, at_edge = best_lr(sweep)
+        gains = [r["test_gain"] for r in rs if r["lr"] == best]
+        g = mean_ci(gains)
+        ci = f" ± {g['ci']:.2f}" if math.isfinite(g["ci"]) else ""
+        edge = " (edge: sweep goes on)" if at_edge else ""
+        lines.append(f"| {task} | {method} | " + ", ".join(
+            f"{lr}: {_cell(v)}" for lr, v in sorted(sweep.items(), key=lambda kv: float(kv[0])))
+            + f" | {best}{edge} | {_cell(g['mean'])}{ci} ({g['n']} seeds) |")
+    return lines
+
+
 def partial_lines(data: dict) -> tp.List[str]:
     """The runs finished so far, while the protocol is still under way (no verdicts yet)."""
     runs = sorted(data["runs"].values(), key=lambda r: (r["task"], r["method"], float(r["lr"]),
                                                          r["seed"]))
-    lines = [f"_In progress: {len(runs)} runs finished; the per-method summary, CIs and "
-             "verdicts appear once every run of the plan has finished (the command above "
-             "goes on where it stopped)._", "",
+    lines = [f"_In progress: {len(runs)} runs finished; the verdicts appear once every run "
+             "of the plan has finished (the command above goes on where it stopped)._", "",
+             *interim_lines(runs), "", "Every run so far:", "",
              "| task | method | lr | seed | trainable params | valid gain | test gain | "
              "train s |", "|---|---|---|---|---|---|---|---|"]
     for r in runs:

@@ -74,16 +74,24 @@ def test_protocol_refuses_to_resume_on_another_base(tmp_path):
 
 
 def test_partial_protocol_lists_its_finished_runs():
-    """Between sittings (no summary yet) the docs list every finished run, sorted."""
+    """Between sittings (no summary yet) the docs give each method's sweep, its best lr and
+    the seeds run there (mean ± CI), then every finished run, sorted."""
     from benchmarks.quality_report import protocol_lines
-    run = {"task": "five_stem", "method": "full", "seed": 0, "params": 4085274,
-           "valid_gain": 7.05, "test_gain": 7.11, "train_seconds": 256.6}
-    data = {"runs": {"b": {**run, "lr": "1e-3"}, "a": {**run, "lr": "3e-4", "test_gain": 5.2}}}
+    run = {"task": "five_stem", "method": "full", "params": 4085274, "train_seconds": 256.6}
+    data = {"runs": {
+        "b": {**run, "lr": "1e-3", "seed": 0, "valid_gain": 7.05, "test_gain": 7.0},
+        "a": {**run, "lr": "3e-4", "seed": 0, "valid_gain": 5.24, "test_gain": 5.2},
+        "c": {**run, "lr": "3e-3", "seed": 0, "valid_gain": 6.8, "test_gain": 6.8},
+        "d": {**run, "lr": "1e-3", "seed": 1, "valid_gain": 6.9, "test_gain": 8.0}}}
     lines = protocol_lines(data)
-    assert "2 runs finished" in lines[0]
+    assert "4 runs finished" in lines[0]
     rows = [line for line in lines if line.startswith("| five_stem")]
-    assert rows == ["| five_stem | full | 3e-4 | 0 | 4,085,274 | +7.05 | +5.20 | 257 |",
-                    "| five_stem | full | 1e-3 | 0 | 4,085,274 | +7.05 | +7.11 | 257 |"]
+    assert rows[0] == ("| five_stem | full | 3e-4: +5.24, 1e-3: +7.05, 3e-3: +6.80 | 1e-3 | "
+                       "+7.50 ± 6.35 (2 seeds) |")
+    assert rows[1:3] == ["| five_stem | full | 3e-4 | 0 | 4,085,274 | +5.24 | +5.20 | 257 |",
+                         "| five_stem | full | 1e-3 | 0 | 4,085,274 | +7.05 | +7.00 | 257 |"]
+    del data["runs"]["c"]
+    assert "1e-3 (edge: sweep goes on)" in protocol_lines(data)[4]
     assert "Not measured yet" in protocol_lines({"runs": {}})[0]
 
 
