@@ -131,7 +131,7 @@ def test_quality_protocol_smoke(tmp_path):
     """Both tasks, uniform and GoRA at 1 lr and 2 seeds, 1 step each; then a re-run that
     trains nothing; the docs table renders from the JSON."""
     from benchmarks import quality_report
-    from demucs_lora.grids import methods
+    from demucs_lora.grids.methods import method
     out, workdir = tmp_path / "results", tmp_path / "work"
     stdout = run_protocol(out, workdir)
     result = json.loads((out / "quality_protocol_smoke.json").read_text())
@@ -158,7 +158,7 @@ def test_quality_protocol_smoke(tmp_path):
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = "\n".join(quality_report.protocol_lines(result))
     assert "GoRA" in table and "five_stem: test gain" in table
-    assert methods.method("gora", 8).overrides[-1] == "htdemucs.lora_init=gradient"
+    assert method("gora", 8).overrides[-1] == "htdemucs.lora_init=gradient"
     stdout = run_protocol(out, workdir)   # resumable: finished XPs are not run again
     assert stdout.count("not run again") == 8, stdout[-2000:]
     again = json.loads((out / "quality_protocol_smoke.json").read_text())
