@@ -1,5 +1,6 @@
 """`dora grid rank_modes` on a real local Slurm, plus what changes a signature."""
 import json
+import time
 
 from .dora_helpers import BASE_ASSET, dora, xps
 
@@ -47,6 +48,9 @@ def test_grid_dry_run_and_init_without_slurm(tmp_path):
 
 
 def test_grid_on_local_slurm(tmp_path, slurm_cluster):
+    # Only this test's jobs: the cluster's accounting keeps earlier sessions' jobs, and
+    # the same grid signs its XPs alike (a killed earlier run would show FAILED).
+    since = ("-S", time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(time.time() - 1)))
     proc = _grid(tmp_path, "-i", "0.05", extra_env=slurm_cluster.env)
     text = proc.stdout + proc.stderr
     assert proc.returncode == 0, text[-4000:]
@@ -64,14 +68,14 @@ def test_grid_on_local_slurm(tmp_path, slurm_cluster):
     assert len(list(grid_dir.iterdir())) >= 6
     for mode in MODES:
         assert mode in proc.stdout, proc.stdout[-3000:]
-    jobs = slurm_cluster.run("sacct", "-X", "-n", "-P", "-o", "JobName,State")
+    jobs = slurm_cluster.run("sacct", "-X", "-n", "-P", *since, "-o", "JobName,State")
     states = [line.split("|")[1] for line in jobs.strip().splitlines()
               if line.split("|")[0] in {f"demucs_lora_{f.name}" for f in folders}]
     assert states and all(s == "COMPLETED" for s in states), jobs
     # Re-running the grid does not launch finished XPs again.
     again = _grid(tmp_path, "-i", "0.05", extra_env=slurm_cluster.env)
     assert again.returncode == 0
-    jobs_after = slurm_cluster.run("sacct", "-X", "-n", "-P", "-o", "JobName")
+    jobs_after = slurm_cluster.run("sacct", "-X", "-n", "-P", *since, "-o", "JobName")
     assert len(jobs_after.strip().splitlines()) == len(jobs.strip().splitlines())
     (tmp_path / "grid_table.txt").write_text(proc.stdout)
     print(proc.stdout[-4000:])
