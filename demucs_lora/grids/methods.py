@@ -2,7 +2,8 @@
 
 One table owns them, so a method that earns its place in the quality protocol
 (benchmarks/quality_protocol.py, docs/quality.md) is launched by `dora grid rank_modes` with
-the very overrides it was measured with, and the grid's table labels every XP by name.
+the very overrides it was measured with; the grid's table says each XP's method from its
+config keys (`describe`).
 Every LoRA method is at the parameter budget of uniform at the same rank (budget-matched
 modes, or allocations of that budget).
 """
