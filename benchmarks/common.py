@@ -384,12 +384,17 @@ def result_name(name: str, suite: str = "cpu", smoke: bool = False) -> str:
     return f"{name}{'_cuda' if suite == 'cuda' else ''}{'_smoke' if smoke else ''}"
 
 
+def result_path(name: str, args: argparse.Namespace) -> Path:
+    """Where `write_result(name, ..., args)` writes."""
+    stem = result_name(name, getattr(args, "suite", "cpu"), args.smoke)
+    return results_dir(args) / f"{stem}.json"
+
+
 def write_result(name: str, data: dict, args: argparse.Namespace) -> Path:
     """benchmarks/results/NAME.json (NAME_cuda.json for the CUDA suite, + _smoke in smoke
     mode), written atomically."""
-    folder = results_dir(args)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{result_name(name, getattr(args, 'suite', 'cpu'), args.smoke)}.json"
+    path = result_path(name, args)
+    path.parent.mkdir(parents=True, exist_ok=True)
     return atomic_write_text(path, json.dumps(_jsonable(data), indent=2) + "\n")
 
 

@@ -142,7 +142,7 @@ class Protocol:
     def write(self, summary: tp.Optional[dict] = None) -> Path:
         """The results JSON, merged with what other protocol processes (--jobs) wrote."""
         args = argparse.Namespace(smoke=self.smoke, out=str(self.out))
-        path = self.out / f"{common.result_name(NAME, 'cpu', self.smoke)}.json"
+        path = common.result_path(NAME, args)
         with _locked(path):
             old = json.loads(path.read_text()) if path.exists() else {}
             if old.get("settings", {}).get("base_sha256") != self.base_sha256:
@@ -403,8 +403,8 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
         print(f"warning: {recipe} says the base is still training (make base-medium): "
               "results measured now cannot be resumed on the base it ends with", flush=True)
     protocol = Protocol(plan, args.smoke, workdir, out, base)
-    problem = check_same_base(out / f"{NAME}{'_smoke' if args.smoke else ''}.json",
-                              protocol.base_sha256)
+    problem = check_same_base(common.result_path(NAME, argparse.Namespace(
+        smoke=args.smoke, out=str(out))), protocol.base_sha256)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 1
