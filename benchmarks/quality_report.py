@@ -114,7 +114,7 @@ def interim_lines(runs: tp.Sequence[dict]) -> tp.List[str]:
         edge = " (edge: sweep goes on)" if at_edge else ""
         lines.append(f"| {task} | {method} | " + ", ".join(
             f"{lr}: {_cell(v)}" for lr, v in sorted(sweep.items(), key=lambda kv: float(kv[0])))
-            + f" | {best}{edge} | {_cell(g['mean'])}{ci} ({g['n']} seeds) |")
+            + f" | {best}{edge} | {_cell(g['mean'])}{ci} ({g['n']} seed{'s' * (g['n'] != 1)}) |")
     return lines
 
 
