@@ -139,10 +139,18 @@ class Protocol:
                                                 f"{task}_{self.base_sha256[:8]}")
         return self.before[task]
 
+    @property
+    def _result_args(self) -> argparse.Namespace:
+        return argparse.Namespace(smoke=self.smoke, out=str(self.out))
+
+    @property
+    def result_path(self) -> Path:
+        """The results JSON this protocol writes (common.result_path)."""
+        return common.result_path(NAME, self._result_args)
+
     def write(self, summary: tp.Optional[dict] = None) -> Path:
         """The results JSON, merged with what other protocol processes (--jobs) wrote."""
-        args = argparse.Namespace(smoke=self.smoke, out=str(self.out))
-        path = common.result_path(NAME, args)
+        path = self.result_path
         with _locked(path):
             old = json.loads(path.read_text()) if path.exists() else {}
             if old.get("settings", {}).get("base_sha256") != self.base_sha256:
@@ -154,7 +162,7 @@ class Protocol:
                     "before": {**old.get("before", {}), **self.before},
                     "errors": list(dict.fromkeys([*old.get("errors", []), *self.errors])),
                     **(summary or {})}
-            return common.write_result(NAME, data, args)
+            return common.write_result(NAME, data, self._result_args)
 
 
 @contextlib.contextmanager
@@ -403,8 +411,7 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
         print(f"warning: {recipe} says the base is still training (make base-medium): "
               "results measured now cannot be resumed on the base it ends with", flush=True)
     protocol = Protocol(plan, args.smoke, workdir, out, base)
-    problem = check_same_base(common.result_path(NAME, argparse.Namespace(
-        smoke=args.smoke, out=str(out))), protocol.base_sha256)
+    problem = check_same_base(protocol.result_path, protocol.base_sha256)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 1
