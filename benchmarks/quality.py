@@ -195,6 +195,13 @@ def finished(history: tp.List[dict], epochs: int) -> bool:
     return len(history) >= epochs
 
 
+def diverged(folder: Path) -> bool:
+    """True when the XP stopped on TrainingDiverged (its train.log says so): an outcome of
+    its lr, not a failure, and running the same XP again diverges again."""
+    path = folder / "train.log"
+    return path.exists() and "TrainingDiverged:" in path.read_text(errors="replace")
+
+
 def _nsdr(summary: tp.Mapping[str, float], sources: tp.Sequence[str] = tuple(SOURCES)
           ) -> tp.Dict[str, float]:
     out = {s: summary.get(f"nsdr_{s}", float("nan")) for s in sources}

@@ -112,17 +112,20 @@ class Protocol:
         from demucs_lora.train import xp_folder_in  # the folder Dora gives these overrides
         args = self.overrides(run)
         folder = xp_folder_in(args, self.workdir)
-        if quality.finished(quality.read_history(folder), self.plan["epochs"]):
+        if quality.finished(quality.read_history(folder), self.plan["epochs"]) or \
+                quality.diverged(folder):
             print(f"{run.key}: XP {folder.name} finished, not run again", flush=True)
         else:
             rc, _ = quality.dora_run(args, self.workdir, self.log)
-            if rc != 0:
+            if rc != 0 and not quality.diverged(folder):
                 self.errors.append(f"{run.key}: dora run exited {rc} (see {self.log})")
         result = summarize(folder, run, args, self.before_scores(run.task, args), self.workdir)
         self.runs[run.key] = result
         self.write()
         print(f"{run.key}: XP {folder.name}, valid gain {result['valid_gain']:+.3f} dB, "
-              f"test gain {result['test_gain']:+.3f} dB", flush=True)
+              f"test gain {result['test_gain']:+.3f} dB"
+              + (" (diverged: its lr is out of the sweep)" if result["diverged"] else ""),
+              flush=True)
         return result
 
     def finished_lrs(self, task: str, key: str) -> tp.List[str]:
@@ -160,9 +163,15 @@ class Protocol:
                                  "base_sha256": self.base_sha256},
                     "runs": {**old.get("runs", {}), **self.runs},
                     "before": {**old.get("before", {}), **self.before},
-                    "errors": list(dict.fromkeys([*old.get("errors", []), *self.errors])),
+                    "errors": list(dict.fromkeys([*self._old_errors(old), *self.errors])),
                     **(summary or {})}
             return common.write_result(NAME, data, self._result_args)
+
+
+    def _old_errors(self, old: dict) -> tp.List[str]:
+        """The errors other processes or sittings wrote, less those of runs this one has
+        run or re-read since (an error message starts with its run's key)."""
+        return [e for e in old.get("errors", []) if e.split(":", 1)[0] not in self.runs]
 
 
 @contextlib.contextmanager
@@ -253,6 +262,7 @@ def summarize(folder: Path, run: Run, args: tp.Sequence[str], before: dict,
             "model_params": total, "steps": sum(h.get("train_batches", 0) for h in history),
             "train_seconds": sum(h.get("train_seconds", 0.0) for h in history),
             "valid_curve": curve, "valid_gain": max(curve) if curve else math.nan,
+            "diverged": quality.diverged(folder),
             "test": test, "test_gain": test.get("mean", math.nan) - before.get("mean", math.nan)}
 
 
@@ -263,13 +273,14 @@ def sweep_and_seeds(protocol: Protocol, task: str, key: str) -> dict:
     else:
         start = protocol.plan["start_lrs"]["full" if key == "full" else "lora"]
         lrs = sorted(set(start) | set(protocol.finished_lrs(task, key)), key=float)
-    scores = {lr: protocol(Run(task, key, lr, 0))["valid_gain"] for lr in lrs}
+    firsts = {lr: protocol(Run(task, key, lr, 0)) for lr in lrs}
     for _ in range(protocol.plan["max_extend"]):
-        lr = quality.next_lr(lrs, scores)
+        lr = quality.next_lr(lrs, _scores(firsts))
         if lr is None:
             break
         lrs.append(lr)
-        scores[lr] = protocol(Run(task, key, lr, 0))["valid_gain"]
+        firsts[lr] = protocol(Run(task, key, lr, 0))
+    scores = _scores(firsts)
     best, at_edge = quality.best_lr(scores)
     seeds = [protocol(Run(task, key, best, s)) for s in range(protocol.plan["seeds"])] \
         if best else []
@@ -277,12 +288,19 @@ def sweep_and_seeds(protocol: Protocol, task: str, key: str) -> dict:
     steps = seeds[0]["steps"] if seeds else None
     params = seeds[0]["params"] if seeds else None
     return {"method": key, "label": label, "lr": best, "best_at_edge": at_edge,
-            "sweep": {lr: scores[lr] for lr in sorted(lrs, key=float)},
+            "sweep": {lr: firsts[lr]["valid_gain"] for lr in sorted(lrs, key=float)},
+            "diverged_lrs": [lr for lr in sorted(lrs, key=float) if firsts[lr].get("diverged")],
             "params": params, "model_params": seeds[0]["model_params"] if seeds else None,
             "steps": steps, "seeds": [r["seed"] for r in seeds],
             "test_gains": [r["test_gain"] for r in seeds],
             "test_gain": stats.mean_ci(r["test_gain"] for r in seeds),
             "valid_curve": stats.mean_curve([r["valid_curve"] for r in seeds])}
+
+
+def _scores(firsts: tp.Mapping[str, dict]) -> tp.Dict[str, float]:
+    """Valid gain of each lr's seed-0 run; an lr whose run diverged cannot be the best,
+    whatever its epochs before the divergence reached."""
+    return {lr: -math.inf if r.get("diverged") else r["valid_gain"] for lr, r in firsts.items()}
 
 
 def task_verdicts(task: str, methods: tp.Dict[str, dict], rank: int) -> tp.List[dict]:

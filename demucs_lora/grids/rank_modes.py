@@ -17,6 +17,8 @@ import shlex
 from demucs_lora.grids._explorers import RankModesExplorer
 from demucs_lora.grids.methods import method
 
+# full + uniform + what the quality protocol found beating uniform (nothing: its results
+# JSON's `earned`), plus heuristic and gradient, the sweep the user guide promises.
 GRID_METHODS = ("full", "uniform", "heuristic", "gradient")
 DEFAULT_ARGS = ("model=htdemucs_tiny continue_from=demucs_lora/assets/base_tiny_A.th "
                 "dset.synth.domain=B epochs=4")

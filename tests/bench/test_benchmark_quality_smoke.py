@@ -242,3 +242,38 @@ def test_protocol_sweep_takes_in_finished_runs_off_its_start():
     first = [lr for lr, seed in new.ran if seed == 0][:5]
     assert first == ["3e-3", "1e-2", "3e-2", "1e-3", "3e-4"]
     assert summary["lr"] == "1e-3" and new.ran[-1] == ("1e-3", 1)
+
+
+def test_a_diverged_lr_is_an_outcome_not_an_error(tmp_path):
+    """A run that stopped on TrainingDiverged is read as a result of its lr: not run again,
+    not a protocol error, never the best lr whatever its first epochs reached; an old error
+    of a run re-read since is dropped from the JSON."""
+    from benchmarks import quality_protocol as qp
+    xp = tmp_path / "xp"
+    xp.mkdir()
+    (xp / "train.log").write_text("[ERROR] - TrainingDiverged: training diverged at epoch 2\n")
+    assert quality.diverged(xp) and not quality.diverged(tmp_path)
+
+    class Fake:
+        plan = dict(qp.PLAN, seeds=1)
+
+        def finished_lrs(self, task, key):
+            return []
+
+        def __call__(self, run):
+            gain = {"3e-3": 7.0, "1e-2": 7.5, "3e-2": 9.0}[run.lr]
+            return {"valid_gain": gain, "test_gain": 1.0, "steps": 96, "params": 10,
+                    "model_params": 100, "seed": run.seed, "valid_curve": [gain],
+                    "diverged": run.lr == "3e-2"}
+
+    summary = qp.sweep_and_seeds(Fake(), "five_stem", "uniform")
+    assert summary["lr"] == "1e-2" and not summary["best_at_edge"]
+    assert summary["diverged_lrs"] == ["3e-2"] and summary["sweep"]["3e-2"] == 9.0
+    protocol = qp.Protocol(dict(qp.SMOKE_PLAN, tasks=("five_stem",)), True, tmp_path,
+                           tmp_path, quality.BASE)
+    protocol.errors.append("five_stem/uniform@lr=3e-2,seed=0: dora run exited 1")
+    protocol.write()
+    again = qp.Protocol(dict(qp.SMOKE_PLAN, tasks=("five_stem",)), True, tmp_path,
+                        tmp_path, quality.BASE)
+    again.runs["five_stem/uniform@lr=3e-2,seed=0"] = {"diverged": True}
+    assert json.loads(again.write().read_text())["errors"] == []
