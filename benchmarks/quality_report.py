@@ -243,13 +243,18 @@ def write_figure(tasks: tp.Mapping[str, tp.Mapping[str, dict]], path: Path) -> P
     fig, axes = plt.subplots(1, max(1, len(tasks)), figsize=(6 * max(1, len(tasks)), 4.2),
                              squeeze=False)
     for ax, (task, methods) in zip(axes[0], tasks.items()):
-        for m in methods.values():
+        for i, m in enumerate(methods.values()):
             curve = m["valid_curve"]
             if not curve or not m["steps"]:
                 continue
             per = m["steps"] / len(curve)
-            ax.plot([per * (i + 1) for i in range(len(curve))], curve, marker="o", ms=3,
-                    lw=1.2, label=m["label"])
+            style = {"color": f"C{i % 10}", "ls": "-" if i < 10 else "--", "lw": 1.2}
+            if m["method"] == "uniform":      # the reference every method is judged by
+                style = {"color": "k", "ls": "-", "lw": 2.4}
+            elif m["method"] == "full":
+                style = {"color": "0.45", "ls": ":", "lw": 2.0}
+            ax.plot([per * (j + 1) for j in range(len(curve))], curve, marker="o", ms=3,
+                    label=m["label"], **style)
         ax.set_title(task, fontsize=10)
         ax.set_xlabel("optimizer steps")
         ax.set_ylabel("valid gain (dB, mean over seeds)")
