@@ -27,7 +27,7 @@ budget of uniform r=8, checked to +-5 %):
    split is scored once per run, on best.th).
 Verdicts (per task): best allocation/initialisation minus uniform >= +0.2 dB with a CI that
 excludes 0; the best initialisation's steps to uniform's final gain <= 0.5 x the run's
-steps; uniform / full fine-tuning >= 0.95; the heuristic's cost (a speed/memory choice).
+steps; uniform / full fine-tuning >= 0.95; the heuristic's cost (a memory choice).
 """
 from __future__ import annotations
 
@@ -166,7 +166,6 @@ class Protocol:
                     "errors": list(dict.fromkeys([*self._old_errors(old), *self.errors])),
                     **(summary or {})}
             return common.write_result(NAME, data, self._result_args)
-
 
     def _old_errors(self, old: dict) -> tp.List[str]:
         """The errors other processes or sittings wrote, less those of runs this one has
@@ -339,7 +338,7 @@ def task_verdicts(task: str, methods: tp.Dict[str, dict], rank: int) -> tp.List[
     if uniform and "heuristic" in methods:
         cost = _mean(methods["heuristic"]) - _mean(uniform)
         rows.append(stats.verdict(f"{task}: heuristic - uniform, test gain dB (its rank-0 "
-                                  "outer layers are a speed/memory choice)", cost, -math.inf,
+                                  "outer layers are a memory choice)", cost, -math.inf,
                                   ">=", "reported, no target"))
     return rows
 
