@@ -198,8 +198,9 @@ def finished(history: tp.List[dict], epochs: int) -> bool:
 def diverged(folder: Path) -> bool:
     """True when the XP stopped on TrainingDiverged (its train.log says so): an outcome of
     its lr, not a failure, and running the same XP again diverges again."""
-    path = folder / "train.log"
-    return path.exists() and "TrainingDiverged:" in path.read_text(errors="replace")
+    from demucs_lora.core.errors import TrainingDiverged
+    path = folder / "train.log"   # the error line reads "TrainingDiverged: <message>"
+    return path.exists() and f"{TrainingDiverged.__name__}:" in path.read_text(errors="replace")
 
 
 def _nsdr(summary: tp.Mapping[str, float], sources: tp.Sequence[str] = tuple(SOURCES)

@@ -112,14 +112,16 @@ class Protocol:
         from demucs_lora.train import xp_folder_in  # the folder Dora gives these overrides
         args = self.overrides(run)
         folder = xp_folder_in(args, self.workdir)
-        if quality.finished(quality.read_history(folder), self.plan["epochs"]) or \
-                quality.diverged(folder):
+        rc = 0
+        if quality.finished(quality.read_history(folder), self.plan["epochs"]):
             print(f"{run.key}: XP {folder.name} finished, not run again", flush=True)
+        elif quality.diverged(folder):
+            print(f"{run.key}: XP {folder.name} diverged earlier, not run again", flush=True)
         else:
             rc, _ = quality.dora_run(args, self.workdir, self.log)
-            if rc != 0 and not quality.diverged(folder):
-                self.errors.append(f"{run.key}: dora run exited {rc} (see {self.log})")
         result = summarize(folder, run, args, self.before_scores(run.task, args), self.workdir)
+        if rc != 0 and not result["diverged"]:
+            self.errors.append(f"{run.key}: dora run exited {rc} (see {self.log})")
         self.runs[run.key] = result
         self.write()
         print(f"{run.key}: XP {folder.name}, valid gain {result['valid_gain']:+.3f} dB, "
@@ -286,9 +288,10 @@ def sweep_and_seeds(protocol: Protocol, task: str, key: str) -> dict:
     label = method(key, protocol.plan["rank"]).label
     steps = seeds[0]["steps"] if seeds else None
     params = seeds[0]["params"] if seeds else None
+    ordered = sorted(lrs, key=float)
     return {"method": key, "label": label, "lr": best, "best_at_edge": at_edge,
-            "sweep": {lr: firsts[lr]["valid_gain"] for lr in sorted(lrs, key=float)},
-            "diverged_lrs": [lr for lr in sorted(lrs, key=float) if firsts[lr].get("diverged")],
+            "sweep": {lr: firsts[lr]["valid_gain"] for lr in ordered},
+            "diverged_lrs": [lr for lr in ordered if firsts[lr].get("diverged")],
             "params": params, "model_params": seeds[0]["model_params"] if seeds else None,
             "steps": steps, "seeds": [r["seed"] for r in seeds],
             "test_gains": [r["test_gain"] for r in seeds],

@@ -73,8 +73,10 @@ def protocol_lines(data: tp.Optional[dict]) -> tp.List[str]:
     lines += sweep_lines(data)
     lines.append("")
     for v in data.get("verdicts", []):
-        value = _cell(v["value"], "{:+.3f}" if v["target"] is None else "{:.3f}")
-        if v["target"] is None or not math.isfinite(v["target"]):  # a figure, not a target
+        # a figure, not a target: -inf in memory, null once written to JSON
+        no_target = v["target"] is None or not math.isfinite(v["target"])
+        value = _cell(v["value"], "{:+.3f}" if no_target else "{:.3f}")
+        if no_target:
             lines.append(f"- {v['name']}: {value} ({v['note'] or 'reported, no target'})")
             continue
         lines.append(f"- {v['name']}: {value} (target {v['op']} {v['target']}) "
